@@ -1,0 +1,416 @@
+"""What every training loop shares: EMA, mixed precision, GPU checks, atomic checkpoints and resume, the loss log.
+
+A checkpoint is ONE safetensors file, `<out>/checkpoints/step-000500.safetensors`, holding everything needed to
+continue bit for bit as if the run had never stopped:
+
+    module.<name>.<key>               the weights of each module (its state_dict)
+    optim.<name>.state.<idx>.<key>    optimizer state tensors (Adam's exp_avg, exp_avg_sq, step)
+    sched.<name>...., rng.torch, rng.cuda.<i>, rng.numpy.1   any other tensor, named by where it sits
+
+Everything that is not a tensor (param_groups, scheduler counters, python's random state, the step, the user's
+`extra` dict) is JSON in the file's metadata, with {"__tensor__": key} where a tensor was. Nothing is pickled, so
+loading a checkpoint can never run code. Writes go to `path.tmp` first and are moved over with `os.replace`, so a
+crash mid-save leaves the previous checkpoint intact; `checkpoints/latest.txt` names the newest one.
+"""
+
+import copy
+import csv
+import json
+import math
+import os
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import torch
+from safetensors import safe_open
+
+from .errors import TrainingError
+
+FORMAT = "minidiff-checkpoint"
+NAN_HINT = "fp16 overflow? try --mixed-precision bf16/no or a lower lr"
+
+
+# ----------------------------------------------------------------------------------------------- atomic files
+def atomic_save_file(tensors, path, metadata=None):
+    """safetensors.torch.save_file to `path.tmp`, fsync, then os.replace onto `path` (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _atomic_write_text(path, text):
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def seed_all(seed):
+    """Seed python's random, numpy and torch (CPU and every GPU): same seed -> same run."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------- EMA
+class EMA:
+    """Exponential moving average of a model's weights (Polyak averaging; DDPM, Ho et al. 2020, uses 0.9999).
+
+    After every optimizer step, for each parameter p of the model and its shadow copy p_ema:
+
+        p_ema <- decay * p_ema + (1 - decay) * p
+
+    so p_ema averages about the last 1 / (1 - decay) steps. Buffers (e.g. BatchNorm statistics) are copied, not
+    averaged. `.module` is the shadow model (eval mode, no grad); pass it to `save_checkpoint` like any module.
+    """
+
+    def __init__(self, model, decay=0.9999):
+        if not 0.0 <= decay <= 1.0:
+            raise TrainingError(f"EMA decay must be in [0, 1], got {decay}")
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model):
+        shadow = dict(self.module.named_parameters())
+        for name, p in model.named_parameters():
+            shadow[name].mul_(self.decay).add_(p.detach().to(shadow[name].dtype), alpha=1 - self.decay)
+        buffers = dict(self.module.named_buffers())
+        for name, b in model.named_buffers():
+            buffers[name].copy_(b)
+
+    @torch.no_grad()
+    def copy_to(self, model):
+        """Load the averaged weights into `model` (e.g. before sampling or saving the final weights)."""
+        model.load_state_dict(self.module.state_dict())
+
+    def state_dict(self):
+        return self.module.state_dict()
+
+    def load_state_dict(self, state_dict):
+        return self.module.load_state_dict(state_dict)
+
+
+class Trainable:
+    """Checkpoint only the parameters that train (e.g. the LoRA weights inside a frozen 2.6 B-param UNet):
+    pass `Trainable(unet)` instead of `unet` in `modules` of save_checkpoint / load_checkpoint."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def state_dict(self):
+        return {n: p.detach() for n, p in self.module.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict):
+        params = dict(self.module.named_parameters())
+        for name, value in state_dict.items():
+            params[name].copy_(value)
+
+
+# ----------------------------------------------------------------------------------------------- precision, GPU
+def _native_bf16(device):
+    if torch.cuda.get_device_capability(device)[0] < 8:  # bf16 tensor cores arrived with Ampere (sm_80)
+        return False
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:
+        return torch.cuda.is_bf16_supported()
+
+
+def resolve_precision(mode, device):
+    """--mixed-precision auto|bf16|fp16|no -> (autocast dtype or None, use a GradScaler).
+
+    auto: bf16 on GPUs with native bf16 (sm_80+), else fp16 + GradScaler (P100 sm_60, T4 sm_75); none on CPU.
+    fp16 needs the GradScaler: gradients below ~6e-8 flush to zero in fp16, so the loss is scaled up first.
+    """
+    mode = {"fp32": "no", "none": "no", "float16": "fp16", "bfloat16": "bf16"}.get(str(mode).lower(), str(mode).lower())
+    if mode not in ("auto", "bf16", "fp16", "no"):
+        raise TrainingError(f"mixed precision must be auto, bf16, fp16 or no, got {mode!r}")
+    device = torch.device(device)
+    if mode == "no":
+        return None, False
+    if device.type != "cuda":
+        if mode == "fp16":
+            raise TrainingError(f"fp16 mixed precision needs a CUDA GPU; on {device.type} use bf16 or no")
+        return (torch.bfloat16, False) if mode == "bf16" else (None, False)
+    bf16 = _native_bf16(device)
+    if mode == "bf16" and not bf16:
+        major, minor = torch.cuda.get_device_capability(device)
+        raise TrainingError(f"this GPU (sm_{major}{minor}) has no native bf16; use --mixed-precision fp16 or no")
+    if mode == "bf16" or (mode == "auto" and bf16):
+        return torch.bfloat16, False
+    return torch.float16, True
+
+
+def _arch_runs(arch, major, minor):
+    """Can code built for `arch` (from torch.cuda.get_arch_list()) run on a GPU of capability major.minor?"""
+    m = re.fullmatch(r"(sm|compute)_(\d+)(\d)([a-z]?)", arch)
+    if m is None:
+        return False
+    kind, a_major, a_minor, suffix = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+    if suffix:  # sm_90a etc.: arch-specific features, that exact GPU only
+        return (a_major, a_minor) == (major, minor)
+    if kind == "sm":  # a cubin runs on the same major version with an equal or higher minor
+        return a_major == major and a_minor <= minor
+    return (a_major, a_minor) <= (major, minor)  # PTX is compiled on the fly for any newer GPU
+
+
+def check_gpu(device=None):
+    """Fail clearly, before training starts, when this PyTorch has no CUDA kernels for the GPU.
+
+    Kaggle's default image ships a torch built for cu128 whose arch list starts at sm_70, while Kaggle still hands
+    out Tesla P100s (sm_60): torch.cuda.is_available() is True and then every CUDA op dies with "no kernel image is
+    available" (Kaggle/docker-python#1546, Kaggle/kaggle-cli#1151). Two fixes: a torch build that still ships sm_60
+    kernels (the cu126 wheels), or the T4 accelerator.
+    """
+    if not torch.cuda.is_available():
+        return
+    index = torch.device(device).index if device is not None and torch.device(device).type == "cuda" else None
+    index = torch.cuda.current_device() if index is None else index
+    major, minor = torch.cuda.get_device_capability(index)
+    archs = torch.cuda.get_arch_list()
+    if not archs or any(_arch_runs(a, major, minor) for a in archs):
+        return
+    raise TrainingError(
+        f"this PyTorch {torch.__version__} has no CUDA kernels for {torch.cuda.get_device_name(index)} "
+        f"(sm_{major}{minor}; it was built for {' '.join(archs)}). Fix: install a PyTorch build that still has "
+        f"sm_{major}{minor} kernels (pip install torch torchvision --index-url https://download.pytorch.org/whl/cu126)"
+        f", or on Kaggle switch the accelerator to the T4 (Settings > Accelerator > GPU T4 x2)")
+
+
+def check_finite(loss, step, hint=NAN_HINT):
+    """TrainingError when the loss is NaN or inf, naming the step (the run would only produce noise from here)."""
+    value = loss.detach().float() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+    if not torch.isfinite(value).all():
+        what = "NaN" if torch.isnan(value).any() else "inf"
+        raise TrainingError(f"loss became {what} at step {step}" + (f" ({hint})" if hint else ""))
+
+
+# ----------------------------------------------------------------------------------------------- state <-> JSON
+def _encode(obj, key, tensors):
+    """A state tree -> JSON; each tensor goes to tensors[key] and is replaced by {"__tensor__": key}."""
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = obj.detach().cpu()
+        return {"__tensor__": key}
+    if isinstance(obj, np.ndarray):  # numpy's MT19937 key is uint32, which safetensors cannot hold: keep as int64
+        tensors[key] = torch.from_numpy(obj.astype(np.int64) if obj.dtype == np.uint32 else obj.copy())
+        return {"__ndarray__": key, "dtype": str(obj.dtype)}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: _encode(v, f"{key}.{k}", tensors) for k, v in obj.items()}
+        return {"__items__": [[k, _encode(v, f"{key}.{k}", tensors)] for k, v in obj.items()]}  # int keys
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, f"{key}.{i}", tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, f"{key}.{i}", tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if callable(obj):  # e.g. an lr lambda: code is not state, the caller rebuilds it
+        return None
+    raise TrainingError(f"cannot store a {type(obj).__name__} ({key}) in a checkpoint")
+
+
+def _decode(obj, tensors):
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__ndarray__" in obj:
+        return tensors[obj["__ndarray__"]].numpy().astype(obj["dtype"])
+    if "__tuple__" in obj:
+        return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {k: _decode(v, tensors) for k, v in obj["__items__"]}
+    return {k: _decode(v, tensors) for k, v in obj.items()}
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def _step_of(path):
+    m = re.fullmatch(r"step-(\d+)\.safetensors", path.name)
+    return int(m.group(1)) if m else -1
+
+
+def save_checkpoint(out_dir, step, modules, optimizers, schedulers=None, extra=None, keep_last=None):
+    """Write <out_dir>/checkpoints/step-XXXXXX.safetensors (atomic) and point checkpoints/latest.txt at it.
+
+    modules / optimizers / schedulers: {name: object with state_dict()}. extra: a JSON-able dict returned by
+    load_checkpoint (e.g. the epoch, the args). keep_last: delete all but the newest N checkpoints. Returns the path.
+    """
+    tensors = {}
+    for name, module in modules.items():
+        if "." in name:
+            raise TrainingError(f"module name {name!r} must not contain '.'")
+        for key, value in module.state_dict().items():
+            tensors[f"module.{name}.{key}"] = value
+    state = {
+        "optim": {n: _encode(o.state_dict(), f"optim.{n}", tensors) for n, o in optimizers.items()},
+        "sched": {n: _encode(s.state_dict(), f"sched.{n}", tensors) for n, s in (schedulers or {}).items()},
+        "rng": _encode(rng_state(), "rng", tensors),
+    }
+    try:
+        extra_json = json.dumps(extra or {})
+    except (TypeError, ValueError) as e:
+        raise TrainingError(f"checkpoint 'extra' must be JSON-serializable: {e}") from None
+    metadata = {"format": FORMAT, "step": str(int(step)), "modules": json.dumps(sorted(modules)),
+                "state": json.dumps(state), "extra": extra_json}
+    ckpt_dir = Path(out_dir) / "checkpoints"
+    path = atomic_save_file(tensors, ckpt_dir / f"step-{int(step):06d}.safetensors", metadata)
+    _atomic_write_text(ckpt_dir / "latest.txt", path.name + "\n")
+    if keep_last:
+        for old in sorted(ckpt_dir.glob("step-*.safetensors"), key=_step_of)[: -int(keep_last)]:
+            if old != path:
+                old.unlink()
+    return path
+
+
+def find_checkpoint(path, out_dir=None):
+    """A checkpoint file, an out dir (its newest checkpoint), its checkpoints/ dir, or "latest" (in out_dir)."""
+    if str(path) == "latest" and out_dir is not None:
+        path = out_dir
+    p = Path(path)
+    if p.is_file():
+        return p
+    if p.name == "latest" and not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise TrainingError(f"checkpoint not found: {path} (expected a step-*.safetensors file or an output folder)")
+    for d in (p / "checkpoints", p):
+        latest = d / "latest.txt"
+        if latest.is_file() and (d / latest.read_text().strip()).is_file():
+            return d / latest.read_text().strip()
+        files = sorted(d.glob("step-*.safetensors"), key=_step_of)
+        if files:
+            return files[-1]
+    raise TrainingError(f"nothing to resume from in {p}: no checkpoints/step-*.safetensors there")
+
+
+def load_checkpoint(path, modules, optimizers=None, schedulers=None, out_dir=None, restore_rng=True):
+    """Restore modules, optimizers, schedulers and RNG states in place from a save_checkpoint file.
+
+    path: a file, an out dir, or "latest" (relative to out_dir, default the current folder). Returns (step, extra).
+    """
+    file = find_checkpoint(path, out_dir)
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise TrainingError(f"{file} is not a minidiff training checkpoint (no format={FORMAT} metadata)")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except TrainingError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise TrainingError(f"cannot read checkpoint {file}: {e}") from None
+    state = json.loads(meta["state"])
+
+    for name, module in modules.items():
+        prefix = f"module.{name}."
+        sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not sd:
+            raise TrainingError(f"checkpoint {file} has no module {name!r} (it has: {meta.get('modules')})")
+        expected = set(module.state_dict())
+        missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+        if missing or unexpected:
+            raise TrainingError(f"checkpoint {file} does not match module {name!r}: {len(missing)} keys missing "
+                                f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}")
+        try:
+            module.load_state_dict(sd)
+        except RuntimeError as e:
+            raise TrainingError(f"checkpoint {file} does not fit module {name!r}: {str(e).splitlines()[-1]}") from None
+    for kind, objects in (("optim", optimizers or {}), ("sched", schedulers or {})):
+        for name, obj in objects.items():
+            if name not in state[kind]:
+                raise TrainingError(f"checkpoint {file} has no {kind} state {name!r} (it has {sorted(state[kind])})")
+            try:
+                obj.load_state_dict(_decode(state[kind][name], tensors))
+            except (ValueError, KeyError, RuntimeError) as e:
+                raise TrainingError(f"checkpoint {file}: {kind} state {name!r} does not fit: {e}") from None
+    if restore_rng:
+        set_rng_state(_decode(state["rng"], tensors))
+    return int(meta["step"]), json.loads(meta.get("extra") or "{}")
+
+
+# ----------------------------------------------------------------------------------------------- loss log
+class LossLog:
+    """<out_dir>/loss.csv (header `step,<names>`, one row per log call) and its plot <out_dir>/loss.png.
+
+    A fresh run starts a new file; resume_step=N keeps the rows with step <= N and drops the rest (those steps
+    will be trained again), so a resumed run's log reads as if it had never stopped.
+    """
+
+    def __init__(self, out_dir, resume_step=None):
+        self.path = Path(out_dir) / "loss.csv"
+        self.png = Path(out_dir) / "loss.png"
+        self.names, self.rows = [], []  # rows: [(step, {name: value})]
+        if resume_step is not None and self.path.is_file():
+            with open(self.path, newline="") as f:
+                reader = csv.reader(f)
+                header = next(reader, ["step"])
+                self.names = header[1:]
+                for row in reader:
+                    if row and int(float(row[0])) <= resume_step:
+                        self.rows.append((int(float(row[0])), {n: float(v) for n, v in zip(self.names, row[1:]) if v}))
+        self._rewrite()
+
+    def _line(self, step, values):
+        return ",".join([str(step)] + [format(values[n], ".7g") if n in values else "" for n in self.names]) + "\n"
+
+    def _rewrite(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        text = ",".join(["step"] + self.names) + "\n" + "".join(self._line(s, v) for s, v in self.rows)
+        _atomic_write_text(self.path, text)
+
+    def log(self, step, **values):
+        """Append one row, e.g. log(100, loss=0.12, lr=1e-4); values may be 0-dim tensors."""
+        values = {k: float(v.item() if isinstance(v, torch.Tensor) else v) for k, v in values.items()}
+        self.rows.append((int(step), values))
+        new = [k for k in values if k not in self.names]
+        if new:
+            self.names += new
+            self._rewrite()
+        else:
+            with open(self.path, "a") as f:
+                f.write(self._line(int(step), values))
+
+    def series(self):
+        """{name: [(step, value), ...]} of every column (NaN / inf left out)."""
+        return {n: [(s, v[n]) for s, v in self.rows if n in v and math.isfinite(v[n])] for n in self.names}
+
+    def plot(self, title="training loss", path=None, names=None):
+        """Draw loss.png: the columns in `names`, default all but learning rates (lr*), which have another scale."""
+        from .images import plot_curves
+
+        series = {n: v for n, v in self.series().items() if (n in names if names else not n.startswith("lr"))}
+        return plot_curves(series, path or self.png, title=title)
