@@ -1,0 +1,452 @@
+#!/usr/bin/env python
+"""Teach a diffusion model a subject from a few images: DreamBooth with prior preservation, as a LoRA or full UNet.
+
+    python finetune.py                      # the bundled miniature SDXL, the six Kenney drawings, "sks girl"
+    python finetune.py --model sdxl-base/ --vae sdxl-vae-fp16-fix/ --instance-dir drawings/ \
+        --instance-prompt "a picture of sks girl" --class-prompt "a picture of a girl" \
+        --steps 1000 --rank 8 --gradient-checkpointing --validation-prompt "a picture of sks girl riding a bike" \
+        --validate-every 250 --save-every 100
+    python finetune.py --instance-dir captioned_style/ --no-prior --caption-dropout 0.1    # a style LoRA
+
+Writes to --out: lora.safetensors (kohya names + alpha: loads in ComfyUI, A1111 and diffusers) and/or
+pytorch_lora_weights.safetensors (diffusers names), lora-step-XXXXXX.safetensors every --save-every steps with a
+resumable checkpoints/step-XXXXXX.safetensors, loss.csv + loss.png, samples/*.png validation grids and
+manifest.json (settings, what trained, files, timings). `--train full` writes unet/ (diffusers layout) instead.
+The loop itself lives in minidiff/dreambooth.py; this file parses flags, loads, caches, and writes files.
+"""
+
+import argparse
+import hashlib
+import json
+import shlex
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_MODEL = ROOT / "minidiff" / "assets" / "tiny-sdxl"
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, like every other user error
+        print(f"error: {message} (see python finetune.py --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser():
+    p = Parser(description="DreamBooth fine-tuning (LoRA or full UNet) with prior preservation.")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=str(DEFAULT_MODEL), help="diffusers SDXL folder or single .safetensors file "
+                   "(default: the bundled miniature, minidiff/assets/tiny-sdxl)")
+    g.add_argument("--vae", default=None, help="VAE to use instead of the model's (e.g. the SDXL fp16-fix VAE)")
+    g.add_argument("--instance-dir", default=None, help="instance images; sidecar .txt/.caption captions and kohya "
+                   "'N_trigger class' folders are read (default: the six bundled Kenney drawings)")
+    g.add_argument("--instance-prompt", default="a picture of sks girl", help="caption of images that have none")
+    g.add_argument("--class-prompt", default="a picture of a girl")
+    g.add_argument("--class-dir", default=None, help="class images; missing ones are generated here "
+                   "(default: OUT/class-images)")
+    g.add_argument("--num-class-images", type=int, default=100)
+    g.add_argument("--class-steps", type=int, default=30, help="sampler steps per generated class image")
+    g.add_argument("--class-batch-size", type=int, default=4)
+    g.add_argument("--prior-weight", type=float, default=1.0, help="lambda of the prior-preservation loss")
+    g.add_argument("--no-prior", action="store_true", help="train on the instance images only")
+    g.add_argument("--no-generate", action="store_true", help="never generate class images (use what is there)")
+    g.add_argument("--resolution", type=int, default=None, help="training size (default: the model's native size)")
+    g.add_argument("--fit", choices=("pad", "crop"), default="pad", help="square images by padding or center crop")
+    g = p.add_argument_group("what trains")
+    g.add_argument("--train", choices=("lora", "full"), default="lora", help="full = classic DreamBooth UNet fine-tune")
+    g.add_argument("--rank", type=int, default=4)
+    g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: = rank, scale 1)")
+    g.add_argument("--targets", choices=("attn", "attn-ff", "all-linear"), default="attn")
+    g.add_argument("--train-text-encoder", action="store_true", help="LoRA on both text encoders' attention too")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--steps", type=int, default=1000)
+    g.add_argument("--lr", type=float, default=None, help="default 1e-4 for LoRA, 5e-6 for --train full")
+    g.add_argument("--batch-size", type=int, default=1, help="instance images per step (as many class images again)")
+    g.add_argument("--grad-accum", type=int, default=1)
+    g.add_argument("--lr-schedule", choices=("constant", "cosine", "linear"), default="constant")
+    g.add_argument("--warmup", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--min-snr-gamma", type=float, default=None, help="min-SNR loss weighting (5 is usual)")
+    g.add_argument("--noise-offset", type=float, default=0.0)
+    g.add_argument("--caption-dropout", type=float, default=0.0, help="probability of training a row uncaptioned")
+    g.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "fp16", "bf16"))
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g = p.add_argument_group("validation, saving, resuming")
+    g.add_argument("--validation-prompt", action="append", default=None,
+                   help="repeatable (default: the instance prompt); a grid is written at the end")
+    g.add_argument("--validate-every", type=int, default=0, help="also write a grid every N steps")
+    g.add_argument("--validation-images", type=int, default=4, help="images per validation prompt (0: none)")
+    g.add_argument("--validation-steps", type=int, default=30)
+    g.add_argument("--save-every", type=int, default=0, help="write lora-step-XXXXXX + a resumable checkpoint")
+    g.add_argument("--resume", default=None, help="a checkpoint file, an output folder, or 'latest' (in --out)")
+    g.add_argument("--out", default="runs/finetune")
+    g.add_argument("--format", choices=("kohya", "diffusers", "both"), default="kohya")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    return p
+
+
+def check_args(args):
+    """User errors we can see before loading anything: one line each."""
+    from minidiff.errors import MinidiffError
+
+    positive = {"--steps": args.steps, "--batch-size": args.batch_size, "--grad-accum": args.grad_accum,
+                "--class-steps": args.class_steps, "--class-batch-size": args.class_batch_size,
+                "--validation-steps": args.validation_steps}
+    if args.train == "lora":
+        positive["--rank"] = args.rank
+    for flag, v in positive.items():
+        if v <= 0:
+            raise MinidiffError(f"{flag} must be a positive integer, got {v}")
+    for flag, v in {"--num-class-images": args.num_class_images, "--warmup": args.warmup,
+                    "--save-every": args.save_every, "--validate-every": args.validate_every,
+                    "--validation-images": args.validation_images, "--prior-weight": args.prior_weight,
+                    "--noise-offset": args.noise_offset}.items():
+        if v < 0:
+            raise MinidiffError(f"{flag} must be >= 0, got {v}")
+    if args.alpha is not None and args.alpha <= 0:
+        raise MinidiffError(f"--alpha must be positive, got {args.alpha}")
+    if args.lr is not None and not args.lr > 0:
+        raise MinidiffError(f"--lr must be positive, got {args.lr}")
+    if not 0.0 <= args.caption_dropout < 1.0:
+        raise MinidiffError(f"--caption-dropout must be in [0, 1), got {args.caption_dropout}")
+    if args.min_snr_gamma is not None and args.min_snr_gamma <= 0:
+        raise MinidiffError(f"--min-snr-gamma must be positive, got {args.min_snr_gamma}")
+    if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
+        raise MinidiffError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    if args.train == "full" and args.train_text_encoder:
+        raise MinidiffError("--train-text-encoder trains LoRA adapters: use it with --train lora")
+    if not args.no_prior and args.num_class_images == 0:
+        raise MinidiffError("prior preservation needs --num-class-images > 0 (or pass --no-prior)")
+    if not Path(args.model).exists():
+        hint = " (the bundled miniature is not built yet: pass --model with an SDXL folder or file)" \
+            if Path(args.model) == DEFAULT_MODEL else ""
+        raise MinidiffError(f"model not found: {args.model}{hint}")
+
+
+def native_resolution(model, vae=None):
+    """The size a diffusers folder's UNet was trained at: sample_size x the VAE's downscale (1 in pixel space)."""
+    try:
+        unet = json.loads((Path(model) / "unet" / "config.json").read_text())
+    except (OSError, ValueError):
+        return 1024  # a single-file checkpoint: SDXL
+    vae_cfg = Path(vae) / "config.json" if vae else Path(model) / "vae" / "config.json"
+    try:
+        scale = 2 ** (len(json.loads(vae_cfg.read_text())["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError):
+        scale = 8 if vae else 1
+    return int(unet.get("sample_size") or 128) * scale
+
+
+def model_hash(path):
+    """sha256 of a single-file model, or of the UNet weight files of a diffusers folder (the part a LoRA fits)."""
+    from minidiff.checkpoint import file_hash
+
+    path = Path(path)
+    if path.is_file():
+        return file_hash(path)
+    files = sorted((path / "unet").glob("*.safetensors")) or sorted(path.glob("*.safetensors"))
+    files = [f for f in files if ".fp16." not in f.name] or files
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}:{file_hash(f)}\n".encode())
+    return h.hexdigest()
+
+
+def dataset_hash(examples):
+    """sha256 over the instance images' bytes and captions: which data a LoRA was trained on."""
+    h = hashlib.sha256()
+    for path, caption in sorted(zip(examples.paths, examples.captions)):
+        h.update(hashlib.sha256(Path(path).read_bytes()).hexdigest().encode() + caption.encode() + b"\n")
+    return h.hexdigest()
+
+
+def _atomic_json(obj, path):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def run(args):
+    """Check, load, make class images, cache, train, save: returns the manifest dict (also in OUT/manifest.json)."""
+    from minidiff import audit, checkpoint, data, training
+    from minidiff import dreambooth as db
+    from minidiff.errors import DataError
+
+    t0, timings = time.perf_counter(), {}
+    out, prior = Path(args.out), not args.no_prior
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        training.check_gpu(device)
+    autocast_dtype, use_scaler = training.resolve_precision(args.mixed_precision, device)
+    lr = args.lr or (1e-4 if args.train == "lora" else 5e-6)
+
+    # 1. what can be checked before loading the model: images, class images, the checkpoint, the output folder
+    size = args.resolution or native_resolution(args.model, args.vae)
+    instance_set = data.ImageFolder(args.instance_dir or data.instance_images(), size, fit=args.fit)
+    class_dir = Path(args.class_dir) if args.class_dir else out / "class-images"
+    if prior:
+        db.check_class_images(class_dir, args.num_class_images, can_generate=not args.no_generate)
+    if args.resume is not None:
+        training.find_checkpoint(args.resume, out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the output folder {out}: {e.strerror}") from None
+    training.seed_all(args.seed)
+
+    # 2. the model: frozen weights in the autocast dtype (LoRA), fp32 where they train (full) and in the VAE
+    frozen_dtype = autocast_dtype if args.train == "lora" and autocast_dtype is not None else torch.float32
+    print(f"loading {args.model} on {device} ({str(frozen_dtype).removeprefix('torch.')} weights)")
+    pipe = checkpoint.load_pipeline(args.model, dtype=frozen_dtype, device=device, vae=args.vae)
+    pipe.unet.requires_grad_(False)
+    pipe.text.requires_grad_(False)
+    if pipe.vae is not None:
+        pipe.vae.requires_grad_(False).float()
+    job = Run(args, pipe, device, autocast_dtype, size, lr, out)
+    timings["load_s"] = time.perf_counter() - t0
+
+    # 3. class images from the base model (the missing ones), then every image and caption encoded once
+    t = time.perf_counter()
+    klass_set = job.class_images(class_dir) if prior else None
+    timings["class_images_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    job.cache(instance_set, klass_set)
+    timings["cache_s"] = time.perf_counter() - t
+
+    # 4. what trains, printed before it does
+    models, params = make_trainable(args, pipe)
+    everything = {"unet": pipe.unet, "text_encoder": pipe.text.text_encoder, "text_encoder_2": pipe.text.text_encoder_2}
+    if pipe.vae is not None:
+        everything["vae"] = pipe.vae
+    table = audit.trainable_table(everything)
+    print(audit.format_table(table))
+    job.models = models
+
+    # 5. train: LoRA files every --save-every steps, grids every --validate-every steps
+    cfg = db.TrainConfig(steps=args.steps, lr=lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                         lr_schedule=args.lr_schedule, warmup=args.warmup, prior_weight=args.prior_weight,
+                         min_snr_gamma=args.min_snr_gamma, noise_offset=args.noise_offset,
+                         caption_dropout=args.caption_dropout, prediction_type=job.prediction_type,
+                         save_every=args.save_every, validate_every=args.validate_every)
+    primary = "diffusers" if args.format == "diffusers" else "kohya"
+    on_save = None if args.train == "full" else \
+        lambda step: job.save_lora(out / f"lora-step-{step:06d}.safetensors", primary, step)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    result = db.train(pipe.unet, params, pipe.schedule, job.instance, job.klass, job.embed, cfg, out,
+                      {name: training.Trainable(m) for name, m in models.items()}, (autocast_dtype, use_scaler),
+                      resume=args.resume, on_save=on_save, on_validate=lambda step: job.validate(f"step-{step:06d}"))
+    timings.update(train_s=result["seconds"], s_per_step=result["s_per_step"])
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    job.files += [str(out / "loss.csv"), str(out / "loss.png")]
+
+    # 6. the result, a last grid, the manifest
+    t = time.perf_counter()
+    if args.train == "full":
+        job.files += [str(p) for p in save_unet(pipe.unet, out / "unet")]
+    for fmt, name in (("kohya", "lora.safetensors"), ("diffusers", "pytorch_lora_weights.safetensors")):
+        if args.train == "lora" and args.format in (fmt, "both"):
+            job.save_lora(out / name, fmt, args.steps)
+    timings["save_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    job.validate("final")
+    timings["validation_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t0
+    settings = {k: v for k, v in vars(args).items() if k != "argv"}
+    settings.update(lr=lr, resolution=size, prediction_type=job.prediction_type, device=str(device),
+                    precision=str(autocast_dtype or "fp32").removeprefix("torch."), grad_scaler=use_scaler,
+                    class_dir=str(class_dir) if prior else None)
+    manifest = {
+        "command": "python finetune.py " + shlex.join(args.argv), "settings": settings,
+        "model": {"path": str(args.model), "hash": job.base_hash},
+        "data": {"instance_images": job.instance.paths, "captions": job.instance.captions, "hash": job.data_hash,
+                 "class_images": job.klass.paths if prior else []},
+        "trainable": table, "files": sorted(set(job.files)), "timings": timings, "peak_gpu_memory_gib": peak,
+        "final_loss": result["loss"], "resumed_from_step": result["resumed_from"],
+    }
+    _atomic_json(manifest, out / "manifest.json")
+    print(f"done in {timings['total_s']:.1f}s ({timings['s_per_step']:.3f} s/step"
+          + (f", peak GPU memory {peak:.2f} GiB" if peak else "") + f"); wrote {out}")
+    return manifest
+
+
+def make_trainable(args, pipe):
+    """LoRA adapters (fp32) on the frozen UNet (and text encoders), or the whole UNet: (models, parameters)."""
+    from minidiff import lora
+
+    models = {"unet": pipe.unet}
+    if args.train == "full":
+        pipe.unet.requires_grad_(True)
+        params = list(pipe.unet.parameters())
+    else:
+        lora.inject_lora(pipe.unet, args.targets, args.rank, args.alpha)
+        if args.train_text_encoder:
+            models.update(text_encoder=pipe.text.text_encoder, text_encoder_2=pipe.text.text_encoder_2)
+            for name in ("text_encoder", "text_encoder_2"):
+                lora.inject_lora(models[name], "text", args.rank, args.alpha)
+                models[name].train()
+        params = [p for m in models.values() for p in lora.lora_parameters(m)]
+    if args.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing(True)
+        for name in ("text_encoder", "text_encoder_2"):
+            if name in models:  # transformers' switch (renamed activation_checkpointing_enable in v5)
+                te = models[name]
+                (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
+    return models, params
+
+
+class Run:
+    """What the steps of `run` share: the pipeline, the cached data, and the files written so far."""
+
+    def __init__(self, args, pipe, device, autocast_dtype, size, lr, out):
+        self.args, self.pipe, self.device, self.autocast_dtype = args, pipe, device, autocast_dtype
+        self.size, self.lr, self.out, self.files, self.models = size, lr, out, [], {"unet": pipe.unet}
+        self.prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")
+        self.base_hash = model_hash(args.model)
+        self.validation_prompts = [p for p in (args.validation_prompt or [args.instance_prompt]) if p]
+
+    def autocast(self):
+        enabled = self.autocast_dtype is not None
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=enabled)
+
+    def class_images(self, class_dir):
+        """The missing class images, sampled with the base model (seed + i for image i); their ImageFolder."""
+        from minidiff import data
+        from minidiff import dreambooth as db
+        from minidiff.pipeline import generate
+
+        a, size = self.args, self.size
+        settings = {"model": Path(a.model).name, "steps": a.class_steps, "sampler": "euler", "cfg": 5.0,
+                    "width": size, "height": size}
+
+        def make(prompts, seeds):  # seeds are consecutive: generate gives image i the seed seed + i
+            with self.autocast():
+                return generate(self.pipe, prompts, steps=a.class_steps, seed=seeds[0], width=size, height=size,
+                                batch_size=len(prompts), progress=False)
+
+        paths, written = db.generate_class_images(make, class_dir, a.num_class_images, a.class_prompt,
+                                                  a.class_batch_size, seed=a.seed, settings=settings)
+        print(f"class images: {len(paths)} in {class_dir} ({written} generated now)")
+        return data.ImageFolder(paths, size, fit=a.fit, caption=a.class_prompt)
+
+    def cache(self, instance_set, klass_set):
+        """Latents (VAE once) and, while the text encoders are frozen, text embeddings (once per caption); then the
+        VAE and text encoders leave the GPU."""
+        from minidiff import dreambooth as db
+
+        a, pipe, device = self.args, self.pipe, self.device
+        batch = 1 if self.size >= 512 else 8
+        self.instance = db.encode_examples(instance_set, pipe.vae, device, a.instance_prompt, batch)
+        self.klass = db.encode_examples(klass_set, pipe.vae, device, a.class_prompt, batch) if klass_set else None
+        self.text_cache = None
+        if a.train_text_encoder:
+            self.embed = lambda captions: db.encode_captions(pipe.text, captions)
+        else:
+            captions = self.instance.captions + (self.klass.captions if self.klass else []) + self.validation_prompts
+            self.embed = self.text_cache = db.PromptCache(pipe.text, captions, device)
+            pipe.text.to("cpu")
+        if pipe.vae is not None:
+            pipe.vae.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.data_hash = dataset_hash(self.instance)
+        print(f"cached {len(self.instance)} instance" + (f" and {len(self.klass)} class" if self.klass else "")
+              + f" images at {self.size}px, {len(set(self.instance.captions))} distinct instance caption(s)")
+
+    def save_lora(self, path, fmt, steps_done):
+        from minidiff import lora
+
+        meta = lora_metadata(self.args, self.lr, steps_done, self.size, self.base_hash, self.data_hash,
+                             self.instance, self.klass, self.prediction_type)
+        lora.save_lora(self.models if len(self.models) > 1 else self.pipe.unet, path, format=fmt, metadata=meta)
+        self.files.append(str(path))
+
+    def validate(self, label):
+        """A grid of --validation-images per prompt (fixed seeds): no grad, eval mode, one image at a time, text from
+        the cache, the VAE on the GPU only for the decode."""
+        import dataclasses
+
+        from minidiff.images import make_grid, save_png
+        from minidiff.pipeline import generate
+
+        a, pipe = self.args, self.pipe
+        if not a.validation_images or not self.validation_prompts:
+            return
+        pipe.unet.eval()
+        vpipe = dataclasses.replace(pipe, text=self.text_cache) if self.text_cache is not None else pipe
+        if pipe.vae is not None:
+            pipe.vae.to(self.device)
+        prompts = [p for p in self.validation_prompts for _ in range(a.validation_images)]
+        with self.autocast():
+            images = generate(vpipe, prompts, steps=a.validation_steps, seed=a.seed, width=self.size,
+                              height=self.size, batch_size=1, progress=False)
+        if pipe.vae is not None:
+            pipe.vae.to("cpu")
+        path = save_png(make_grid(images, nrow=a.validation_images), self.out / "samples" / f"{label}.png",
+                        {"prompts": self.validation_prompts, "seed": a.seed, "steps": a.validation_steps,
+                         "sampler": "euler", "cfg": 5.0, "training_step": label, "model": str(a.model)})
+        self.files.append(str(path))
+
+
+def save_unet(unet, folder):
+    """--train full: the UNet in diffusers layout (config.json + diffusion_pytorch_model.safetensors), atomic."""
+    from minidiff.training import atomic_save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = atomic_save_file(unet.state_dict(), folder / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+    _atomic_json(unet.config.to_diffusers(), folder / "config.json")
+    return [weights, folder / "config.json"]
+
+
+def lora_metadata(args, lr, steps, size, base_hash, data_hash, instance, klass, prediction_type):
+    """safetensors metadata: kohya's ss_* keys (ComfyUI / A1111 / civitai read them) and minidiff.* settings.
+    (lora.save_lora adds ss_network_module/dim/alpha/args and ss_base_model_version itself.)"""
+    return {
+        "ss_v2": "False", "ss_sd_model_name": Path(args.model).name, "ss_sd_model_hash": base_hash[:12],
+        "ss_new_sd_model_hash": base_hash, "ss_learning_rate": str(lr), "ss_unet_lr": str(lr),
+        "ss_max_train_steps": str(args.steps), "ss_steps": str(steps), "ss_seed": str(args.seed),
+        "ss_resolution": f"({size}, {size})", "ss_num_train_images": str(len(instance)),
+        "ss_num_reg_images": str(len(klass) if klass is not None else 0),
+        "ss_prior_loss_weight": str(args.prior_weight if klass is not None else 0.0),
+        "ss_min_snr_gamma": str(args.min_snr_gamma), "ss_noise_offset": str(args.noise_offset),
+        "ss_caption_dropout_rate": str(args.caption_dropout), "ss_lr_scheduler": args.lr_schedule,
+        "ss_lr_warmup_steps": str(args.warmup), "ss_gradient_accumulation_steps": str(args.grad_accum),
+        "ss_batch_size_per_device": str(args.batch_size), "ss_mixed_precision": args.mixed_precision,
+        "ss_gradient_checkpointing": str(args.gradient_checkpointing), "ss_optimizer": "torch.optim.AdamW",
+        "ss_max_grad_norm": "1.0", "ss_training_comment": f"minidiff DreamBooth: {args.instance_prompt!r}",
+        "minidiff.base_model_hash": base_hash, "minidiff.dataset_hash": data_hash,
+        "minidiff.instance_prompt": args.instance_prompt,
+        "minidiff.class_prompt": args.class_prompt if klass is not None else "",
+        "minidiff.steps": str(steps), "minidiff.lr": str(lr), "minidiff.resolution": str(size),
+        "minidiff.prediction_type": prediction_type, "minidiff.train_text_encoder": str(args.train_text_encoder),
+    }
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    from minidiff.errors import MinidiffError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            check_args(args)
+            run(args)
+    except MinidiffError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

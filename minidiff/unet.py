@@ -1,0 +1,503 @@
+"""The UNet that predicts the noise: eps = unet(x_t, t, context, text_embeds, time_ids).
+
+One config-driven family covers the SDXL base UNet, SD 1.5, a tiny SDXL for tests and the pixel-space DDPM baseline.
+Class and attribute names copy diffusers (as minSDXL does), so a diffusers `unet/` state dict loads with
+`load_state_dict(strict=True)`: `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight`, ...
+
+Shape of the network (SDXL numbers; reference notes `sdxl.md` 1.2, sgm `openaimodel.py` `UNetModel`):
+
+    temb = MLP(sinusoid(t)) + MLP([pooled | sinusoid(time_ids)])              1280
+    h = conv_in(x_t)                                                           skip s0
+    down level l: (ResBlock -> Transformer2D x depth_l) x layers_per_block      skips s1..
+                  -> Downsample2D (not after the last level)                    one more skip
+    mid: ResBlock -> Transformer2D x mid_depth -> ResBlock
+    up level l: (concat(h, skip.pop()) -> ResBlock -> Transformer2D) x (layers_per_block + 1) -> Upsample2D
+    eps = conv_out(SiLU(GroupNorm(h)))
+
+A level with transformer depth 0 has no attention (diffusers' DownBlock2D/UpBlock2D, otherwise CrossAttn*Block2D).
+Without a context (`cross_attention_dim=None`, the pixel DDPM) each transformer block is self-attention + FF only.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .errors import CheckpointError, MinidiffError
+
+
+def maybe_checkpoint(module: nn.Module, *args):
+    """module(*args); with gradient checkpointing on (sgm `use_checkpoint`), its activations are recomputed in
+    backward instead of stored (torch.utils.checkpoint, use_reentrant=False)."""
+    if module.gradient_checkpointing and torch.is_grad_enabled():
+        return checkpoint(module, *args, use_reentrant=False)
+    return module(*args)
+
+
+class Timesteps(nn.Module):
+    """Sinusoidal embedding, cos first: emb = [cos(t * f_i), sin(t * f_i)], f_i = 10000^(-i / half), i < half.
+    (diffusers `embeddings.py` `get_timestep_embedding` with flip_sin_to_cos=True, freq_shift=0; sgm `util.py`
+    `timestep_embedding`.) Returns float32 [len(t), dim]."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        arg = t.float()[:, None] * freqs[None]
+        return torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    """temb = linear_2(SiLU(linear_1(emb))) (diffusers `embeddings.py` `TimestepEmbedding`; sgm `time_embed`)."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1, self.linear_2 = nn.Linear(in_dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(emb)))
+
+
+class ResnetBlock2D(nn.Module):
+    """h = conv1(SiLU(norm1(x))) + time_emb_proj(SiLU(temb));  out = shortcut(x) + conv2(dropout(SiLU(norm2(h)))).
+    shortcut is a 1x1 conv when channels change. temb_dim=None drops the time term (the VAE's ResBlocks).
+    (diffusers `resnet.py` `ResnetBlock2D`; sgm `openaimodel.py` `ResBlock`.)"""
+
+    def __init__(self, cin: int, cout: int, temb_dim: int | None, groups=32, eps=1e-5, dropout=0.0):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_dim, cout) if temb_dim is not None else None
+        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            h = h.add_(self.time_emb_proj(F.silu(temb))[:, :, None, None])
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))  # conv output: safe in place
+
+
+class Attention(nn.Module):
+    """softmax(q k^T / sqrt(d)) v per head, q = to_q(x), k, v = to_k(ctx), to_v(ctx) (ctx = x for self-attention),
+    out = to_out.0(concat heads). q/k/v without bias. Runs F.scaled_dot_product_attention.
+    (diffusers `attention_processor.py` `Attention` + `AttnProcessor2_0`; sgm `attention.py` `CrossAttention`.)"""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None):
+        super().__init__()
+        inner, context_dim = heads * head_dim, context_dim or dim
+        self.heads = heads
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim)])  # a list only so the key reads `to_out.0`
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        B, N, _ = x.shape
+        q, k, v = (t.view(B, t.shape[1], self.heads, -1).transpose(1, 2)  # [B, heads, tokens, d], no copy
+                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out[0](out.transpose(1, 2).reshape(B, N, -1))
+
+
+class GEGLU(nn.Module):
+    """GEGLU(x) = a * GELU(g), [a | g] = proj(x) (exact erf GELU; Shazeer 2020; diffusers `activations.py` GEGLU)."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * inner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, g = self.proj(x).chunk(2, dim=-1)  # views, no copy
+        return a * F.gelu(g)
+
+
+class FeedForward(nn.Module):
+    """ff(x) = net.2(net.1(GEGLU(x))), inner width 4 * dim (diffusers `attention.py` FeedForward; sgm FeedForward)."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Dropout(0.0), nn.Linear(mult * dim, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.net[1](self.net[0](x)))
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LayerNorm block: x += attn1(norm1(x)); x += attn2(norm2(x), context); x += ff(norm3(x)).
+    Without context_dim (pixel DDPM) attn2/norm2 do not exist. (diffusers `attention.py`; sgm `attention.py`.)"""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None):
+        super().__init__()
+        self.norm1, self.attn1 = nn.LayerNorm(dim), Attention(dim, heads, head_dim)
+        self.norm2 = nn.LayerNorm(dim) if context_dim else None
+        self.attn2 = Attention(dim, heads, head_dim, context_dim) if context_dim else None
+        self.norm3, self.ff = nn.LayerNorm(dim), FeedForward(dim)
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.attn1(self.norm1(x)).add_(x)  # Linear outputs: safe to add into in place
+        if self.attn2 is not None:
+            x = self.attn2(self.norm2(x), context).add_(x)
+        return self.ff(self.norm3(x)).add_(x)
+
+
+class Transformer2DModel(nn.Module):
+    """out = x + proj_out(blocks(proj_in(GroupNorm(x)))) over the H*W tokens; GroupNorm eps 1e-6.
+    linear=True (SDXL): flatten to [B, HW, C] then Linear proj_in/proj_out; linear=False (SD 1.5): 1x1 convs
+    before flattening. (diffusers `transformer_2d.py`; sgm `attention.py` `SpatialTransformer`.)"""
+
+    def __init__(self, dim, heads, depth, context_dim, linear=True, groups=32):
+        super().__init__()
+        self.linear = linear
+        self.norm = nn.GroupNorm(groups, dim, eps=1e-6)
+        self.proj_in = nn.Linear(dim, dim) if linear else nn.Conv2d(dim, dim, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(dim, heads, dim // heads, context_dim) for _ in range(depth))
+        self.proj_out = nn.Linear(dim, dim) if linear else nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        if not self.linear:
+            h = self.proj_in(h)
+        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)
+        if self.linear:
+            h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = maybe_checkpoint(block, h, context)
+        if self.linear:
+            h = self.proj_out(h)
+        h = h.view(B, H, W, C).permute(0, 3, 1, 2)
+        if not self.linear:
+            return x + self.proj_out(h.contiguous())
+        return x + h  # x first: the sum comes out contiguous NCHW, no extra .contiguous() copy
+
+
+class Downsample2D(nn.Module):
+    """conv 3x3 stride 2. padding=1: symmetric (UNet); padding=0: pad (0,1,0,1) first (the VAE).
+    (diffusers `downsampling.py` Downsample2D; sgm `openaimodel.py` Downsample, `model.py` Downsample.)"""
+
+    def __init__(self, channels: int, padding: int = 1):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.padding == 0 else x)
+
+
+class Upsample2D(nn.Module):
+    """conv 3x3 after nearest upsampling x2, or to `size` (the next skip's, so odd latent sizes still concatenate;
+    ComfyUI `Upsample(output_shape)`). (diffusers `upsampling.py` Upsample2D; sgm `openaimodel.py` Upsample.)"""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size=None) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest") if size is None else F.interpolate(x, size=size)
+        return self.conv(x)
+
+
+class DownBlock2D(nn.Module):
+    """n x (ResBlock [-> Transformer2D]) [-> Downsample2D]; returns h and every intermediate output as skips.
+    With depth > 0 this is diffusers' CrossAttnDownBlock2D, else DownBlock2D (`unet_2d_blocks.py`)."""
+
+    def __init__(self, cin, cout, temb_dim, n, depth, heads, cfg: UNetConfig, downsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(cin if i == 0 else cout, cout, temb_dim, cfg.norm_num_groups, cfg.norm_eps, cfg.dropout)
+            for i in range(n))
+        self.attentions = nn.ModuleList(
+            Transformer2DModel(cout, heads, depth, cfg.cross_attention_dim, cfg.use_linear_projection,
+                               cfg.norm_num_groups) for _ in range(n)) if depth else None
+        self.downsamplers = nn.ModuleList([Downsample2D(cout)]) if downsample else None
+
+    def forward(self, h, temb, context=None):
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            h = maybe_checkpoint(resnet, h, temb)
+            if self.attentions is not None:
+                h = self.attentions[i](h, context)
+            skips.append(h)
+        if self.downsamplers is not None:
+            h = self.downsamplers[0](h)
+            skips.append(h)
+        return h, skips
+
+
+class UpBlock2D(nn.Module):
+    """(n+1) x (concat(h, skip) -> ResBlock [-> Transformer2D]) [-> Upsample2D to the next skip's size].
+    With depth > 0 this is diffusers' CrossAttnUpBlock2D, else UpBlock2D (`unet_2d_blocks.py`)."""
+
+    def __init__(self, cin_skips, cprev, cout, temb_dim, n, depth, heads, cfg: UNetConfig, upsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D((cprev if i == 0 else cout) + cin_skips[i], cout, temb_dim, cfg.norm_num_groups,
+                          cfg.norm_eps, cfg.dropout) for i in range(n))
+        self.attentions = nn.ModuleList(
+            Transformer2DModel(cout, heads, depth, cfg.cross_attention_dim, cfg.use_linear_projection,
+                               cfg.norm_num_groups) for _ in range(n)) if depth else None
+        self.upsamplers = nn.ModuleList([Upsample2D(cout)]) if upsample else None
+
+    def forward(self, h, skips: list, temb, context=None, size=None):
+        for i, resnet in enumerate(self.resnets):
+            h = maybe_checkpoint(resnet, torch.cat([h, skips.pop()], dim=1), temb)
+            if self.attentions is not None:
+                h = self.attentions[i](h, context)
+        if self.upsamplers is not None:
+            h = self.upsamplers[0](h, size)
+        return h
+
+
+class UNetMidBlock2DCrossAttn(nn.Module):
+    """ResBlock -> Transformer2D (mid depth) -> ResBlock (diffusers `unet_2d_blocks.py`; sgm `middle_block`)."""
+
+    def __init__(self, ch, temb_dim, depth, heads, cfg: UNetConfig):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(ch, ch, temb_dim, cfg.norm_num_groups, cfg.norm_eps, cfg.dropout) for _ in range(2))
+        self.attentions = nn.ModuleList([Transformer2DModel(ch, heads, depth, cfg.cross_attention_dim,
+                                                            cfg.use_linear_projection, cfg.norm_num_groups)])
+
+    def forward(self, h, temb, context=None):
+        h = maybe_checkpoint(self.resnets[0], h, temb)
+        return maybe_checkpoint(self.resnets[1], self.attentions[0](h, context), temb)
+
+
+# diffusers config.json settings this UNet family does not vary: any other value is another architecture.
+_DIFFUSERS_FIXED = dict(
+    center_input_sample=False, flip_sin_to_cos=True, freq_shift=0, mid_block_type="UNetMidBlock2DCrossAttn",
+    only_cross_attention=False, downsample_padding=1, mid_block_scale_factor=1, act_fn="silu", encoder_hid_dim=None,
+    encoder_hid_dim_type=None, dual_cross_attention=False, class_embed_type=None, num_class_embeds=None,
+    resnet_time_scale_shift="default", resnet_skip_time_act=False, resnet_out_scale_factor=1.0,
+    time_embedding_type="positional", time_embedding_dim=None, time_embedding_act_fn=None, timestep_post_act=None,
+    time_cond_proj_dim=None, conv_in_kernel=3, conv_out_kernel=3, attention_type="default",
+    class_embeddings_concat=False, mid_block_only_cross_attention=None, cross_attention_norm=None,
+    reverse_transformer_layers_per_block=None)
+
+
+@dataclass
+class UNetConfig:
+    """Everything that shapes the UNet. Defaults = SDXL base (sdxl.md 1.1). Per-level tuples run top (full
+    resolution) to bottom. transformer_depth[l] = 0 means no attention at level l; num_heads are true head counts
+    (diffusers' `attention_head_dim` [5, 10, 20] is, despite its name, the same head counts)."""
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple = (320, 640, 1280)
+    layers_per_block: int = 2
+    transformer_depth: tuple = (0, 2, 10)
+    mid_transformer_depth: int = 10
+    num_heads: tuple = (5, 10, 20)  # head dim 64 everywhere
+    cross_attention_dim: int | None = 2048  # None: no text; transformer blocks are self-attention + FF
+    use_linear_projection: bool = True
+    addition_embed_type: str | None = "text_time"  # SDXL's [pooled | sinusoid(6 size/crop ids)]
+    addition_time_embed_dim: int = 256
+    projection_class_embeddings_input_dim: int = 2816  # 1280 + 6 * 256
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    dropout: float = 0.0  # inside every ResBlock (DDPM uses 0.1)
+    sample_size: int = 128  # latent size the model was trained at (informative only)
+
+    def __post_init__(self):
+        self.block_out_channels, self.transformer_depth = tuple(self.block_out_channels), tuple(self.transformer_depth)
+        self.num_heads = tuple(self.num_heads)
+        n, g = len(self.block_out_channels), self.norm_num_groups
+        if not (len(self.transformer_depth) == len(self.num_heads) == n):
+            raise MinidiffError(f"UNetConfig: block_out_channels, transformer_depth and num_heads need one entry per "
+                                f"level, got {n}, {len(self.transformer_depth)}, {len(self.num_heads)}")
+        if any(c % g or c % h for c, h in zip(self.block_out_channels, self.num_heads)):
+            raise MinidiffError(f"UNetConfig: every width in {self.block_out_channels} must divide by norm_num_groups "
+                                f"{g} and by its head count {self.num_heads}")
+        if self.addition_embed_type not in (None, "text_time"):
+            raise MinidiffError(f"UNetConfig: addition_embed_type must be None or 'text_time', "
+                                f"got {self.addition_embed_type!r}")
+
+    @classmethod
+    def sdxl(cls) -> UNetConfig:
+        """SDXL base 1.0: 2,567,463,684 parameters in 1,680 tensors."""
+        return cls()
+
+    @classmethod
+    def sd15(cls) -> UNetConfig:
+        """Stable Diffusion 1.5: 4 levels, attention on the top three, 8 heads, CLIP-L context 768, conv proj."""
+        return cls(block_out_channels=(320, 640, 1280, 1280), transformer_depth=(1, 1, 1, 0), mid_transformer_depth=1,
+                   num_heads=(8, 8, 8, 8), cross_attention_dim=768, use_linear_projection=False,
+                   addition_embed_type=None, sample_size=64)
+
+    @classmethod
+    def tiny_sdxl(cls, block_out_channels=(32, 64, 128), layers_per_block=2, transformer_depth=(0, 1, 1),
+                  mid_transformer_depth=1, head_dim=16, cross_attention_dim=96, pooled_dim=64,
+                  addition_time_embed_dim=8, in_channels=4, norm_num_groups=32, sample_size=32) -> UNetConfig:
+        """SDXL's family at toy width, for tests and the bundled miniature: context = two tiny CLIPs' hidden states
+        concatenated (32 + 64 = 96 by default), pooled text embedding pooled_dim, 6 ids embedded at
+        addition_time_embed_dim each."""
+        return cls(in_channels=in_channels, out_channels=in_channels, block_out_channels=block_out_channels,
+                   layers_per_block=layers_per_block, transformer_depth=transformer_depth,
+                   mid_transformer_depth=mid_transformer_depth,
+                   num_heads=tuple(c // head_dim for c in block_out_channels),
+                   cross_attention_dim=cross_attention_dim, addition_time_embed_dim=addition_time_embed_dim,
+                   projection_class_embeddings_input_dim=pooled_dim + 6 * addition_time_embed_dim,
+                   norm_num_groups=norm_num_groups, sample_size=sample_size)
+
+    @classmethod
+    def pixel(cls, image_size=32, block_out_channels=(64, 128, 256), layers_per_block=2, attention_resolutions=(16,),
+              head_dim=32, dropout=0.1, channels=3, norm_num_groups=32) -> UNetConfig:
+        """The pixel-space DDPM baseline (Ho et al. 2020): no text, one self-attention + FF transformer block at the
+        levels whose resolution is in attention_resolutions (16x16) and in the middle, dropout in the ResBlocks."""
+        res = [image_size // 2 ** i for i in range(len(block_out_channels))]
+        return cls(in_channels=channels, out_channels=channels, block_out_channels=block_out_channels,
+                   layers_per_block=layers_per_block,
+                   transformer_depth=tuple(int(r in attention_resolutions) for r in res), mid_transformer_depth=1,
+                   num_heads=tuple(max(c // head_dim, 1) for c in block_out_channels), cross_attention_dim=None,
+                   addition_embed_type=None, norm_num_groups=norm_num_groups, dropout=dropout,
+                   sample_size=image_size)
+
+    @classmethod
+    def from_diffusers(cls, d: dict) -> UNetConfig:
+        """Read a diffusers `unet/config.json` dict (UNet2DConditionModel)."""
+        same = lambda a, b: a == b or (isinstance(a, list) and all(x == b for x in a))  # noqa: E731
+        odd = {k: d[k] for k, v in _DIFFUSERS_FIXED.items() if k in d and not same(d[k], v)}
+        down = list(d.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]))
+        up = list(d.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3))
+        if set(down) - {"CrossAttnDownBlock2D", "DownBlock2D"} or up != [t.replace("Down", "Up") for t in down[::-1]]:
+            odd["down/up_block_types"] = (down, up)
+        if not isinstance(d.get("layers_per_block", 2), int) or isinstance(d.get("cross_attention_dim"), list):
+            odd["per-block layers_per_block/cross_attention_dim"] = True
+        if odd:
+            raise CheckpointError(f"unet config.json: settings outside the SD/SDXL UNet family: {odd}")
+        n = len(down)
+        per_level = lambda v: list(v) if isinstance(v, (list, tuple)) else [v] * n  # noqa: E731
+        depth = per_level(d.get("transformer_layers_per_block", 1))
+        heads = per_level(d.get("num_attention_heads") or d.get("attention_head_dim", 8))
+        try:
+            return cls(
+                in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4),
+                block_out_channels=tuple(d.get("block_out_channels", (320, 640, 1280, 1280))),
+                layers_per_block=d.get("layers_per_block", 2),
+                transformer_depth=tuple(k if t.startswith("CrossAttn") else 0 for k, t in zip(depth, down)),
+                mid_transformer_depth=depth[-1], num_heads=tuple(heads),
+                cross_attention_dim=d.get("cross_attention_dim", 1280),
+                use_linear_projection=d.get("use_linear_projection", False),
+                addition_embed_type=d.get("addition_embed_type"),
+                addition_time_embed_dim=d.get("addition_time_embed_dim") or 256,
+                projection_class_embeddings_input_dim=d.get("projection_class_embeddings_input_dim") or 2816,
+                norm_num_groups=d.get("norm_num_groups", 32), norm_eps=d.get("norm_eps", 1e-5),
+                dropout=d.get("dropout", 0.0), sample_size=d.get("sample_size") or 64)
+        except MinidiffError as e:
+            raise CheckpointError(f"unet config.json: {e}") from None
+
+    def to_diffusers(self) -> dict:
+        """A diffusers `unet/config.json` dict. diffusers reads the mid block's depth from the last entry of
+        transformer_layers_per_block, so that entry carries it when the last level has no attention."""
+        depth = [k or 1 for k in self.transformer_depth]
+        if self.transformer_depth[-1] and self.transformer_depth[-1] != self.mid_transformer_depth:
+            raise MinidiffError("UNetConfig.to_diffusers: diffusers needs mid_transformer_depth == transformer_depth[-1]")
+        depth[-1] = self.mid_transformer_depth
+        kinds = ["CrossAttn" if k else "" for k in self.transformer_depth]
+        d = asdict(self)
+        for k in ("transformer_depth", "mid_transformer_depth", "num_heads"):
+            d.pop(k)
+        d.update(_DIFFUSERS_FIXED, _class_name="UNet2DConditionModel", block_out_channels=list(self.block_out_channels),
+                 down_block_types=[k + "DownBlock2D" for k in kinds], up_block_types=[k + "UpBlock2D" for k in kinds[::-1]],
+                 transformer_layers_per_block=depth, attention_head_dim=list(self.num_heads), num_attention_heads=None)
+        if self.addition_embed_type is None:
+            d.update(addition_time_embed_dim=None, projection_class_embeddings_input_dim=None)
+        return d
+
+
+class UNet2DConditionModel(nn.Module):
+    """eps = UNet(x_t, t, context, text_embeds, time_ids) (diffusers `unet_2d_condition.py`; sgm `openaimodel.py`
+    `UNetModel`; minSDXL `sdxl_rewrite.py`). temb = time_embedding(sinusoid(t)) [+ add_embedding(
+    [text_embeds | sinusoid(time_ids)])]; then conv_in, down blocks pushing skips, mid block, up blocks popping
+    them (LIFO), and conv_out(SiLU(conv_norm_out(h)))."""
+
+    def __init__(self, config: UNetConfig | None = None):
+        super().__init__()
+        self.config = c = config or UNetConfig.sdxl()
+        ch, n, temb = c.block_out_channels, len(c.block_out_channels), 4 * c.block_out_channels[0]
+        self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
+        self.time_proj = Timesteps(ch[0])
+        self.time_embedding = TimestepEmbedding(ch[0], temb)
+        text_time = c.addition_embed_type == "text_time"
+        self.add_time_proj = Timesteps(c.addition_time_embed_dim) if text_time else None
+        self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, temb) if text_time else None
+        L = c.layers_per_block
+        self.down_blocks = nn.ModuleList(
+            DownBlock2D(ch[max(i - 1, 0)], ch[i], temb, L, c.transformer_depth[i], c.num_heads[i], c, i < n - 1)
+            for i in range(n))
+        self.mid_block = UNetMidBlock2DCrossAttn(ch[-1], temb, c.mid_transformer_depth, c.num_heads[-1], c)
+        skip_ch = [ch[0]] + [ch[i] for i in range(n) for _ in range(L + (i < n - 1))]  # s0, s1, ... as pushed
+        self.up_blocks = nn.ModuleList(
+            UpBlock2D([skip_ch.pop() for _ in range(L + 1)], ch[min(i + 1, n - 1)], ch[i], temb, L + 1,
+                      c.transformer_depth[i], c.num_heads[i], c, i > 0)
+            for i in reversed(range(n)))
+        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[0], eps=c.norm_eps)
+        self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv_in.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.conv_in.weight.device
+
+    def enable_gradient_checkpointing(self, on: bool = True):
+        """Recompute every ResBlock and transformer block (mid block included) in backward (sgm use_checkpoint)."""
+        for m in self.modules():
+            if isinstance(m, (ResnetBlock2D, BasicTransformerBlock)):
+                m.gradient_checkpointing = on
+        return self
+
+    def _check_inputs(self, x, context, text_embeds, time_ids):
+        c = self.config
+        if x.ndim != 4 or x.shape[1] != c.in_channels:
+            raise MinidiffError(f"UNet: expected x of shape [B, {c.in_channels}, H, W], got {tuple(x.shape)}")
+        if c.cross_attention_dim and (context is None or context.ndim != 3 or context.shape[-1] != c.cross_attention_dim):
+            got = None if context is None else tuple(context.shape)
+            raise MinidiffError(f"UNet: expected context [B, tokens, {c.cross_attention_dim}] (text states), got {got}")
+        if self.add_embedding is not None:
+            width = None if text_embeds is None or time_ids is None else (
+                text_embeds.shape[-1] + time_ids.shape[-1] * c.addition_time_embed_dim)
+            if width != c.projection_class_embeddings_input_dim:
+                raise MinidiffError(f"UNet: 'text_time' needs text_embeds [B, P] and time_ids [B, 6] with P + 6 * "
+                                    f"{c.addition_time_embed_dim} = {c.projection_class_embeddings_input_dim}")
+
+    def forward(self, x, t, context=None, text_embeds=None, time_ids=None) -> torch.Tensor:
+        """x [B, C, H, W], t scalar or [B] (int or float), context [B, tokens, D], text_embeds [B, P], time_ids
+        [B, 6] -> eps [B, C_out, H, W]."""
+        self._check_inputs(x, context, text_embeds, time_ids)
+        B = x.shape[0]
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)
+        temb = self.time_embedding(self.time_proj(t).to(x.dtype))
+        if self.add_embedding is not None:
+            ids = self.add_time_proj(time_ids.reshape(-1)).reshape(B, -1)
+            temb = temb + self.add_embedding(torch.cat([text_embeds, ids], dim=-1).to(temb.dtype))
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down_blocks:
+            h, s = block(h, temb, context)
+            skips += s
+        h = self.mid_block(h, temb, context)
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            size = skips[-n - 1].shape[-2:] if len(skips) > n else None  # the skip waiting after this block's
+            h = block(h, skips, temb, context, size)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+
+UNet = UNet2DConditionModel

@@ -1,0 +1,167 @@
+#!/usr/bin/env python
+"""Generate images with an SDXL-family model, optionally with LoRAs: one PNG per image + grid.png.
+
+    python sample.py --prompt "a picture of sks girl" --lora runs/finetune/lora.safetensors
+    python sample.py --model sdxl-base/ --vae sdxl-vae-fp16-fix/ --prompts comic.txt --seed 7 --num 2
+    python sample.py --model sd_xl_base_1.0.safetensors --tokenizers sdxl-base/ --prompt "a robot" --steps 30
+
+--prompts FILE holds one prompt per line (a comic page: one panel per line; blank lines and lines starting with #
+are skipped). Image i of a run has seed --seed + i, so the same seed gives the same image whatever --batch-size.
+Each PNG carries prompt, negative, seed, steps, cfg, sampler, model and LoRAs in its PNG text metadata
+(minidiff.images.read_png_metadata reads them back). User errors print one line and exit with status 2.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_MODEL = ROOT / "minidiff" / "assets" / "tiny-sdxl"
+SAMPLERS = ("euler", "euler_a", "ddim", "ddpm", "dpmpp_2m")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, like every other user error
+        print(f"error: {message} (see python sample.py --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser():
+    p = Parser(description="Text to image with an SDXL-family model (and LoRAs).")
+    a = p.add_argument
+    a("--model", default=None, help="diffusers SDXL folder or original single .safetensors file "
+      "(default: the bundled miniature, minidiff/assets/tiny-sdxl)")
+    a("--vae", default=None, help="VAE folder or file to use instead of the model's (e.g. the SDXL fp16-fix VAE)")
+    a("--tokenizers", default=None, help="folder holding tokenizer/ and tokenizer_2/ (needed with a single file)")
+    a("--prompt", action="append", default=None, help="repeatable")
+    a("--prompts", default=None, help="a text file, one prompt per line")
+    a("--negative", default="", help="negative prompt (empty: SDXL's all-zero unconditional embedding)")
+    a("--steps", type=int, default=30)
+    a("--cfg", type=float, default=5.0, help="classifier-free guidance scale (1 = no guidance)")
+    a("--sampler", choices=SAMPLERS, default="euler")
+    a("--spacing", choices=("leading", "trailing", "linspace"), default=None,
+      help="timestep spacing (default: the model's scheduler config, 'leading' for SDXL)")
+    a("--karras", action="store_true", help="Karras sigmas (euler, euler_a, dpmpp_2m)")
+    a("--guidance-rescale", type=float, default=0.0, help="phi of Lin et al. 2023 (0.7 is usual; 0 = off)")
+    a("--seed", type=int, default=0)
+    a("--width", type=int, default=None, help="default: the model's native size (1024 for SDXL)")
+    a("--height", type=int, default=None)
+    a("--num", type=int, default=1, help="images per prompt")
+    a("--batch-size", type=int, default=4)
+    a("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="repeatable; scale defaults to 1")
+    a("--out", default="runs/sample")
+    a("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    a("--dtype", choices=("fp16", "bf16", "fp32"), default=None, help="default: fp16 on CUDA, fp32 on CPU")
+    return p
+
+
+def parse_lora(spec):
+    """'path/to/x.safetensors:0.8' -> (path, 0.8); a bare path has scale 1 (a Windows 'C:\\...' stays whole)."""
+    path, sep, scale = spec.rpartition(":")
+    try:
+        return (path, float(scale)) if sep and path else (spec, 1.0)
+    except ValueError:
+        return spec, 1.0
+
+
+def read_prompts(args):
+    from minidiff.errors import MinidiffError
+
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        try:
+            lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise MinidiffError(f"cannot read --prompts {args.prompts}: {e}") from None
+        prompts += [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
+    if not prompts:
+        raise MinidiffError("no prompt: pass --prompt TEXT (repeatable) or --prompts FILE (one prompt per line)")
+    return prompts
+
+
+def check_args(args):
+    """User errors visible before anything loads: one line each."""
+    from minidiff.errors import MinidiffError
+
+    for flag, v in {"--steps": args.steps, "--num": args.num, "--batch-size": args.batch_size}.items():
+        if v <= 0:
+            raise MinidiffError(f"{flag} must be a positive integer, got {v}")
+    for flag, v in {"--width": args.width, "--height": args.height}.items():
+        if v is not None and (v <= 0 or v % 8):
+            raise MinidiffError(f"{flag} must be a positive multiple of 8, got {v}")
+    if args.karras and args.sampler in ("ddim", "ddpm"):
+        raise MinidiffError(f"--karras works with euler, euler_a and dpmpp_2m, not {args.sampler}")
+    if args.model is None:
+        if not DEFAULT_MODEL.exists():
+            raise MinidiffError("no model given: pass --model (a diffusers SDXL folder or an original .safetensors "
+                                "file); the bundled miniature minidiff/assets/tiny-sdxl is not there")
+        args.model = str(DEFAULT_MODEL)
+    for spec in args.lora:
+        if not Path(parse_lora(spec)[0]).is_file():
+            raise MinidiffError(f"--lora {spec}: no such file (expected PATH or PATH:SCALE)")
+
+
+def run(args):
+    check_args(args)  # before torch is imported: a typo costs no wait
+    prompts = read_prompts(args)
+
+    import torch
+
+    from minidiff.checkpoint import file_hash, load_pipeline
+    from minidiff.images import make_grid, save_png
+    from minidiff.pipeline import generate
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda":
+        from minidiff.training import check_gpu
+
+        check_gpu(device)
+    dtype_name = args.dtype or ("fp16" if torch.device(device).type == "cuda" else "fp32")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+
+    pipe = load_pipeline(args.model, dtype=dtype, device=device, vae=args.vae, tokenizers=args.tokenizers)
+    loras = []
+    if args.lora:
+        from minidiff.lora import load_lora
+
+        for spec in args.lora:
+            path, scale = parse_lora(spec)
+            load_lora(pipe.modules(), path, scale=scale)
+            loras.append({"file": Path(path).name, "scale": scale, "sha256": file_hash(path)})
+
+    native = pipe.unet.config.sample_size * pipe.scale
+    width, height = args.width or native, args.height or native
+    runs = [p for p in prompts for _ in range(args.num)]
+    images = generate(pipe, runs, negative=args.negative, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
+                      seed=args.seed, width=width, height=height, guidance_rescale=args.guidance_rescale,
+                      batch_size=args.batch_size, spacing=args.spacing, karras=args.karras)
+
+    out = Path(args.out)
+    settings = {"negative": args.negative, "steps": args.steps, "cfg": args.cfg, "sampler": args.sampler,
+                "spacing": args.spacing or pipe.scheduler_config.get("timestep_spacing", "leading"),
+                "karras": args.karras, "guidance_rescale": args.guidance_rescale, "width": width, "height": height,
+                "model": str(args.model), "vae": args.vae, "loras": loras, "dtype": dtype_name}
+    for i, (prompt, img) in enumerate(zip(runs, images)):
+        path = save_png(img, out / f"{i:04d}-seed{args.seed + i}.png", {"prompt": prompt, "seed": args.seed + i,
+                                                                        **settings})
+        print(path)
+    grid = make_grid(images, nrow=args.num if args.num > 1 else None)
+    print(save_png(grid, out / "grid.png", {"prompts": runs, "seeds": [args.seed + i for i in range(len(runs))],
+                                            **settings}))
+    return images
+
+
+def main(argv=None):
+    from minidiff.errors import MinidiffError
+
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except MinidiffError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

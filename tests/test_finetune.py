@@ -1,0 +1,176 @@
+"""finetune.py end to end on a tiny random pixel-space SDXL-family pipeline saved with checkpoint.save_pipeline:
+the files it writes, bit-exact resume, full fine-tuning, and one-line errors (exit status 2) for bad input."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+import finetune
+from minidiff.checkpoint import load_pipeline, load_unet, save_pipeline
+from minidiff.lora import find_targets, load_lora
+from test_dreambooth import tiny_pipeline
+
+FAST = ["--steps", "4", "--num-class-images", "3", "--class-steps", "2", "--class-batch-size", "2",
+        "--validation-steps", "2", "--validation-images", "1", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("model")
+    return save_pipeline(tiny_pipeline(root / "parts"), root / "tiny")
+
+
+@pytest.fixture(scope="module")
+def run(model, tmp_path_factory):
+    """One 4-step LoRA run with prior preservation, checkpoints every 2 steps and a validation grid at step 2."""
+    out = tmp_path_factory.mktemp("run")
+    assert finetune.main(["--model", model, "--out", out, "--save-every", "2", "--validate-every", "2",
+                          "--format", "both", "--min-snr-gamma", "5", *FAST]) == 0
+    return out
+
+
+def _tensors(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def test_a_run_writes_lora_loss_plot_grids_and_manifest(run, model):
+    for name in ("lora.safetensors", "pytorch_lora_weights.safetensors", "lora-step-000002.safetensors",
+                 "lora-step-000004.safetensors", "loss.csv", "loss.png", "manifest.json", "samples/step-000002.png",
+                 "samples/final.png", "checkpoints/step-000002.safetensors", "checkpoints/step-000004.safetensors"):
+        assert (run / name).is_file(), name
+    assert len(list((run / "class-images").glob("class-*.png"))) == 3
+    tensors, meta = _tensors(run / "lora.safetensors")
+    assert all(k.startswith("lora_unet_") for k in tensors)
+    for key in ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_base_model_version",
+                "ss_v2", "ss_sd_model_hash", "ss_learning_rate", "ss_steps", "minidiff.dataset_hash"):
+        assert key in meta, key
+    assert meta["ss_network_dim"] == "4" and meta["minidiff.instance_prompt"] == "a picture of sks girl"
+    assert meta["ss_steps"] == "4" and meta["ss_num_reg_images"] == "3"
+
+    # the file loads back into the base UNet and covers exactly the attention projections
+    unet = load_pipeline(model).unet
+    expected = find_targets(unet, "attn")
+    load_lora(unet, run / "lora.safetensors", name="sks")
+    assert len(tensors) == 3 * len(expected)  # down, up, alpha per module
+
+    manifest = json.loads((run / "manifest.json").read_text())
+    total = manifest["trainable"][-1]
+    linear = [unet.get_submodule(n) for n in expected]
+    assert total["params"] == sum(4 * (m.in_features + m.out_features) for m in linear)  # r (in + out) each
+    assert total["dtype"] == "float32" and 0 < total["share"] < 0.05
+    assert str(run / "lora.safetensors") in manifest["files"]
+    assert manifest["settings"]["lr"] == 1e-4 and manifest["timings"]["s_per_step"] > 0
+    rows = (run / "loss.csv").read_text().splitlines()
+    assert rows[0].startswith("step,loss,instance") and "prior" in rows[0] and len(rows) == 5
+
+
+def test_resumed_run_ends_with_the_same_lora_bit_for_bit(run, model, tmp_path):
+    out = tmp_path / "resumed"
+    rc = finetune.main(["--model", model, "--out", out, "--class-dir", run / "class-images", "--save-every", "2",
+                        "--validate-every", "2", "--format", "both", "--min-snr-gamma", "5",
+                        "--resume", run / "checkpoints" / "step-000002.safetensors", *FAST])
+    assert rc == 0
+    for name in ("lora.safetensors", "pytorch_lora_weights.safetensors"):
+        a, _ = _tensors(run / name)
+        b, _ = _tensors(out / name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    a, _ = _tensors(run / "lora-step-000002.safetensors")
+    b, _ = _tensors(out / "lora.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a if "lora_up" in k)  # training did move between 2 and 4
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["resumed_from_step"] == 2
+
+
+def test_full_finetune_saves_a_diffusers_unet(model, tmp_path):
+    out = tmp_path / "full"
+    assert finetune.main(["--model", model, "--out", out, "--train", "full", "--no-prior", "--steps", "2",
+                          "--lr", "1e-3", "--validation-images", "0", "--device", "cpu"]) == 0
+    trained, base = load_unet(out / "unet"), load_unet(model)
+    changed = [k for k, v in base.state_dict().items() if not torch.equal(v, trained.state_dict()[k])]
+    assert changed and not (out / "lora.safetensors").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["trainable"][-1]["params"] == sum(p.numel() for p in base.parameters())
+
+
+def test_latent_model_run_with_class_images(tmp_path):
+    model = save_pipeline(tiny_pipeline(tmp_path / "parts", latent=True), tmp_path / "latent")
+    out = tmp_path / "out"
+    assert finetune.main(["--model", model, "--out", out, "--num-class-images", "2", "--class-steps", "2",
+                          "--steps", "2", "--validation-steps", "2", "--validation-images", "1",
+                          "--noise-offset", "0.05", "--device", "cpu"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["resolution"] == 16  # 8 x 8 latents x the VAE's 2x
+    assert Image.open(out / "samples" / "final.png").size == (20, 20)  # one 16 px image + 2 px border
+    assert Image.open(out / "class-images" / "class-00000.png").size == (16, 16)
+
+
+def test_captioned_folder_trains_each_image_on_its_caption(model, tmp_path):
+    data = tmp_path / "style" / "3_pixel style"  # kohya folder: 3 repeats, caption "pixel style" for uncaptioned
+    data.mkdir(parents=True)
+    for i, color in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+        Image.new("RGB", (20, 20), color).save(data / f"{i}.png")
+    (data / "0.txt").write_text("a red square, pixel style")
+    (data / "1.caption").write_text("a green square, pixel style")
+    out = tmp_path / "out"
+    assert finetune.main(["--model", model, "--out", out, "--instance-dir", data.parent, "--no-prior",
+                          "--caption-dropout", "0.3", "--steps", "2", "--validation-images", "0",
+                          "--train-text-encoder", "--gradient-checkpointing", "--device", "cpu"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["data"]["captions"] == ["a red square, pixel style", "a green square, pixel style", "pixel style"]
+    assert [r["group"] for r in manifest["trainable"]][-3:] == ["text_encoder", "text_encoder_2", "total"]
+    tensors, meta = _tensors(out / "lora.safetensors")
+    assert meta["ss_num_reg_images"] == "0" and meta["minidiff.class_prompt"] == ""
+    assert {"_".join(k.split("_")[:2]) for k in tensors} == {"lora_unet", "lora_te1", "lora_te2"}
+
+
+# ----------------------------------------------------------------------------------------------- user errors
+def _fails(capsys, argv, match):
+    try:
+        rc = finetune.main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    lines = err.splitlines()
+    assert lines[-1].startswith("error: ") and match in lines[-1], err  # the error: one line, last
+    assert all(line.startswith("warning: ") for line in lines[:-1]), err  # at most one-line warnings before it
+    return lines[-1]
+
+
+def test_bad_input_is_one_line_and_exit_2(model, tmp_path, capsys, monkeypatch):
+    out = ["--out", tmp_path / "out", "--device", "cpu", "--model", model]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _fails(capsys, ["--instance-dir", empty, *out], "no images")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"not a png")
+    _fails(capsys, ["--instance-dir", broken, *out], "no usable images")
+    _fails(capsys, ["--instance-dir", tmp_path / "nowhere", *out], "not found")
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    Image.new("RGB", (8, 8)).save(reg / "one.png")
+    _fails(capsys, ["--class-dir", reg, "--num-class-images", "5", "--no-generate", *out], "has 1")
+    (tmp_path / "file").write_text("")
+    _fails(capsys, ["--class-dir", tmp_path / "file" / "class", *out], "not writable")
+    _fails(capsys, ["--rank", "0", *out], "--rank must be a positive integer")
+    _fails(capsys, ["--rank", "-3", *out], "--rank must be a positive integer")
+    _fails(capsys, ["--caption-dropout", "1.5", *out], "--caption-dropout")
+    _fails(capsys, ["--targets", "everything", *out], "invalid choice")
+    _fails(capsys, ["--model", tmp_path / "no-model", "--out", tmp_path / "out"], "model not found")
+    monkeypatch.setattr(finetune, "DEFAULT_MODEL", tmp_path / "tiny-sdxl")  # the bundled miniature, not built yet
+    _fails(capsys, ["--out", tmp_path / "out"], "bundled miniature")
+    _fails(capsys, ["--resume", tmp_path / "nothing", "--no-prior", "--steps", "1", *out], "checkpoint not found")

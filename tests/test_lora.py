@@ -1,0 +1,524 @@
+"""LoRA: the math on plain layers (closed forms), target presets, and interoperability with diffusers + peft.
+
+Every comparison is against an independent reference: a hand-computed W0 x + (alpha/r) B A x, torch's own conv,
+or diffusers' / peft's loaders on identical weights.
+"""
+
+import json
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from minidiff.errors import LoRAError
+from minidiff.lora import (LoRAConv2d, LoRALinear, disable_lora, enable_lora, find_targets, inject_lora, load_lora,
+                           lora_layers, lora_parameters, lora_state_dict, merge_lora, read_lora, save_lora,
+                           set_lora_scale, unmerge_lora)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids OpenMP contention (10x faster here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Block(nn.Module):
+    """Module names as in a diffusers transformer block, small enough to check by hand."""
+
+    def __init__(self, c=8, ctx=6):
+        super().__init__()
+        self.attn1 = nn.Module()
+        self.attn1.to_q, self.attn1.to_k = nn.Linear(c, c, bias=False), nn.Linear(c, c, bias=False)
+        self.attn1.to_v, self.attn1.to_out = nn.Linear(c, c, bias=False), nn.ModuleList([nn.Linear(c, c), nn.Dropout(0.0)])
+        self.ff = nn.Module()
+        self.ff.net = nn.ModuleList([nn.Module(), nn.GELU(), nn.Linear(2 * c, c)])
+        self.ff.net[0].proj = nn.Linear(c, 2 * c)
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):  # x [N, c]
+        h = self.attn1.to_out[0](self.attn1.to_q(x) * self.attn1.to_k(x).sigmoid() + self.attn1.to_v(x))
+        return h + self.ff.net[2](self.ff.net[1](self.ff.net[0].proj(h)))
+
+
+def randomize_lora(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+# ------------------------------------------------------------------------------------------------------ the math
+def test_zero_B_leaves_output_unchanged():
+    model, x = Block(), torch.randn(5, 8)
+    ref = model(x)
+    inject_lora(model, ["to_q", "to_k", "to_v", r"to_out\.0", r"ff\.net\.2"], rank=4, init="kaiming")
+    assert all(layer.lora_A["default"].abs().sum() > 0 for layer in lora_layers(model).values())  # A random
+    torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
+
+
+def test_alpha_over_r_scale_by_hand():
+    lin = nn.Linear(3, 2)
+    inject_lora_on = nn.Sequential(lin)
+    inject_lora(inject_lora_on, ["0"], rank=2, alpha=1.0)
+    layer = inject_lora_on[0]
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 0.0]]))
+        layer.bias.copy_(torch.tensor([0.5, -0.5]))
+        layer.lora_A["default"].copy_(torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]))  # A x = [x0+x1, x2]
+        layer.lora_B["default"].copy_(torch.tensor([[2.0, 0.0], [0.0, 4.0]]))  # B A x = [2(x0+x1), 4 x2]
+    x = torch.tensor([[1.0, 2.0, 3.0]])
+    # W0 x + b = [1+6+0.5, 2-0.5] = [7.5, 1.5]; (alpha/r) B A x = 0.5 * [6, 12] = [3, 6]
+    torch.testing.assert_close(layer(x), torch.tensor([[10.5, 7.5]]))
+    set_lora_scale(inject_lora_on, 2.0)  # multiplier 2: + [6, 12]
+    torch.testing.assert_close(layer(x), torch.tensor([[13.5, 13.5]]))
+    disable_lora(inject_lora_on)
+    torch.testing.assert_close(layer(x), torch.tensor([[7.5, 1.5]]))
+    enable_lora(inject_lora_on)
+    torch.testing.assert_close(layer(x), torch.tensor([[13.5, 13.5]]))
+
+
+def test_merge_equals_unmerged_and_unmerge_restores_W0():
+    model, x = Block(), torch.randn(5, 8)
+    inject_lora(model, "attn-ff", rank=3, alpha=6)
+    randomize_lora(model)
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    set_lora_scale(model, 0.7)
+    ref = model(x)
+    merge_lora(model)
+    assert any(not torch.equal(p, w0[n]) for n, p in model.named_parameters() if n in w0)
+    torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(LoRAError, match="unmerge"):
+        set_lora_scale(model, 1.0)
+    unmerge_lora(model)
+    for n, p in model.named_parameters():
+        if n in w0:
+            torch.testing.assert_close(p, w0[n], rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_lora_matches_merged_conv_closed_form():
+    for k in (1, 3):
+        conv = nn.Conv2d(4, 6, k, padding=k // 2, stride=2 if k == 3 else 1)
+        model = nn.Sequential(conv)
+        inject_lora(model, ["0"], rank=2, alpha=1.0)
+        randomize_lora(model)
+        layer = model[0]
+        assert isinstance(layer, LoRAConv2d) and layer.lora_A["default"].shape == (2, 4, k, k)
+        A, B = layer.lora_A["default"].detach(), layer.lora_B["default"].detach()
+        w = conv.weight.detach() + 0.5 * torch.einsum("or,rikl->oikl", B[:, :, 0, 0], A)  # W0 + (alpha/r) B A
+        x = torch.randn(2, 4, 9, 9)
+        ref = nn.functional.conv2d(x, w, conv.bias, conv.stride, conv.padding)
+        torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_reach_only_A_and_B_and_base_stays_bit_identical():
+    model, x = Block(), torch.randn(16, 8)
+    names = inject_lora(model, "attn-ff", rank=4, dropout=0.1)
+    assert names == ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.lora_{ab}.default" for n in names for ab in "AB"}
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = torch.optim.AdamW(lora_parameters(model), lr=1e-2, weight_decay=0.1)
+    for _ in range(5):
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        for n, p in model.named_parameters():
+            assert (p.grad is not None) == p.requires_grad, n
+        opt.step()
+    assert len(opt.state) == 2 * len(names)
+    for n, p in model.named_parameters():
+        if n in before:
+            assert torch.equal(p, before[n]), n
+    assert all(layer.lora_B["default"].abs().sum() > 0 for layer in lora_layers(model).values())
+
+
+def test_several_adapters_add_up_with_their_own_scales():
+    model, x = Block(), torch.randn(4, 8)
+    base = model.attn1.to_q(x)
+    inject_lora(model, "attn", rank=2, name="character")
+    inject_lora(model, "attn", rank=3, alpha=1.5, name="style", init="kaiming")
+    randomize_lora(model)
+    set_lora_scale(model, 0.8, name="character")
+    set_lora_scale(model, -0.3, name="style")
+    q = model.attn1.to_q
+    expect = base + sum(m * (x @ q.delta_weight(n).T) for n, m in (("character", 0.8), ("style", -0.3)))
+    torch.testing.assert_close(q(x), expect, rtol=1e-5, atol=1e-5)
+    disable_lora(model, "style")
+    torch.testing.assert_close(q(x), base + 0.8 * x @ q.delta_weight("character").T, rtol=1e-5, atol=1e-5)
+    assert len(lora_parameters(model, "style")) == 8 and len(lora_parameters(model)) == 16
+
+
+def test_fp16_base_keeps_fp32_lora():
+    model = Block().half()
+    inject_lora(model, "attn", rank=2)
+    randomize_lora(model)
+    assert all(p.dtype == torch.float32 for p in lora_parameters(model))
+    x = torch.randn(3, 8)
+    q = model.attn1.to_q
+    y = q(x.half())
+    assert y.dtype == torch.float16
+    ref = x @ q.weight.float().T + x @ q.delta_weight("default").T
+    torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_base_checkpoint_still_loads_strictly_after_injection():
+    model = Block()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    inject_lora(model, "attn-ff", rank=2)
+    randomize_lora(model)
+    lora_before = [p.detach().clone() for p in lora_parameters(model)]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model.load_state_dict(sd)  # strict: same keys as before injection
+    for k, v in sd.items():
+        assert torch.equal(model.state_dict()[k], v)
+    full = {k: v.clone() for k, v in model.state_dict().items()}  # with adapters: a training checkpoint
+    assert "attn1.to_q.lora_A.default" in full
+    model.load_state_dict(full)
+    for p, q in zip(lora_parameters(model), lora_before):
+        assert not torch.equal(p, q)  # +1 above, and the full state dict carried that
+    bad = dict(full)
+    bad.pop("attn1.to_q.lora_B.default")
+    with pytest.raises(RuntimeError, match="lora_B"):
+        model.load_state_dict(bad)  # a partial adapter in a checkpoint is still an error
+
+
+def test_bad_settings():
+    with pytest.raises(LoRAError, match="rank"):
+        inject_lora(Block(), rank=0)
+    with pytest.raises(LoRAError, match="rank"):
+        inject_lora(Block(), rank=-2)
+    with pytest.raises(LoRAError, match="unknown LoRA targets"):
+        inject_lora(Block(), targets="everything")
+    with pytest.raises(LoRAError, match="match no"):
+        inject_lora(Block(), targets="text")
+    with pytest.raises(LoRAError, match="init"):
+        inject_lora(Block(), init="xavier")
+    model = Block()
+    inject_lora(model)
+    with pytest.raises(LoRAError, match="already exists"):
+        inject_lora(model)
+
+
+# ------------------------------------------------------------------------------------ text encoders against peft
+def tiny_clip(with_projection=False, seed=0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                         vocab_size=99, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+                         projection_dim=16)
+    torch.manual_seed(seed)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg).eval()
+
+
+def clip_out(te, ids):
+    out = te(ids)
+    return out.text_embeds if hasattr(out, "text_embeds") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers", "peft"])
+def test_text_encoder_lora_we_save_loads_in_diffusers(tmp_path, fmt):
+    from diffusers import StableDiffusionXLPipeline
+
+    ours = {"text_encoder": tiny_clip(), "text_encoder_2": tiny_clip(True)}
+    ref = {c: tiny_clip(c.endswith("2")) for c in ours}  # the same seed: identical weights
+    assert "encoder.layers.0.self_attn.q_proj" in inject_lora(ours["text_encoder"], "text", rank=4, alpha=2)
+    assert len(inject_lora(ours["text_encoder_2"], "text-mlp", rank=2)) == 12
+    randomize_lora(ours)
+    path = save_lora(ours, tmp_path / "te.safetensors", format=fmt)
+    state_dict, alphas = StableDiffusionXLPipeline.lora_state_dict(str(path))
+    ids = torch.randint(3, 99, (2, 10))
+    for c, te in ref.items():
+        StableDiffusionXLPipeline.load_lora_into_text_encoder(state_dict, alphas, text_encoder=te, prefix=c)
+        with torch.no_grad():
+            want, got = clip_out(te, ids), clip_out(ours[c], ids)
+        assert (want - clip_out(tiny_clip(c.endswith("2")), ids)).abs().max() > 1e-2  # the LoRA does something
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    keys = list(load_file(path))
+    assert any(k.startswith({"kohya": "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.",
+                             "diffusers": "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.",
+                             "peft": "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A"}[fmt]) for k in keys)
+
+
+@pytest.mark.parametrize("alpha, with_metadata, to_diffusers", [(4, False, True), (8, True, False), (8, True, True)])
+def test_text_encoder_lora_made_by_peft_loads_here(tmp_path, alpha, with_metadata, to_diffusers):
+    """peft's LoraConfig on a transformers CLIP, saved by diffusers' save_lora_weights (as the diffusers script does:
+    alpha = r without metadata; or alpha != r with the LoraConfig in the file's metadata)."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    te = tiny_clip()
+    te.add_adapter(LoraConfig(r=4, lora_alpha=alpha, init_lora_weights="gaussian",
+                              target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+    with torch.no_grad():
+        for n, p in te.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    sd = get_peft_model_state_dict(te)
+    StableDiffusionXLPipeline.save_lora_weights(
+        tmp_path, text_encoder_lora_layers=convert_state_dict_to_diffusers(sd) if to_diffusers else sd,
+        text_encoder_lora_adapter_metadata=te.peft_config["default"].to_dict() if with_metadata else None)
+    ours = tiny_clip()
+    load_lora({"text_encoder": ours}, tmp_path / "pytorch_lora_weights.safetensors", name="peft")
+    ids = torch.randint(3, 99, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(clip_out(ours, ids), clip_out(te, ids), rtol=1e-5, atol=1e-5)
+    assert {a.alpha for layer in lora_layers(ours).values() for a in layer.adapters.values()} == {float(alpha)}
+
+
+# ------------------------------------------------------------------------------------------------- bad files
+def test_bad_files_give_lora_errors(tmp_path):
+    te = tiny_clip()
+    inject_lora(te, "text", rank=2)
+    good = lora_state_dict({"text_encoder": te}, "kohya")
+    with pytest.raises(LoRAError, match="not found"):
+        load_lora(tiny_clip(), tmp_path / "missing.safetensors", prefix="text_encoder")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(LoRAError, match="not a readable safetensors"):
+        load_lora(tiny_clip(), tmp_path / "junk.safetensors", prefix="text_encoder")
+    save_file({"encoder.layers.0.self_attn.q_proj.weight": torch.zeros(32, 32)}, tmp_path / "model.safetensors")
+    with pytest.raises(LoRAError, match="no LoRA tensors"):
+        load_lora(tiny_clip(), tmp_path / "model.safetensors", prefix="text_encoder")
+    # keys that match nothing: listed, never a silent no-op
+    odd = dict(good, **{"lora_te1_text_model_encoder_layers_7_self_attn_q_proj.lora_down.weight": torch.zeros(2, 32),
+                        "lora_te1_text_model_encoder_layers_7_self_attn_q_proj.lora_up.weight": torch.zeros(32, 2)})
+    save_file(odd, tmp_path / "odd.safetensors")
+    with pytest.raises(LoRAError, match=r"1 of 9 LoRA modules match nothing.*layers_7_self_attn_q_proj"):
+        load_lora({"text_encoder": tiny_clip()}, tmp_path / "odd.safetensors")
+    with pytest.raises(LoRAError, match="match nothing.*components given: \\['unet'\\]"):
+        load_lora(tiny_clip(), tmp_path / "odd.safetensors")  # a text-encoder file given to the "unet"
+    # wrong shapes (a LoRA for another architecture): the key and both shapes
+    wide = dict(good)
+    wide["lora_te1_text_model_encoder_layers_1_self_attn_v_proj.lora_down.weight"] = torch.zeros(2, 64)
+    save_file(wide, tmp_path / "wide.safetensors")
+    model = tiny_clip()
+    with pytest.raises(LoRAError, match=r"layers_1_self_attn_v_proj.lora_down.weight: .*\[2, 64\].*needs \[2, 32\]"):
+        load_lora({"text_encoder": model}, tmp_path / "wide.safetensors")
+    assert not lora_layers(model)  # checked before anything was touched
+    half = {k: v for k, v in good.items() if "layers_0_self_attn_k_proj.lora_up" not in k}
+    save_file(half, tmp_path / "half.safetensors")
+    with pytest.raises(LoRAError, match="missing"):
+        load_lora({"text_encoder": tiny_clip()}, tmp_path / "half.safetensors")
+    save_file(dict(good, **{"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.dora_scale": torch.ones(1, 32)}),
+              tmp_path / "dora.safetensors")
+    with pytest.raises(LoRAError, match="DoRA"):
+        load_lora({"text_encoder": tiny_clip()}, tmp_path / "dora.safetensors")
+    with pytest.raises(LoRAError, match="format"):
+        lora_state_dict({"text_encoder": te}, "civitai")
+    load_lora({"text_encoder": model}, {k: v for k, v in good.items()}, name="first")
+    with pytest.raises(LoRAError, match="already exists"):
+        load_lora({"text_encoder": model}, good, name="first")
+    save_file(good, tmp_path / "lora.safetensors")  # unnamed loads of files with the same stem get lora, lora_2
+    assert [load_lora({"text_encoder": model, "unet": None}, tmp_path / "lora.safetensors") for _ in range(2)] == [
+        "lora", "lora_2"]
+    with pytest.raises(LoRAError, match="adapter name"):
+        load_lora({"text_encoder": model}, good, name="a.b")
+
+
+# ----------------------------------------------------------------------------------- the UNet: presets and files
+def tiny_unets():
+    """Our tiny SDXL UNet and diffusers' UNet2DConditionModel with identical weights (keys are the same)."""
+    from diffusers import UNet2DConditionModel as DiffusersUNet
+
+    from minidiff.unet import UNet, UNetConfig
+
+    cfg = UNetConfig.tiny_sdxl()
+    torch.manual_seed(0)
+    ours = UNet(cfg).eval()
+    ref = DiffusersUNet.from_config(cfg.to_diffusers()).eval()
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+def unet_inputs():
+    g = torch.Generator().manual_seed(3)
+    return (torch.randn(1, 4, 16, 16, generator=g), torch.tensor([417]), torch.randn(1, 8, 96, generator=g),
+            torch.randn(1, 64, generator=g), torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]]))
+
+
+@torch.no_grad()
+def run_ours(unet):
+    return unet(*unet_inputs())
+
+
+@torch.no_grad()
+def run_diffusers(unet):
+    x, t, ctx, pooled, ids = unet_inputs()
+    return unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+
+
+PEFT_TARGETS = {"attn": ["to_q", "to_k", "to_v", "to_out.0"],
+                "attn-ff": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]}
+
+
+@pytest.mark.parametrize("preset", ["attn", "attn-ff"])
+def test_presets_on_tiny_sdxl_match_peft(preset):
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
+
+    ours, ref = tiny_unets()
+    names = inject_lora(ours, preset, rank=4)
+    ref.add_adapter(LoraConfig(r=4, target_modules=PEFT_TARGETS[preset]))
+    theirs = [n for n, m in ref.named_modules() if isinstance(m, LoraLayer)]
+    assert sorted(names) == sorted(theirs)
+    assert sum(p.numel() for p in lora_parameters(ours)) == sum(p.numel() for n, p in ref.named_parameters() if "lora_" in n)
+    c = ours.config  # by hand: transformer blocks = down levels x L + up levels x (L + 1) + mid, 8 (or 10 + 2 proj) Linears
+    L, blocks = c.layers_per_block, sum(d * (2 * c.layers_per_block + 1) for d in c.transformer_depth) + c.mid_transformer_depth
+    wrappers = sum(2 * L + 1 for d in c.transformer_depth if d) + 1
+    assert len(names) == (8 * blocks if preset == "attn" else 10 * blocks + 2 * wrappers)
+
+
+def test_all_linear_and_conv_presets_on_tiny_sdxl():
+    from diffusers.models.resnet import ResnetBlock2D
+
+    ours, ref = tiny_unets()
+    linears = [n for n, m in ref.named_modules() if isinstance(m, nn.Linear)]
+    assert sorted(inject_lora(ours, "all-linear", rank=2)) == sorted(linears)
+    ours, ref = tiny_unets()
+    convs = [f"{n}.{c}" for n, m in ref.named_modules() if isinstance(m, ResnetBlock2D)
+             for c in ("conv1", "conv2", "conv_shortcut") if getattr(m, c, None) is not None]
+    convs += [n for n, m in ref.named_modules() if n.endswith(("downsamplers.0.conv", "upsamplers.0.conv"))]
+    names = inject_lora(ours, "conv", rank=2)
+    assert sorted(names) == sorted(convs) and all(isinstance(ours.get_submodule(n), LoRAConv2d) for n in names)
+
+
+def test_full_sdxl_on_meta_attn_is_560_modules_and_5806080_params():
+    from minidiff.unet import UNet, UNetConfig
+
+    with torch.device("meta"):  # shapes only, no memory
+        unet = UNet(UNetConfig.sdxl())
+    names = inject_lora(unet, "attn", rank=4)
+    assert len(names) == 560
+    assert sum(p.numel() for p in lora_parameters(unet)) == 5_806_080  # trainers.md 3.6: 14 C r + 4096 r per block
+    assert len(inject_lora(unet, "attn-ff", rank=4, name="kohya")) == 722  # trainers.md 2.2
+    inject_lora(unet, ["resnets.0.conv1"], rank=2, name="conv")
+    # kohya's own names and shapes, as listed in trainers.md 3.2 (what sd-scripts writes for SDXL)
+    sd = lora_state_dict(unet, "kohya", name="kohya")
+    assert len(sd) == 3 * 722
+    for key, shape in [("input_blocks_4_1_proj_in.lora_down.weight", (4, 640)),
+                       ("input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight", (640, 4)),
+                       ("input_blocks_7_1_transformer_blocks_9_attn2_to_k.lora_down.weight", (4, 2048)),
+                       ("middle_block_1_transformer_blocks_0_ff_net_0_proj.lora_up.weight", (10240, 4)),
+                       ("output_blocks_0_1_transformer_blocks_9_attn1_to_out_0.lora_up.weight", (1280, 4)),
+                       ("output_blocks_5_1_proj_out.alpha", ())]:
+        assert sd["lora_unet_" + key].shape == shape, key
+    assert lora_state_dict(unet, "kohya", name="conv")["lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight"].shape == (2, 320, 3, 3)
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers", "peft"])
+def test_unet_lora_we_save_loads_in_diffusers_pipeline(tmp_path, fmt):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    ours, ref = tiny_unets()
+    base = run_ours(ours)
+    inject_lora(ours, "attn-ff", rank=4, alpha=2)  # alpha != r: kohya stores it, the others fold it into B
+    randomize_lora(ours)
+    want = run_ours(ours)
+    assert (want - base).abs().max() > 1e-2
+    path = save_lora(ours, tmp_path / f"lora_{fmt}.safetensors", format=fmt, metadata={"ss_output_name": "hero"})
+    pipe = StableDiffusionXLPipeline(vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                     tokenizer_2=None, unet=ref, scheduler=EulerDiscreteScheduler())
+    pipe.load_lora_weights(str(path))
+    torch.testing.assert_close(run_diffusers(ref), want, rtol=1e-5, atol=1e-5)
+    meta = read_lora(path)[2]
+    assert meta["minidiff.format"] == fmt and meta["ss_output_name"] == "hero"
+    if fmt == "kohya":
+        assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "4"
+        assert meta["ss_network_alpha"] == "2" and meta["ss_base_model_version"] == "sdxl_base_v1-0"
+        keys = load_file(path)
+        assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+        assert "lora_unet_output_blocks_0_1_proj_out.alpha" in keys and "lora_unet_middle_block_1_proj_in.alpha" in keys
+        assert not any("down_blocks" in k for k in keys)
+
+
+@pytest.mark.parametrize("alpha, style", [(4, "diffusers"), (8, "peft-metadata"), (4, "kohya-diffusers-names")])
+def test_unet_lora_made_by_peft_loads_here(tmp_path, alpha, style):
+    """A LoRA trained the diffusers way: LoraConfig on diffusers' UNet, saved by save_lora_weights (as
+    train_dreambooth_lora_sdxl.py does), or with peft keys + LoraConfig metadata, or converted to kohya names by
+    diffusers' convert_state_dict_to_kohya (diffusers-flavoured kohya, trainers.md 3.3)."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    ours, ref = tiny_unets()
+    ref.add_adapter(LoraConfig(r=4, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=PEFT_TARGETS["attn"]))
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    want = run_diffusers(ref)
+    sd = get_peft_model_state_dict(ref)
+    file = tmp_path / "pytorch_lora_weights.safetensors"
+    if style == "diffusers":
+        StableDiffusionXLPipeline.save_lora_weights(tmp_path, unet_lora_layers=convert_state_dict_to_diffusers(sd))
+    elif style == "peft-metadata":
+        StableDiffusionXLPipeline.save_lora_weights(tmp_path, unet_lora_layers=sd,
+                                                    unet_lora_adapter_metadata=ref.peft_config["default_0"].to_dict()
+                                                    if "default_0" in ref.peft_config else ref.peft_config["default"].to_dict())
+    else:
+        save_file(convert_state_dict_to_kohya({f"unet.{k}": v for k, v in sd.items()}), file)
+    assert load_lora(ours, file) == "pytorch_lora_weights"
+    torch.testing.assert_close(run_ours(ours), want, rtol=1e-5, atol=1e-5)
+    assert len(lora_layers(ours)) == 88
+
+
+def test_kohya_and_diffusers_naming_round_trip_exactly(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    ours, ref = tiny_unets()
+    inject_lora(ours, "attn-ff-conv", rank=3, alpha=1.5)
+    randomize_lora(ours)
+    kohya = save_lora(ours, tmp_path / "k.safetensors", format="kohya")
+    # diffusers' own kohya -> diffusers conversion gives exactly our diffusers names and tensors
+    raw, alphas = StableDiffusionXLPipeline.lora_state_dict(str(kohya), unet_config=ref.config)
+    assert set(alphas.values()) == {1.5}
+    old_style = lambda k: re.sub(r"\.processor\.(to_[qkv]|to_out)_lora\.", lambda m: "." + m[1] + (".0" if m[1] == "to_out" else "") + ".lora.", k)  # noqa: E731
+    theirs = {old_style(k): v for k, v in raw.items()}  # diffusers writes attention LoRA in its old processor names
+    alphas = {re.sub(r"(\.lora\.down\.weight)?\.alpha$", "", old_style(k)): v for k, v in alphas.items()}
+    mine = lora_state_dict(ours, "diffusers")
+    assert sorted(theirs) == sorted(mine)
+    for k, v in mine.items():
+        if ".lora.down." in k:
+            assert torch.equal(theirs[k], v)
+        else:  # ours folds alpha / r into up; diffusers keeps alpha aside
+            alpha = alphas[k.removesuffix(".lora.up.weight")]
+            torch.testing.assert_close(theirs[k] * alpha / 3, v, rtol=1e-6, atol=0)
+    # and back: kohya -> load -> diffusers file -> load -> kohya state dict, exactly the first file's names
+    a, _ = tiny_unets()
+    load_lora(a, kohya, name="k")
+    save_lora(a, tmp_path / "d.safetensors", format="diffusers")
+    b, _ = tiny_unets()
+    load_lora(b, tmp_path / "d.safetensors", name="d")
+    first, again = load_file(kohya), lora_state_dict(b, "kohya")
+    assert sorted(first) == sorted(again)
+    for k in first:
+        if k.endswith(".alpha"):
+            assert first[k].item() == 1.5 and again[k].item() == 3.0  # alpha = r after the diffusers file
+        elif k.endswith("lora_down.weight"):
+            assert torch.equal(first[k], again[k])
+        else:
+            torch.testing.assert_close(again[k], first[k] * 0.5, rtol=1e-6, atol=0)
+    torch.testing.assert_close(run_ours(b), run_ours(ours), rtol=1e-5, atol=1e-5)
+    # diffusers' old attention-processor names (attn1.processor.to_q_lora.down.weight, alpha = r) load too
+    c, _ = tiny_unets()
+    load_lora(c, {k: v * 0.5 if ".up." in k else v for k, v in raw.items()}, name="old")
+    torch.testing.assert_close(run_ours(c), run_ours(ours), rtol=1e-5, atol=1e-5)
+    # ComfyUI's generic names: diffusion_model.<ldm path with dots>.lora_A/B.weight (ldm paths from checkpoint.py)
+    from minidiff.checkpoint import diffusers_to_ldm_unet_key
+
+    generic = {}
+    for path, layer in lora_layers(ours).items():
+        ldm = diffusers_to_ldm_unet_key(path + ".weight", ours.config).removesuffix(".weight")
+        generic[f"diffusion_model.{ldm}.lora_A.weight"] = layer.lora_A["default"].detach()
+        generic[f"diffusion_model.{ldm}.lora_B.weight"] = layer.lora_B["default"].detach() * 0.5
+    d, _ = tiny_unets()
+    load_lora(d, generic)
+    torch.testing.assert_close(run_ours(d), run_ours(ours), rtol=1e-5, atol=1e-5)

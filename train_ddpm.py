@@ -1,0 +1,338 @@
+#!/usr/bin/env python
+"""Train a pixel-space DDPM (Ho et al. 2020) on a handful of drawings (default: the six bundled female_adventurer poses).
+
+    python train_ddpm.py                             # 32 px, CPU, a few minutes: recognisable (memorised) characters
+    python train_ddpm.py --sampler ddpm --sample-steps 1000     # ancestral sampling as in the paper
+    python train_ddpm.py --size 64 --steps 20000 --device cuda  # 64 px (256 px works too, on a GPU)
+    python train_ddpm.py --recipe seed               # the seed project's "diffusion": why it made colour blobs
+    python train_ddpm.py --resume latest             # continue runs/train_ddpm from its newest checkpoint
+
+The DDPM recipe (`--recipe ho`): T = 1000, linear betas 1e-4..0.02 (`--schedule cosine` for iDDPM's), the network
+predicts the noise eps of x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps and is trained with
+L_simple = E_{t, x_0, eps} ||eps - eps_theta(x_t, t)||^2 (Ho et al. eq. 14), Adam, grad-norm clip 1, an EMA of the
+weights, random x-flips. The UNet is minidiff/unet.py's (the SDXL family) without text: `UNetConfig.pixel`. Samples
+come from the EMA weights with DDIM (default, 50 steps) or ancestral DDPM, predicted x_0 clipped to [-1, 1].
+
+`--recipe seed` is the seed's notebook (baselines.md §1, Seachaos' "diffusion from scratch"): 5 deterministic steps
+of a linear blend x_a = (1 - a) x_0 + a n (not variance preserving), a small conv net fed the raw integer step that
+predicts the next, less noisy blend directly, MAE loss, Adam 8e-4, 400 steps at batch 2. Sampling applies the net
+5 times to Gaussian noise, without fresh noise. Every sample is the average the MAE loss pulls it to: colour blobs.
+
+Writes to --out: grid.png (5x5 samples; PNG metadata holds settings and seed), loss.csv + loss.png,
+checkpoints/step-XXXXXX.safetensors every --save-every steps and at the end (model, EMA, optimizer, RNG: `--resume`
+continues bit for bit), samples/step-XXXXXX.png every --sample-every steps, and metrics.json
+(minidiff.metrics.evaluate of the 25 samples against the training images, plus timings).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DEFAULTS = {  # per recipe; every one can be overridden on the command line
+    "ho": dict(size=32, steps=1500, batch_size=8, lr=1e-3, ema_decay=0.999, schedule="linear", sampler="ddim",
+               save_every=500, sample_every=0),
+    "seed": dict(size=32, steps=400, batch_size=2, lr=8e-4, ema_decay=0.0, schedule="linear", sampler="ddim",
+                 save_every=200, sample_every=0),
+}
+WIDTHS = {32: (32, 64, 64), 64: (32, 64, 128, 128), 128: (32, 64, 128, 128, 256),  # UNet block_out_channels
+          256: (64, 64, 128, 128, 256, 256)}  # Ho et al.'s 256 px net is (128, 128, 256, 256, 512, 512)
+SEED_STEPS = 5  # the seed notebook's `timesteps`
+N_SAMPLES = 25  # grid.png is 5 x 5
+SAMPLE_SEED_OFFSET = 1  # sampling noise comes from torch.Generator().manual_seed(seed + 1), apart from training's RNG
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, like every other user error
+        print(f"error: {message} (see python train_ddpm.py --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser():
+    p = Parser(description="Train a pixel-space DDPM on a few images (Ho et al. 2020), or the seed's failed recipe.")
+    p.add_argument("--recipe", choices=tuple(DEFAULTS), default="ho",
+                   help="ho: DDPM done right (default); seed: the seed project's 5-step linear-blend model")
+    p.add_argument("--data", default=None, help="image folder (default: the six bundled female_adventurer drawings)")
+    p.add_argument("--fit", choices=("pad", "crop"), default="pad", help="square images by padding (white) or crop")
+    p.add_argument("--size", type=int, choices=tuple(WIDTHS), default=None, help="image side (default 32)")
+    p.add_argument("--schedule", choices=("linear", "cosine"), default=None, help="betas (default linear)")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="ddim (eta 0, default) or ddpm")
+    p.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: ddim 50, ddpm 1000)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: ho 1500, seed 400)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step (default: ho 8, seed 2)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: ho 1e-3, seed 8e-4)")
+    p.add_argument("--ema-decay", type=float, default=None, help="EMA decay (default 0.999; 0 = sample the raw net)")
+    p.add_argument("--dropout", type=float, default=0.0, help="ResBlock dropout (Ho et al. used 0.1 on CIFAR-10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: all cores, or 1 when the machine is already busy)")
+    p.add_argument("--out", default="runs/train_ddpm")
+    p.add_argument("--resume", default=None, help="a checkpoint file, an output folder, or 'latest' (in --out)")
+    p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--sample-every", type=int, default=None, help="samples/step-N.png every N steps (0: only grid.png)")
+    return p
+
+
+def resolve_args(args):
+    """Fill the recipe defaults and check the numbers: MinidiffError (one line) on bad input."""
+    from minidiff.errors import MinidiffError
+
+    for key, value in DEFAULTS[args.recipe].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.sample_steps is None:
+        args.sample_steps = SEED_STEPS if args.recipe == "seed" else 50 if args.sampler == "ddim" else 1000
+    for flag in ("steps", "batch_size", "sample_steps"):
+        if getattr(args, flag) <= 0:
+            raise MinidiffError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    for flag in ("save_every", "sample_every"):
+        if getattr(args, flag) < 0:
+            raise MinidiffError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if not args.lr > 0:
+        raise MinidiffError(f"--lr must be positive, got {args.lr}")
+    if not 0 <= args.ema_decay < 1:
+        raise MinidiffError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if not 0 <= args.dropout < 1:
+        raise MinidiffError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.sample_steps > 1000:
+        raise MinidiffError(f"--sample-steps must be at most T = 1000, got {args.sample_steps}")
+    if args.recipe == "seed" and args.sample_steps != SEED_STEPS:
+        raise MinidiffError(f"--recipe seed always samples in its {SEED_STEPS} training steps (drop --sample-steps)")
+    if args.data is not None and not Path(args.data).is_dir():
+        raise MinidiffError(f"--data {args.data}: no such folder (expected a folder of .png/.jpg images)")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.threads is None:  # oversubscribed cores make every multi-threaded op wait on the slowest thread
+        cores = os.cpu_count() or 1
+        args.threads = 1 if hasattr(os, "getloadavg") and os.getloadavg()[0] > cores - 0.5 else cores
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- DDPM (Ho et al.)
+def ddpm_loss(model, schedule, x0, cond=None):
+    """L_simple (Ho et al. eq. 14): t ~ U{0..T-1}, eps ~ N(0, I), x_t = q_sample(x_0, t, eps),
+    loss = mean ||eps - model(x_t, t, **cond)||^2. `cond` (e.g. context/text_embeds/time_ids for a text-conditioned
+    UNet) is passed through unchanged. Randomness: torch's global RNG (saved in checkpoints)."""
+    t = torch.randint(0, schedule.T, (x0.shape[0],)).to(x0.device)
+    eps = torch.randn(x0.shape).to(x0.device)
+    x_t = schedule.q_sample(x0, t, eps)
+    return F.mse_loss(model(x_t, t, **(cond or {})), eps)
+
+
+def train_step(model, optimizer, ema, loss_fn, clip=1.0):
+    """One optimizer step on `loss_fn()` with grad-norm clipping, then the EMA update. Returns the loss (float)."""
+    loss = loss_fn()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    if ema is not None:
+        ema.update(model)
+    return loss.detach()
+
+
+# ---------------------------------------------------------------------------------------------- the seed's recipe
+class SeedNet(nn.Module):
+    """The seed notebook's network (Seachaos' Keras model, baselines.md §1), ported layer for layer.
+
+    Step input: the raw integer t -> Dense(192) -> LayerNorm -> ReLU. block(x): relu(conv_a(x)) * relu(dense(t))
+    + conv_b(x), LayerNorm over channels, ReLU (128 channels). Down: 3 x (block, maxpool) + block; an MLP
+    bottleneck [flatten | t] -> Dense(128) -> Dense((S/8)^2 * 32); up: 3 x (concat skip, block, upsample), concat,
+    block, 1x1 conv to RGB. It outputs the next, less noisy image itself (no noise prediction).
+    """
+
+    def __init__(self, size=32, width=128, t_dim=192):
+        super().__init__()
+        self.side = size // 8
+        self.t_in = nn.Linear(1, t_dim)
+        self.t_norm = nn.LayerNorm(t_dim)
+        ins = [3, width, width, width, 32 + width, 2 * width, 2 * width, 2 * width]
+        self.conv_a = nn.ModuleList(nn.Conv2d(c, width, 3, padding=1) for c in ins)
+        self.conv_b = nn.ModuleList(nn.Conv2d(c, width, 3, padding=1) for c in ins)
+        self.dense = nn.ModuleList(nn.Linear(t_dim, width) for _ in ins)
+        self.norm = nn.ModuleList(nn.LayerNorm(width) for _ in ins)
+        self.mlp1, self.mlp_norm1 = nn.Linear(self.side**2 * width + t_dim, 128), nn.LayerNorm(128)
+        self.mlp2, self.mlp_norm2 = nn.Linear(128, self.side**2 * 32), nn.LayerNorm(self.side**2 * 32)
+        self.out = nn.Conv2d(width, 3, 1)
+
+    def block(self, i, x, ts):
+        h = F.relu(self.conv_a[i](x)) * F.relu(self.dense[i](ts))[:, :, None, None] + self.conv_b[i](x)
+        return F.relu(self.norm[i](h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))  # Keras LayerNorm: channel axis
+
+    def forward(self, x, t):
+        ts = F.relu(self.t_norm(self.t_in(t.float().reshape(-1, 1).expand(x.shape[0], 1))))
+        skips = []
+        for i in range(3):
+            x = self.block(i, x, ts)
+            skips.append(x)
+            x = F.max_pool2d(x, 2)
+        x = self.block(3, x, ts)
+        skips.append(x)
+        h = F.relu(self.mlp_norm1(self.mlp1(torch.cat([x.flatten(1), ts], 1))))
+        x = F.relu(self.mlp_norm2(self.mlp2(h))).reshape(-1, 32, self.side, self.side)
+        for i in range(4, 8):
+            x = self.block(i, torch.cat([x, skips.pop()], 1), ts)
+            if i < 7:
+                x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.out(x)
+
+
+def seed_blend(x0, noise, t, steps=SEED_STEPS):
+    """The seed's forward process: a = 1 - t/steps, x_a = (1 - a) x_0 + a noise (t = 0 is pure noise).
+    Not variance preserving: halfway, x is 0.5 x_0 + 0.5 noise, with std ~0.7 instead of 1."""
+    a = (1 - t.float() / steps).reshape(-1, 1, 1, 1).to(x0.device)
+    return (1 - a) * x0 + a * noise
+
+
+def seed_loss(model, x0):
+    """MAE between the net's output on blend t and the blend t + 1 made with the SAME noise."""
+    t = torch.randint(0, SEED_STEPS, (x0.shape[0],)).to(x0.device)
+    noise = torch.randn(x0.shape).to(x0.device)
+    return (model(seed_blend(x0, noise, t), t) - seed_blend(x0, noise, t + 1)).abs().mean()
+
+
+@torch.no_grad()
+def seed_sample(model, noise):
+    """x <- model(x, t) for t = 0 .. 4, from Gaussian noise, deterministically."""
+    x = noise
+    for t in range(SEED_STEPS):
+        x = model(x, torch.tensor(t, device=x.device))
+    return x
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def build_model(args):
+    from minidiff.unet import UNet, UNetConfig
+
+    if args.recipe == "seed":
+        return SeedNet(args.size), None
+    widths = WIDTHS[args.size]
+    config = UNetConfig.pixel(image_size=args.size, block_out_channels=widths, layers_per_block=1,
+                              attention_resolutions=(16,), head_dim=32, dropout=args.dropout,
+                              norm_num_groups=min(32, widths[0] // 4))
+    return UNet(config), config
+
+
+@torch.no_grad()
+def generate(model, schedule, args, n=N_SAMPLES, progress=True):
+    """n samples in [-1, 1] from the given model; the noise comes from seed + 1, never from the training RNG."""
+    from minidiff.samplers import sample
+
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(args.seed + SAMPLE_SEED_OFFSET)
+    noise = torch.randn(n, 3, args.size, args.size, generator=g).to(device)
+    model.eval()
+    if args.recipe == "seed":
+        return seed_sample(model, noise).clamp(-1, 1).cpu()
+    x = sample(model, schedule, noise, steps=args.sample_steps, sampler=args.sampler, spacing="trailing",
+               generator=g, progress=progress, clip_x0=1.0)
+    return x.clamp(-1, 1).cpu()
+
+
+def atomic_write_json(obj, path):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def run(args):
+    from tqdm import tqdm
+
+    from minidiff import data, metrics, training
+    from minidiff.errors import TrainingError
+    from minidiff.images import make_grid, save_png
+    from minidiff.schedule import Schedule
+
+    out = Path(args.out)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        training.check_gpu(device)
+    else:
+        torch.set_num_threads(args.threads)
+    training.seed_all(args.seed)
+    dataset = data.ImageFolder(args.data if args.data is not None else data.instance_images(), args.size,
+                               fit=args.fit, flip=args.recipe == "ho")
+    schedule = Schedule.from_name(args.schedule)
+    model, config = build_model(args)
+    model = model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    ema = training.EMA(model, args.ema_decay) if args.ema_decay > 0 else None
+    modules = {"model": model, **({"ema": ema} if ema else {})}
+    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "threads")}
+    settings |= {"n_images": len(dataset.images), "unet": config.__dict__ if config else "SeedNet",
+                 "params": sum(p.numel() for p in model.parameters())}
+    step = 0
+    if args.resume:
+        step, extra = training.load_checkpoint(args.resume, modules, {"adam": optimizer}, out_dir=out)
+        if extra.get("settings", {}).get("unet") != json.loads(json.dumps(settings["unet"], default=str)):
+            raise TrainingError("the checkpoint holds another model (resume with the same --recipe and --size)")
+    log = training.LossLog(out, resume_step=step if args.resume else None)
+    sampler_model = ema.module if ema else model
+
+    def loss_fn():
+        idx = torch.randint(0, len(dataset), (args.batch_size,))
+        x0 = torch.stack([dataset[int(i)]["pixels"] for i in idx]).to(device)
+        model.train()
+        return seed_loss(model, x0) if args.recipe == "seed" else ddpm_loss(model, schedule, x0)
+
+    def write_grid(path, at_step, x):
+        save_png(make_grid(x, nrow=5), path, {"step": at_step, "seed": args.seed, "recipe": args.recipe,
+                                              "weights": "EMA" if ema else "raw", "settings": settings})
+
+    t0 = time.time()
+    bar = tqdm(range(step + 1, args.steps + 1), initial=step, total=args.steps, desc=f"ddpm {args.recipe}",
+               dynamic_ncols=True)
+    for step in bar:
+        if ema is not None:  # warm-up: p_ema follows the net closely at first, then averages ~1/(1 - decay) steps
+            ema.decay = min(args.ema_decay, (1 + step) / (10 + step))
+        loss = train_step(model, optimizer, ema, loss_fn)
+        training.check_finite(loss, step, hint="lower --lr")
+        log.log(step, loss=loss)
+        if step % 10 == 0 or step == args.steps:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if args.sample_every and step % args.sample_every == 0:
+            write_grid(out / "samples" / f"step-{step:06d}.png", step, generate(sampler_model, schedule, args,
+                                                                               progress=False))
+        if (args.save_every and step % args.save_every == 0) or step == args.steps:
+            training.save_checkpoint(out, step, modules, {"adam": optimizer}, extra={"settings": settings})
+    bar.close()
+    train_seconds = time.time() - t0
+
+    log.plot(title=f"DDPM ({args.recipe}): training loss")
+    t0 = time.time()
+    samples = generate(sampler_model, schedule, args)
+    sample_seconds = time.time() - t0
+    write_grid(out / "grid.png", args.steps, samples)
+    result = metrics.evaluate(samples, dataset.tensors())
+    result.update(recipe=args.recipe, steps=args.steps, size=args.size, seed=args.seed, sampler=args.sampler,
+                  sample_steps=args.sample_steps, train_seconds=train_seconds, sample_seconds=sample_seconds)
+    atomic_write_json(result, out / "metrics.json")
+    print(f"ddpm {args.recipe}: {args.steps} steps in {train_seconds:.0f}s, {N_SAMPLES} samples in "
+          f"{sample_seconds:.0f}s -> {out}/grid.png; palette_distance {result['palette_distance']:.2f}, identity "
+          f"{result['identity']:.2f}, nn_distance {result['nn_distance']:.3f}, diversity {result['diversity']:.3f}")
+    return result
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args = build_parser().parse_args(argv)
+    from minidiff.errors import MinidiffError
+
+    try:
+        run(resolve_args(args))
+    except MinidiffError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+#!/usr/bin/env python
+"""Train the GAN baseline on a handful of drawings (default: the six bundled female_adventurer poses).
+
+    python train_gan.py                              # data-efficient recipe, CPU, a few minutes
+    python train_gan.py --recipe dcgan               # the seed project's DCGAN: D wins, G makes noise
+    python train_gan.py --data drawings/ --size 64 --steps 20000 --r1 auto --device cuda
+    python train_gan.py --resume latest              # continue runs/train_gan from its newest checkpoint
+
+Writes to --out: loss.csv + loss.png (D(x), D(G(z)) as mean sigmoid and raw scores, both losses), an 8x8 sample
+grid grid-XXXXXX.png every --sample-every steps and grid.png at the end (from the EMA generator; PNG metadata holds
+the settings and seed), checkpoints/step-XXXXXX.safetensors every --save-every steps and at the end (G, D, EMA,
+both optimizers, RNG: `--resume` continues bit for bit), and metrics.json (minidiff.metrics.evaluate of 64 samples
+against the training images). The networks, DiffAugment, losses and one training step live in minidiff/gan.py.
+
+Default recipe settings (chosen so both recipes finish in a few minutes on 2 CPU cores; see docs):
+    dcgan            64 px, batch = all images (the seed: batch 128 of 6 files), 600 steps
+    data-efficient   32 px, batch 16, 1500 steps
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+DEFAULTS = {  # per recipe; every one can be overridden on the command line
+    "dcgan": dict(size=64, steps=600, batch_size=128, width=64, save_every=300, sample_every=200),
+    "data-efficient": dict(size=32, steps=1500, batch_size=16, width=64, save_every=500, sample_every=500),
+}
+GRID_SEED_OFFSET = 1  # the fixed latents of every grid come from torch.Generator().manual_seed(seed + 1)
+N_GRID = 64
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, like every other user error
+        print(f"error: {message} (see python train_gan.py --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser():
+    p = Parser(description="Train a DCGAN-sized GAN on a few images: the seed's recipe or the data-efficient one.")
+    p.add_argument("--recipe", choices=("dcgan", "data-efficient"), default="data-efficient",
+                   help="dcgan: the seed's (BN, sigmoid+BCE, no augmentation); data-efficient: DiffAugment + "
+                        "spectral norm + hinge + EMA (default)")
+    p.add_argument("--data", default=None, help="image folder (default: the six bundled female_adventurer drawings)")
+    p.add_argument("--fit", choices=("pad", "crop"), default="pad", help="square images by padding (white) or crop")
+    p.add_argument("--size", type=int, default=None, help="image side, a power of two >= 16 (dcgan 64, else 32)")
+    p.add_argument("--steps", type=int, default=None, help="D+G steps (dcgan 600, data-efficient 1500)")
+    p.add_argument("--batch-size", type=int, default=None, help="dcgan 128 capped at the number of images, else 16")
+    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of G and D")
+    p.add_argument("--width", type=int, default=None, help="G's last / D's first conv width (64: 512-256-128-64)")
+    p.add_argument("--r1", default="0", help="R1 gamma (lazy, every 16 D steps); 'auto' = 0.0002*size^2/batch; 0 off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--out", default="runs/train_gan")
+    p.add_argument("--resume", default=None, help="a checkpoint file, an output folder, or 'latest' (in --out)")
+    p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--sample-every", type=int, default=None, help="grid-XXXXXX.png every N steps (0: only grid.png)")
+    return p
+
+
+def resolve_args(args):
+    """Fill the recipe defaults and check the numbers: MinidiffError (one line) on bad input."""
+    from minidiff.errors import MinidiffError
+
+    for key, value in DEFAULTS[args.recipe].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for flag in ("steps", "batch_size", "width"):
+        if getattr(args, flag) <= 0:
+            raise MinidiffError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    for flag in ("save_every", "sample_every"):
+        if getattr(args, flag) < 0:
+            raise MinidiffError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if not args.lr > 0:
+        raise MinidiffError(f"--lr must be positive, got {args.lr}")
+    if args.size < 16 or args.size & (args.size - 1):
+        raise MinidiffError(f"--size must be a power of two >= 16 (16, 32, 64, 128 ...), got {args.size}")
+    if args.r1 == "auto":
+        args.r1 = 0.0002 * args.size**2 / args.batch_size  # StyleGAN2-ADA's heuristic
+    else:
+        try:
+            args.r1 = float(args.r1)
+        except ValueError:
+            raise MinidiffError(f"--r1 must be a number >= 0 or 'auto', got {args.r1!r}") from None
+        if not args.r1 >= 0:
+            raise MinidiffError(f"--r1 must be a number >= 0 or 'auto', got {args.r1}")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+def load_training_images(args):
+    """[N, 3, S, S] in [-1, 1]: --data, or the bundled six drawings."""
+    from minidiff import data
+
+    source = args.data if args.data is not None else data.instance_images()
+    return data.ImageFolder(source, args.size, fit=args.fit).tensors()
+
+
+def batch_indices(n, batch_size):
+    """One batch: random permutations of the n images, concatenated and cut to batch_size (torch's global RNG).
+    batch_size = n (the dcgan recipe) gives every image exactly once per step, as the seed's one batch per epoch."""
+    perms = torch.cat([torch.randperm(n) for _ in range(-(-batch_size // n))])
+    return perms[:batch_size]
+
+
+def atomic_write_json(obj, path):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def run(args):
+    from tqdm import tqdm
+
+    from minidiff import gan, metrics, training
+    from minidiff.errors import TrainingError
+    from minidiff.images import make_grid, save_png
+
+    out = Path(args.out)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        training.check_gpu(device)
+    training.seed_all(args.seed)
+    reals = load_training_images(args).to(device)
+    n = reals.shape[0]
+    batch_size = min(args.batch_size, n) if args.recipe == "dcgan" else args.batch_size  # Keras: batch <= dataset
+    cfg = gan.GANConfig.from_recipe(args.recipe, size=args.size, lr=args.lr, g_width=args.width, d_width=args.width,
+                                    r1_gamma=args.r1)
+    G, D = (m.to(device) for m in gan.build(cfg))
+    opt_g = torch.optim.Adam(G.parameters(), cfg.lr, betas=cfg.betas)
+    opt_d = torch.optim.Adam(D.parameters(), cfg.lr, betas=cfg.betas)
+    ema = training.EMA(G, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    modules = {"G": G, "D": D, **({"G_ema": ema} if ema else {})}
+    optimizers = {"G": opt_g, "D": opt_d}
+    settings = {k: v for k, v in vars(args).items() if k not in ("resume",)} | {"batch_size": batch_size,
+                                                                                "config": asdict(cfg), "n_images": n}
+    step = 0
+    if args.resume:
+        step, extra = training.load_checkpoint(args.resume, modules, optimizers, out_dir=out)
+        if extra.get("config") != json.loads(json.dumps(asdict(cfg))):
+            raise TrainingError(f"checkpoint was trained with other settings ({extra.get('config')}); resume with "
+                                "the same --recipe, --size, --width, --lr and --r1")
+    log = training.LossLog(out, resume_step=step if args.resume else None)
+    z_grid = torch.randn(N_GRID, cfg.latent, generator=torch.Generator().manual_seed(args.seed + GRID_SEED_OFFSET))
+    z_grid = z_grid.to(device)
+    sampler = ema.module if ema else G
+
+    def write_grid(path, at_step):
+        x = gan.sample(sampler, z_grid)
+        save_png(make_grid(x, nrow=8), path, {"step": at_step, "seed": args.seed, "recipe": args.recipe,
+                                              "generator": "EMA" if ema else "G", "settings": settings})
+
+    def checkpoint(at_step):
+        training.save_checkpoint(out, at_step, modules, optimizers, extra={"config": asdict(cfg), "args": settings})
+
+    t0 = time.time()
+    bar = tqdm(range(step + 1, args.steps + 1), initial=step, total=args.steps, desc=f"gan {args.recipe}",
+               dynamic_ncols=True)
+    for step in bar:
+        if ema is not None:  # warm-up: p_ema follows G closely at first, then averages ~1/(1 - decay) steps
+            ema.decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        logs = gan.train_step(G, D, opt_g, opt_d, reals[batch_indices(n, batch_size).to(device)], cfg, step, ema)
+        training.check_finite(logs["loss_d"] + logs["loss_g"], step, hint="lower --lr, or try --r1 auto")
+        log.log(step, **logs)
+        if step % 10 == 0 or step == args.steps:
+            bar.set_postfix({"D(x)": f"{logs['d_x']:.3f}", "D(G(z))": f"{logs['d_g_z']:.3f}",
+                             "L_D": f"{logs['loss_d']:.3f}", "L_G": f"{logs['loss_g']:.3f}"})
+        if args.sample_every and step % args.sample_every == 0:
+            write_grid(out / f"grid-{step:06d}.png", step)
+        if (args.save_every and step % args.save_every == 0) or step == args.steps:
+            checkpoint(step)
+    bar.close()
+    train_seconds = time.time() - t0
+
+    log.plot(title=f"GAN ({args.recipe}): losses, D(x) and D(G(z))")
+    write_grid(out / "grid.png", args.steps)
+    samples = gan.sample(sampler, z_grid).float().cpu()
+    result = metrics.evaluate(samples, reals.float().cpu())
+    result.update(recipe=args.recipe, steps=args.steps, size=args.size, seed=args.seed, train_seconds=train_seconds,
+                  generator="EMA" if ema else "G")
+    atomic_write_json(result, out / "metrics.json")
+    print(f"{args.recipe}: {args.steps} steps in {train_seconds:.0f}s -> {out}/grid.png; palette_distance "
+          f"{result['palette_distance']:.2f}, identity {result['identity']:.2f}, nn_distance "
+          f"{result['nn_distance']:.3f}, diversity {result['diversity']:.3f}")
+    return result
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args = build_parser().parse_args(argv)
+    from minidiff.errors import MinidiffError
+
+    try:
+        run(resolve_args(args))
+    except MinidiffError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
