@@ -6,6 +6,8 @@
     python train_ddpm.py --size 64 --steps 20000 --device cuda  # 64 px (256 px works too, on a GPU)
     python train_ddpm.py --recipe seed               # the seed project's "diffusion": why it made colour blobs
     python train_ddpm.py --resume latest             # continue runs/train_ddpm from its newest checkpoint
+    python train_ddpm.py --preset tiny-sdxl          # text-conditioned: pretrain the bundled miniature SDXL
+                                                     # (minidiff/tiny.py; its own flags: --preset tiny-sdxl --help)
 
 The DDPM recipe (`--recipe ho`): T = 1000, linear betas 1e-4..0.02 (`--schedule cosine` for iDDPM's), the network
 predicts the noise eps of x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps and is trained with
@@ -71,8 +73,9 @@ def build_parser():
     p.add_argument("--dropout", type=float, default=0.0, help="ResBlock dropout (Ho et al. used 0.1 on CIFAR-10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: all cores, or 1 when the machine is already busy)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (default 1: the same result whatever the load; more threads are faster on an "
+                        "idle machine, change the last bits, and crawl on a shared, busy one)")
     p.add_argument("--out", default="runs/train_ddpm")
     p.add_argument("--resume", default=None, help="a checkpoint file, an output folder, or 'latest' (in --out)")
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (and at the end)")
@@ -109,9 +112,8 @@ def resolve_args(args):
         raise MinidiffError(f"--data {args.data}: no such folder (expected a folder of .png/.jpg images)")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.threads is None:  # oversubscribed cores make every multi-threaded op wait on the slowest thread
-        cores = os.cpu_count() or 1
-        args.threads = 1 if hasattr(os, "getloadavg") and os.getloadavg()[0] > cores - 0.5 else cores
+    if args.threads <= 0:
+        raise MinidiffError(f"--threads must be a positive integer, got {args.threads}")
     return args
 
 
@@ -127,7 +129,7 @@ def ddpm_loss(model, schedule, x0, cond=None):
 
 
 def train_step(model, optimizer, ema, loss_fn, clip=1.0):
-    """One optimizer step on `loss_fn()` with grad-norm clipping, then the EMA update. Returns the loss (float)."""
+    """One optimizer step on `loss_fn()` with grad-norm clipping, then the EMA update. Returns the detached loss."""
     loss = loss_fn()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -266,7 +268,7 @@ def run(args):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     ema = training.EMA(model, args.ema_decay) if args.ema_decay > 0 else None
     modules = {"model": model, **({"ema": ema} if ema else {})}
-    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "threads")}
+    settings = {k: v for k, v in vars(args).items() if k != "resume"}
     settings |= {"n_images": len(dataset.images), "unet": config.__dict__ if config else "SeedNet",
                  "params": sum(p.numel() for p in model.parameters())}
     step = 0
@@ -323,6 +325,10 @@ def run(args):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if argv[:2] == ["--preset", "tiny-sdxl"]:  # captions + two CLIPs + the SDXL UNet: the loop is minidiff/tiny.py's
+        from minidiff import tiny
+
+        return tiny.main(argv[2:])
     args = build_parser().parse_args(argv)
     from minidiff.errors import MinidiffError
 

@@ -6,7 +6,8 @@
     python train_gan.py --data drawings/ --size 64 --steps 20000 --r1 auto --device cuda
     python train_gan.py --resume latest              # continue runs/train_gan from its newest checkpoint
 
-Writes to --out: loss.csv + loss.png (D(x), D(G(z)) as mean sigmoid and raw scores, both losses), an 8x8 sample
+Writes to --out: loss.csv + loss.png (D(x), D(G(z)) as mean sigmoid and raw scores, both losses; d_outputs.png
+shows D(x) and D(G(z)) alone: the seed's failure is D(x) -> 1 with D(G(z)) -> 0), an 8x8 sample
 grid grid-XXXXXX.png every --sample-every steps and grid.png at the end (from the EMA generator; PNG metadata holds
 the settings and seed), checkpoints/step-XXXXXX.safetensors every --save-every steps and at the end (G, D, EMA,
 both optimizers, RNG: `--resume` continues bit for bit), and metrics.json (minidiff.metrics.evaluate of 64 samples
@@ -179,6 +180,8 @@ def run(args):
     train_seconds = time.time() - t0
 
     log.plot(title=f"GAN ({args.recipe}): losses, D(x) and D(G(z))")
+    log.plot(title=f"GAN ({args.recipe}): D(x) and D(G(z)), mean sigmoid", path=out / "d_outputs.png",
+             names=["d_x", "d_g_z"])
     write_grid(out / "grid.png", args.steps)
     samples = gan.sample(sampler, z_grid).float().cpu()
     result = metrics.evaluate(samples, reals.float().cpu())

@@ -402,7 +402,7 @@ def table(results) -> str:
                 ratio_t = f"{o['time_s'] / d['time_s']:.2f}x ({o['cpu_s'] / d['cpu_s']:.2f}x)"
                 ratio_m = f"{o[mem_key] / d[mem_key]:.2f}x"
                 diff = "" if results["diffs"].get(task) is None else f"{results['diffs'][task]:.2e}"
-            rows.append((task, impl, f"{r['time_s']:.3f} {unit}", f"{r['cpu_s']:.3f} s", f"{r[mem_key]:.2f} GB",
+            rows.append((task, impl, f"{r['time_s']:.3f} {unit}", f"{r['cpu_s']:.3f} s", f"{r[mem_key]:.2f} GiB",
                          ratio_t, ratio_m, diff, "; ".join(notes)))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
@@ -446,6 +446,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--json", default=None, help="where to write the results (default bench/results/<device>-<time>.json)")
+    p.add_argument("--show", default=None, help="print the table of a results JSON written earlier, run nothing")
     p.add_argument("--task", help=argparse.SUPPRESS)
     p.add_argument("--impl", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -465,6 +466,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker_out:
         return worker(args)
+    if args.show:
+        print(report(json.loads(Path(args.show).read_text())))
+        return None
     if args.device == "cuda":
         from minidiff.training import check_gpu
         check_gpu("cuda")
@@ -481,6 +485,8 @@ def main(argv=None):
     except ImportError:
         pass
     results = {"setup": setup, "runs": [], "diffs": {}}
+    path = Path(args.json) if args.json else ROOT / "bench" / "results" / (
+        f"{args.device}-{args.config}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     with tempfile.TemporaryDirectory() as tmp:
         for task in tasks:
             for impl in args.impls.split(","):
@@ -488,20 +494,28 @@ def main(argv=None):
                 r = run_worker(args, task, impl, tmp)
                 print(f"[bench]   {json.dumps(r)}", file=sys.stderr, flush=True)
                 results["runs"].append(r)
-            results["diffs"][task] = max_diff(tmp, task)
-    text = table(results)
-    print(f"{setup['machine']}; torch {setup['torch']}, diffusers {setup.get('diffusers')}, peft {setup.get('peft')}")
-    print(f"config {args.config}, latent {args.latent}x{args.latent}, batch {args.batch}, {args.precision}, "
-          f"checkpointing {args.checkpointing}, channels_last {args.channels_last}, compile {args.compile}")
-    print(text)
-    path = Path(args.json) if args.json else ROOT / "bench" / "results" / (
-        f"{args.device}-{args.config}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+                results["diffs"][task] = max_diff(tmp, task)
+                write_json(results, path)  # after every run: an interrupted benchmark keeps what it measured
+    print(report(results))
+    print(f"wrote {path}")
+    return results
+
+
+def write_json(results, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = path.with_suffix(".json.tmp")
     tmp_path.write_text(json.dumps(results, indent=1))
     os.replace(tmp_path, path)
-    print(f"wrote {path}")
-    return results
+
+
+def report(results) -> str:
+    """The header lines and the table (also: python bench/bench.py --show RESULTS.json)."""
+    s = results["setup"]
+    return "\n".join([
+        f"{s['machine']}; torch {s['torch']}, diffusers {s.get('diffusers')}, peft {s.get('peft')}",
+        f"config {s['config']}, latent {s['latent']}x{s['latent']}, batch {s['batch']}, {s['precision']}, "
+        f"checkpointing {s['checkpointing']}, channels_last {s['channels_last']}, compile {s['compile']}",
+        table(results)])
 
 
 if __name__ == "__main__":

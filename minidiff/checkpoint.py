@@ -21,9 +21,13 @@ Our modules use diffusers' names, so the folder loads by name and the single fil
     bigG q_proj, k_proj, v_proj <-> rows [0:C], [C:2C], [2C:3C] of attn.in_proj_weight / in_proj_bias
     bigG text_projection.weight <-> text_projection.T (open_clip computes x @ P, nn.Linear x @ W.T)
 
-Loading builds each module on the meta device (no memory), reads one tensor at a time from the memory-mapped
-file, casts it straight to the target dtype and device and assigns it (`load_state_dict(assign=True)`): a model
-is never held twice. Only safetensors is read; nothing is unpickled.
+The single file carries no config.json: sizes are read off the tensor shapes (head width 64, GroupNorm 32, as in
+SDXL), and no tokenizer: `tokenizers=DIR` names a folder holding tokenizer/ and tokenizer_2/.
+
+Loading builds each module on the meta device (no memory), checks every key and shape, then takes one tensor at a
+time from the memory-mapped file, casts it straight to the target dtype and device and assigns it
+(`load_state_dict(assign=True)`): a model is never held twice (a tensor already in the target dtype on the CPU
+even stays memory-mapped). Only safetensors is read; nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -523,9 +527,9 @@ def load_text(path, dtype=None, device="cpu", tokenizers=None):
                                   "(sample.py --tokenizers DIR), a folder holding tokenizer/ and tokenizer_2/ (as in "
                                   "the diffusers repo stabilityai/stable-diffusion-xl-base-1.0)")
         raise CheckpointError(f"{tok_dir} has no tokenizer/ and tokenizer_2/ folders")
-    return TextConditioner(load_tokenizer(tok_dir / "tokenizer"), load_text_encoder(path, "text_encoder", dtype, device),
-                           load_tokenizer(tok_dir / "tokenizer_2"),
-                           load_text_encoder(path, "text_encoder_2", dtype, device))
+    encoders = [load_text_encoder(path, c, dtype, device) for c in ("text_encoder", "text_encoder_2")]
+    return TextConditioner(load_tokenizer(tok_dir / "tokenizer"), encoders[0], load_tokenizer(tok_dir / "tokenizer_2"),
+                           encoders[1])
 
 
 def schedule_from_config(config: dict):

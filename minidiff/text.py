@@ -44,7 +44,8 @@ def time_ids(original_size, crop_top_left=(0, 0), target_size=None, batch=1) -> 
     target_size = original_size if target_size is None else target_size
     ids = [*original_size, *crop_top_left, *target_size]
     if len(ids) != 6:
-        raise ValueError(f"time_ids wants (h, w), (top, left), (h, w); got {original_size}, {crop_top_left}, {target_size}")
+        raise ValueError(f"time_ids wants (h, w), (top, left), (h, w); got {original_size}, {crop_top_left}, "
+                         f"{target_size}")
     return torch.tensor([float(v) for v in ids]).repeat(batch, 1)
 
 

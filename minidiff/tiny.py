@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -181,12 +182,14 @@ def text_configs(vocab_size: int):
 
 
 def unet_config():
-    """UNetConfig.tiny_sdxl in pixel space: 3 channels at 32 x 32, levels 32 -> 16 -> 8 with 32, 64, 64 channels,
-    one ResBlock per level (SDXL has 2: the CPU budget), cross-attention at 16 and 8 and in the middle."""
+    """UNetConfig.tiny_sdxl in pixel space: 3 channels at 32 x 32, levels 32 -> 16 -> 8 with 16, 32, 64 channels,
+    one ResBlock per level (SDXL: 2), cross-attention at 8 x 8 and in the middle (SDXL: none at its top level
+    either). Sized for the CPU budget: ~1 M parameters, 0.24 GFLOP per image."""
     from .unet import UNetConfig
 
-    return UNetConfig.tiny_sdxl(block_out_channels=(32, 64, 64), layers_per_block=1, transformer_depth=(0, 1, 1), head_dim=32,
-                                cross_attention_dim=96, pooled_dim=64, in_channels=3, sample_size=SIZE)
+    return UNetConfig.tiny_sdxl(block_out_channels=(16, 32, 64), layers_per_block=1, transformer_depth=(0, 0, 1),
+                                head_dim=16, cross_attention_dim=96, pooled_dim=64, in_channels=3, sample_size=SIZE,
+                                norm_num_groups=8)
 
 
 def build_pipeline(tok_dir, seed=0):
@@ -263,7 +266,7 @@ def save_snapshot(nets, pipe, out: Path, step: int, info: dict, preview=True):
 
 
 def pretrain(out_dir, steps=4000, batch_size=32, lr=1e-3, warmup=200, ema_decay=0.999, caption_dropout=0.1,
-             seed=0, device="cpu", save_every=500, progress=True) -> Path:
+             seed=0, device="cpu", save_every=500, progress=True, command=None) -> Path:
     """Train the miniature from scratch on the 65 non-target drawings (module docstring) and write it to out_dir,
     every `save_every` steps and at the end (so a run cut short still leaves a usable model)."""
     from .training import EMA, LossLog, check_finite
@@ -276,8 +279,7 @@ def pretrain(out_dir, steps=4000, batch_size=32, lr=1e-3, warmup=200, ema_decay=
     opt = torch.optim.AdamW(nets.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     x, rows = pretraining_set()
     x, alpha_bar = x.to(device), pipe.schedule.alpha_bar.float().to(device)
-    info = {"command": " ".join(["python -m minidiff.tiny"] + sys.argv[1:]) if sys.argv[0].endswith("tiny.py")
-            else None, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "ema_decay": ema_decay,
+    info = {"command": command, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "ema_decay": ema_decay,
             "caption_dropout": caption_dropout, "seed": seed, "device": str(device),
             "torch_threads": torch.get_num_threads(), "characters": list(PRETRAIN_CHARACTERS)}
     log, start = LossLog(out), time.time()
@@ -313,7 +315,9 @@ def pretrain(out_dir, steps=4000, batch_size=32, lr=1e-3, warmup=200, ema_decay=
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Pretrain the bundled miniature SDXL (minidiff/assets/tiny-sdxl).")
+    """`python train_ddpm.py --preset tiny-sdxl [flags]` (or `python -m minidiff.tiny [flags]`)."""
+    p = argparse.ArgumentParser(prog="train_ddpm.py --preset tiny-sdxl",
+                                description="Pretrain the bundled miniature SDXL (minidiff/assets/tiny-sdxl).")
     p.add_argument("--out", default=str(TINY_DIR))
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch-size", type=int, default=32)
@@ -324,14 +328,19 @@ def main(argv=None):
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: on a shared machine, more threads "
+                   "spin-wait for each other and cost 10x the CPU time per step)")
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
     try:
         pretrain(a.out, a.steps, a.batch_size, a.lr, a.warmup, a.ema_decay, a.caption_dropout, a.seed, a.device,
-                 a.save_every)
+                 a.save_every, command=shlex.join(["python", "train_ddpm.py", "--preset", "tiny-sdxl", *argv]))
     except MinidiffError as e:
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -120,7 +120,7 @@ class Encoder(nn.Module):
         h = self.conv_in(x)
         for block in self.down_blocks:
             h = block(h)
-        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(h))))
+        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(h)), inplace=True))
 
 
 class Decoder(nn.Module):
@@ -140,7 +140,7 @@ class Decoder(nn.Module):
         h = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             h = block(h)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(F.silu(self.conv_norm_out(h), inplace=True))
 
 
 # diffusers vae/config.json settings this family does not vary.

@@ -1,7 +1,6 @@
 """bench/bench.py and bench/budget.py on a tiny config: the two implementations really get identical weights and
 compute the same numbers (else the timings would compare different work), and the analytic budget reproduces the
 published SDXL counts. diffusers / peft are oracles here (bench code only)."""
-import argparse
 import json
 import sys
 from pathlib import Path

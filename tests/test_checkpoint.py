@@ -102,7 +102,8 @@ VAE_MAP += [(f"mid.block_{i + 1}.", f"mid_block.resnets.{i}.") for i in range(2)
 VAE_ATTN = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("proj_out.", "to_out.0.")]
 
 OPEN_CLIP = [("transformer.resblocks.", "text_model.encoder.layers."), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
-             (".c_fc.", ".fc1."), (".c_proj.", ".fc2."), (".attn", ".self_attn"), ("ln_final.", "text_model.final_layer_norm."),
+             (".c_fc.", ".fc1."), (".c_proj.", ".fc2."), (".attn", ".self_attn"),
+             ("ln_final.", "text_model.final_layer_norm."),
              ("token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
              ("positional_embedding", "text_model.embeddings.position_embedding.weight")]
 

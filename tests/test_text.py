@@ -36,7 +36,8 @@ def make_tokenizer_dir(path, pad_token):
     (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(MERGES) + "\n")
     special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
     (path / "special_tokens_map.json").write_text(json.dumps({**special, "pad_token": pad_token}))
-    (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}))
+    config = {"model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
     return path
 
 

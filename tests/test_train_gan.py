@@ -21,8 +21,8 @@ def _run(out, *extra):
 def test_tiny_run_writes_every_file(tmp_path):
     out = tmp_path / "run"
     assert _run(out, "--steps", "4", "--save-every", "2", "--sample-every", "2", "--r1", "auto") == 0
-    for name in ("grid.png", "grid-000002.png", "grid-000004.png", "loss.png", "loss.csv", "metrics.json",
-                 "checkpoints/step-000002.safetensors", "checkpoints/step-000004.safetensors"):
+    for name in ("grid.png", "grid-000002.png", "grid-000004.png", "loss.png", "d_outputs.png", "loss.csv",
+                 "metrics.json", "checkpoints/step-000002.safetensors", "checkpoints/step-000004.safetensors"):
         assert (out / name).is_file(), name
     meta = read_png_metadata(out / "grid.png")
     assert meta["seed"] == 3 and meta["recipe"] == "data-efficient" and meta["step"] == 4
