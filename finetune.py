@@ -7,6 +7,7 @@
         --steps 1000 --rank 8 --gradient-checkpointing --validation-prompt "a picture of sks girl riding a bike" \
         --validate-every 250 --save-every 100
     python finetune.py --instance-dir captioned_style/ --no-prior --caption-dropout 0.1    # a style LoRA
+    torchrun --nproc_per_node 2 finetune.py ...same flags...      # two GPUs: --batch-size per GPU (docs/kaggle.md)
 
 Writes to --out: lora.safetensors (kohya names + alpha: loads in ComfyUI, A1111 and diffusers) and/or
 pytorch_lora_weights.safetensors (diffusers names), lora-step-XXXXXX.safetensors every --save-every steps with a
@@ -18,6 +19,7 @@ The loop itself lives in minidiff/dreambooth.py; this file parses flags, loads, 
 import argparse
 import hashlib
 import json
+import os
 import shlex
 import sys
 import time
@@ -170,15 +172,21 @@ def _atomic_json(obj, path):
     tmp.replace(path)
 
 
-def run(args):
-    """Check, load, make class images, cache, train, save: returns the manifest dict (also in OUT/manifest.json)."""
-    from minidiff import audit, checkpoint, data, training
+def run(args, ctx=None):
+    """Check, load, make class images, cache, train, save: returns the manifest dict (also in OUT/manifest.json).
+    Under torchrun (`ctx` from minidiff.distributed.init) every process trains; only process 0 prints and writes
+    files (other processes write only their share of the class images) and only it returns the manifest."""
+    from minidiff import audit, checkpoint, data, distributed, training
     from minidiff import dreambooth as db
     from minidiff.errors import DataError
 
     t0, timings = time.perf_counter(), {}
     out, prior = Path(args.out), not args.no_prior
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if ctx is None:
+        ctx = distributed.Context(device=torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    device = ctx.device
+    if not ctx.is_main:
+        sys.stdout = open(os.devnull, "w")  # one copy of every message
     if device.type == "cuda":
         training.check_gpu(device)
     autocast_dtype, use_scaler = training.resolve_precision(args.mixed_precision, device)
@@ -188,7 +196,7 @@ def run(args):
     size = args.resolution or native_resolution(args.model, args.vae)
     instance_set = data.ImageFolder(args.instance_dir or data.instance_images(), size, fit=args.fit)
     class_dir = Path(args.class_dir) if args.class_dir else out / "class-images"
-    if prior:
+    if prior and ctx.is_main:  # (it probes the folder with a test file: one process at a time)
         db.check_class_images(class_dir, args.num_class_images, can_generate=not args.no_generate)
     if args.resume is not None:
         training.find_checkpoint(args.resume, out)
@@ -206,7 +214,7 @@ def run(args):
     pipe.text.requires_grad_(False)
     if pipe.vae is not None:
         pipe.vae.requires_grad_(False).float()
-    job = Run(args, pipe, device, autocast_dtype, size, lr, out)
+    job = Run(args, pipe, device, autocast_dtype, size, lr, out, ctx)
     timings["load_s"] = time.perf_counter() - t0
 
     # 3. class images from the base model (the missing ones), then every image and caption encoded once
@@ -219,6 +227,7 @@ def run(args):
 
     # 4. what trains, printed before it does
     models, params = make_trainable(args, pipe)
+    distributed.broadcast_parameters(params, ctx)  # identical already (same seed); cheap insurance
     everything = {"unet": pipe.unet, "text_encoder": pipe.text.text_encoder, "text_encoder_2": pipe.text.text_encoder_2}
     if pipe.vae is not None:
         everything["vae"] = pipe.vae
@@ -239,7 +248,10 @@ def run(args):
         torch.cuda.reset_peak_memory_stats(device)
     result = db.train(pipe.unet, params, pipe.schedule, job.instance, job.klass, job.embed, cfg, out,
                       {name: training.Trainable(m) for name, m in models.items()}, (autocast_dtype, use_scaler),
-                      resume=args.resume, on_save=on_save, on_validate=lambda step: job.validate(f"step-{step:06d}"))
+                      resume=args.resume, on_save=on_save, on_validate=lambda step: job.validate(f"step-{step:06d}"),
+                      ctx=ctx)
+    if not ctx.is_main:
+        return None
     timings.update(train_s=result["seconds"], s_per_step=result["s_per_step"])
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     job.files += [str(out / "loss.csv"), str(out / "loss.png")]
@@ -259,6 +271,7 @@ def run(args):
     settings = {k: v for k, v in vars(args).items() if k != "argv"}
     settings.update(lr=lr, resolution=size, prediction_type=job.prediction_type, device=str(device),
                     precision=str(autocast_dtype or "fp32").removeprefix("torch."), grad_scaler=use_scaler,
+                    processes=ctx.world_size, global_batch_size=args.batch_size * ctx.world_size,
                     class_dir=str(class_dir) if prior else None)
     manifest = {
         "command": "python finetune.py " + shlex.join(args.argv), "settings": settings,
@@ -302,8 +315,8 @@ def make_trainable(args, pipe):
 class Run:
     """What the steps of `run` share: the pipeline, the cached data, and the files written so far."""
 
-    def __init__(self, args, pipe, device, autocast_dtype, size, lr, out):
-        self.args, self.pipe, self.device, self.autocast_dtype = args, pipe, device, autocast_dtype
+    def __init__(self, args, pipe, device, autocast_dtype, size, lr, out, ctx):
+        self.args, self.pipe, self.device, self.autocast_dtype, self.ctx = args, pipe, device, autocast_dtype, ctx
         self.size, self.lr, self.out, self.files, self.models = size, lr, out, [], {"unet": pipe.unet}
         self.prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")
         self.base_hash = model_hash(args.model)
@@ -315,7 +328,7 @@ class Run:
 
     def class_images(self, class_dir):
         """The missing class images, sampled with the base model (seed + i for image i); their ImageFolder."""
-        from minidiff import data
+        from minidiff import data, distributed
         from minidiff import dreambooth as db
         from minidiff.pipeline import generate
 
@@ -329,8 +342,11 @@ class Run:
                                 batch_size=len(prompts), progress=False)
 
         paths, written = db.generate_class_images(make, class_dir, a.num_class_images, a.class_prompt,
-                                                  a.class_batch_size, seed=a.seed, settings=settings)
-        print(f"class images: {len(paths)} in {class_dir} ({written} generated now)")
+                                                  a.class_batch_size, seed=a.seed, settings=settings,
+                                                  progress=self.ctx.is_main, ctx=self.ctx)
+        distributed.barrier(self.ctx)  # every process's share is on disk
+        print(f"class images: {len(paths)} in {class_dir} ({written} generated now"
+              + (f" by process 0 of {self.ctx.world_size})" if self.ctx.world_size > 1 else ")"))
         return data.ImageFolder(paths, size, fit=a.fit, caption=a.class_prompt)
 
     def cache(self, instance_set, klass_set):
@@ -340,8 +356,9 @@ class Run:
 
         a, pipe, device = self.args, self.pipe, self.device
         batch = 1 if self.size >= 512 else 8
-        self.instance = db.encode_examples(instance_set, pipe.vae, device, a.instance_prompt, batch)
-        self.klass = db.encode_examples(klass_set, pipe.vae, device, a.class_prompt, batch) if klass_set else None
+        show = self.ctx.is_main
+        self.instance = db.encode_examples(instance_set, pipe.vae, device, a.instance_prompt, batch, show)
+        self.klass = db.encode_examples(klass_set, pipe.vae, device, a.class_prompt, batch, show) if klass_set else None
         self.text_cache = None
         if a.train_text_encoder:
             self.embed = lambda captions: db.encode_captions(pipe.text, captions)
@@ -435,16 +452,19 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
     args.argv = argv
+    from minidiff import distributed
     from minidiff.errors import MinidiffError
 
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
             check_args(args)
-            run(args)
+            run(args, distributed.init(args.device))  # a single process (no torchrun) initialises nothing
     except MinidiffError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        distributed.cleanup()
     return 0
 
 

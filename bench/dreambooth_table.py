@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -55,7 +56,7 @@ HELD_OUT_ACTIONS = ("climbing", "walking")  # families of data.HELD_OUT_POSES (c
 
 
 def finetune(name, args, out: Path):
-    """Run finetune.py for one row (skipped when its manifest exists); returns its manifest."""
+    """Start finetune.py for one row (None when its manifest exists already): a Popen to wait for."""
     run_dir = out / name
     if not (run_dir / "manifest.json").is_file():
         cmd = [sys.executable, str(ROOT / "finetune.py"), "--model", str(args.model), "--out", str(run_dir),
@@ -67,8 +68,19 @@ def finetune(name, args, out: Path):
         else:
             cmd += ["--lr", str(args.lora_lr), "--rank", str(args.rank)]
         print("$ " + " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True, cwd=ROOT)
-    return json.loads((run_dir / "manifest.json").read_text())
+        log = open(out / f"{name}.log", "w")
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}  # one thread each: see minidiff/tiny.py --threads
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return None
+
+
+def finetune_all(args, out: Path) -> dict:
+    """(b) and (c) in parallel, then (d), which reuses (c)'s class images; returns the manifests."""
+    for group in (("lora", "lora-prior"), ("full-prior",)):
+        for name, proc in [(n, finetune(n, args, out)) for n in group]:
+            if proc is not None and proc.wait() != 0:
+                raise SystemExit(f"finetune.py failed for {name}: see {out / (name + '.log')}")
+    return {name: json.loads((out / name / "manifest.json").read_text()) for name in RUNS}
 
 
 def load_row(name, args, out: Path):
@@ -152,10 +164,12 @@ def main(argv=None):
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each process")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     out, t0 = Path(args.out), time.time()
     out.mkdir(parents=True, exist_ok=True)
-    manifests = {name: finetune(name, args, out) for name in RUNS}
+    manifests = finetune_all(args, out)
     judge = classifier.load_classifier()
     rows, results = {}, {"settings": vars(args), "command": "python bench/dreambooth_table.py " + " ".join(
         sys.argv[1:] if argv is None else argv), "rows": {}}

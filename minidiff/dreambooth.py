@@ -24,6 +24,11 @@ Everything the frozen parts compute is computed once (`Examples`, `PromptCache`)
 z_0 is the image), and the text encoders encode each distinct caption once; after that they can leave the GPU.
 A dropped caption (`caption_dropout`) is the all-zero embedding, the unconditional input SDXL was trained with
 (sgm's ucg_rate zeroes it) and the one our sampler's classifier-free guidance uses.
+
+Data-parallel (torchrun, minidiff/distributed.py): every process draws the same global batch of W * B instance and
+W * B class rows (same seed, same RNG stream), keeps its own B + B (`rows_of_rank`), and the LoRA gradients are
+averaged before the optimizer step. L is a mean over equal-sized halves, so the average of the W per-process losses
+is the loss of the global batch: W processes at --batch-size B train like one process at --batch-size W * B.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import training
+from . import distributed, training
 from .data import IMAGE_EXTS, ImageFolder, load_image
 from .errors import DataError, MinidiffError, TrainingError
 from .text import time_ids as text_time_ids
@@ -90,13 +95,16 @@ def _writable(folder):
         return False
 
 
-def generate_class_images(generate, class_dir, n, prompt, batch_size=4, seed=0, settings=None, progress=True):
+def generate_class_images(generate, class_dir, n, prompt, batch_size=4, seed=0, settings=None, progress=True,
+                          ctx=None):
     """Make the missing ones of `n` class images with `generate(prompts, seeds) -> [k, 3, H, W] in [-1, 1]`.
 
     Image i always has seed `seed + i` and is made in the fixed batch [i - i % batch_size, ...): a batch with any
     file missing is sampled again whole and only its missing files are written, so a resumed or repaired set is
     byte-identical to one made in a single go. Each PNG carries prompt, seed and `settings` in its metadata.
-    Returns (paths of the n images, number of files written).
+    With a distributed `ctx`, process r makes the batches c with c mod W = r (fixed by c alone, so no process needs
+    to know what the others wrote): the same files as one process; the caller waits at a barrier after.
+    Returns (paths of the n images, number of files this process wrote).
     """
     from .images import save_png
 
@@ -104,6 +112,8 @@ def generate_class_images(generate, class_dir, n, prompt, batch_size=4, seed=0, 
     paths, missing = class_image_plan(class_dir, n)
     ours = [p for p in paths if OURS.fullmatch(p.name)]
     chunks = sorted({i // batch_size for i in missing})
+    if ctx is not None:
+        chunks = [c for c in chunks if c % ctx.world_size == ctx.rank]
     written = 0
     for c in tqdm(chunks, desc=f"class images ({len(missing)} to make)", disable=not progress or not chunks):
         idx = list(range(c * batch_size, min((c + 1) * batch_size, len(ours))))
@@ -244,6 +254,22 @@ def make_batch(instance: Examples, klass: Examples | None, batch_size, caption_d
     return batch
 
 
+def rows_of_rank(batch, ctx):
+    """Process r's share of a global batch of W * B instance then W * B class rows: instance rows r*B .. r*B + B - 1
+    and the same span of the class rows (module docstring). Unchanged for a single process."""
+    if ctx is None or ctx.world_size == 1:
+        return batch
+    n = batch["n_instance"]
+    b = n // ctx.world_size
+    mine = list(range(ctx.rank * b, (ctx.rank + 1) * b))
+    if len(batch["captions"]) > n:
+        mine += [n + i for i in mine]
+    rows = torch.tensor(mine, device=batch["z0"].device)
+    share = {k: batch[k][rows] for k in ("z0", "eps", "t", "time_ids")}
+    share.update(captions=[batch["captions"][i] for i in mine], n_instance=b)
+    return share
+
+
 def diffusion_target(schedule, z0, eps, t, prediction_type="epsilon"):
     """y = eps, or v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) z_0 (module docstring)."""
     if prediction_type == "epsilon":
@@ -321,15 +347,18 @@ def lr_factor(step, steps, warmup=0, schedule="constant"):
 
 
 def train(unet, params, schedule, instance, klass, embed, cfg: TrainConfig, out_dir, modules, precision=(None, False),
-          resume=None, on_save=None, on_validate=None, progress=True):
+          resume=None, on_save=None, on_validate=None, progress=True, ctx=None):
     """The DreamBooth loop: AdamW on `params`, lr warm-up/decay, gradient accumulation, clipping at 1, an fp16
     GradScaler when `precision` asks for one, a loss log, checkpoints every `save_every` steps (`modules`:
     {name: module or training.Trainable} to store, with optimizer, lr schedule, step and RNG) and `resume`
     (a checkpoint file, out dir or "latest"). on_save(step) / on_validate(step) are called after those steps;
     validation runs under torch.random.fork_rng, so it cannot change what training draws next.
+    `ctx` (minidiff.distributed.Context): data-parallel over W processes (module docstring); every process
+    resumes from the same checkpoint, and only process 0 logs, saves, and calls on_save / on_validate.
     Returns {"steps", "resumed_from", "seconds", "s_per_step" (optimizer steps only), "loss" (the last)}."""
     autocast_dtype, use_scaler = precision
     device = instance.mean.device
+    ctx = ctx or distributed.Context(device=device)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup, cfg.lr_schedule))
@@ -342,20 +371,28 @@ def train(unet, params, schedule, instance, klass, embed, cfg: TrainConfig, out_
             scaler.load_state_dict(extra["scaler"])
         if start >= cfg.steps:
             raise TrainingError(f"the checkpoint is at step {start}, nothing left to do for --steps {cfg.steps}")
-    log = training.LossLog(out_dir, resume_step=start if resume is not None else None)
+        _share_device_rng(ctx, device)
+    log = training.LossLog(out_dir, resume_step=start if resume is not None else None) if ctx.is_main else None
     unet.train()
     t0, aside, loss_value = time.perf_counter(), 0.0, float("nan")  # aside: time in checkpoints and validation
-    bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="training", disable=not progress)
+    bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="training",
+               disable=not progress or not ctx.is_main)
     for step in bar:
         sums = torch.zeros(3, device=device)
         for _ in range(cfg.grad_accum):
-            batch = make_batch(instance, klass, cfg.batch_size, cfg.caption_dropout, cfg.noise_offset, schedule.T)
+            batch = make_batch(instance, klass, cfg.batch_size * ctx.world_size, cfg.caption_dropout,
+                               cfg.noise_offset, schedule.T)
+            batch = rows_of_rank(batch, ctx)
             terms = compute_loss(unet, batch, schedule, embed, cfg.prediction_type, cfg.prior_weight,
                                  cfg.min_snr_gamma, autocast_dtype)
             training.check_finite(terms[0], step)
             loss = terms[0] / cfg.grad_accum
             (scaler.scale(loss) if scaler is not None else loss).backward()
             sums += torch.stack([x.detach() for x in terms]) / cfg.grad_accum
+        distributed.average_gradients(params, ctx)  # before unscaling: every process sees the same inf/NaN
+        if ctx.world_size > 1:  # log the global batch's loss
+            torch.distributed.all_reduce(sums)
+            sums /= ctx.world_size
         lr_used = optimizer.param_groups[0]["lr"]
         if scaler is not None:
             scaler.unscale_(optimizer)
@@ -372,9 +409,11 @@ def train(unet, params, schedule, instance, klass, embed, cfg: TrainConfig, out_
         values = {"loss": loss_value, "instance": inst, "lr": lr_used}
         if klass is not None:
             values["prior"] = prior
-        log.log(step, **values)
         bar.set_postfix(loss=f"{loss_value:.4f}")
         t_aside = time.perf_counter()
+        if not ctx.is_main:
+            continue
+        log.log(step, **values)
         if cfg.save_every and step % cfg.save_every == 0:
             extra = {"scaler": scaler.state_dict()} if scaler is not None else {}
             training.save_checkpoint(out_dir, step, modules, {"optimizer": optimizer}, {"lr": lr_sched}, extra)
@@ -385,7 +424,17 @@ def train(unet, params, schedule, instance, klass, embed, cfg: TrainConfig, out_
                 on_validate(step)
             unet.train()
         aside += time.perf_counter() - t_aside
-    log.plot(title=f"DreamBooth loss ({cfg.steps} steps)")
+    if ctx.is_main:
+        log.plot(title=f"DreamBooth loss ({cfg.steps} steps)")
     seconds = time.perf_counter() - t0
     return {"steps": cfg.steps, "resumed_from": start, "seconds": seconds, "loss": loss_value,
             "s_per_step": (seconds - aside) / max(cfg.steps - start, 1)}
+
+
+def _share_device_rng(ctx, device):
+    """After a resume, give every GPU process rank 0's generator state of its own GPU: the checkpoint holds
+    per-device states indexed by GPU, and process r draws on cuda:r, whose saved state rank 0 never advanced."""
+    if ctx.world_size > 1 and device.type == "cuda":
+        state = torch.cuda.get_rng_state(device).to(device)
+        torch.distributed.broadcast(state, src=0)
+        torch.cuda.set_rng_state(state.cpu(), device)

@@ -93,11 +93,15 @@ def dreambooth_prompts() -> list[str]:
     return out
 
 
-def all_captions() -> list[str]:
-    """Every caption `random_caption` can produce for the pretraining characters, plus the DreamBooth prompts."""
+def pretraining_captions() -> list[str]:
+    """Every caption `random_caption` can produce for the pretraining characters."""
     flags = [(a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1)]
-    caps = {caption(ch, p, *f) for ch in PRETRAIN_CHARACTERS for p in data.POSES for f in flags}
-    return sorted(caps) + dreambooth_prompts()
+    return sorted({caption(ch, p, *f) for ch in PRETRAIN_CHARACTERS for p in data.POSES for f in flags})
+
+
+def all_captions() -> list[str]:
+    """The pretraining captions and the DreamBooth prompts: the words the tokenizer must keep whole."""
+    return pretraining_captions() + dreambooth_prompts()
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizer

@@ -28,7 +28,7 @@ def test_pretraining_excludes_the_target_and_never_says_sks():
     assert tiny.KIND["female_person"] == tiny.CLASS_WORD == "girl"
     _, rows = tiny.pretraining_set()
     assert len(rows) == 65 and {c for c, _ in rows} == set(tiny.PRETRAIN_CHARACTERS)
-    pretraining = [c for c in tiny.all_captions() if c not in tiny.dreambooth_prompts()]
+    pretraining = tiny.pretraining_captions()
     assert all(tiny.IDENTIFIER not in c.split() for c in pretraining)
     assert "a picture of a girl" in pretraining  # the class prompt is in distribution
 
@@ -46,8 +46,9 @@ def _check_tokenizer(tok, captions):
 def test_built_tokenizer_makes_every_word_one_token(tmp_path):
     tok = tiny.build_tokenizer(tmp_path / "t")
     _check_tokenizer(tok, tiny.all_captions())
-    # a word outside the captions still tokenizes (into characters), as CLIP's BPE does with rare words
-    assert len(tok("zebra").input_ids) == 2 + 5
+    # a word outside the captions still tokenizes, into several pieces (as CLIP's BPE does with rare words)
+    ids = tok("zebra").input_ids
+    assert len(ids) > 3 and tok.unk_token_id not in ids[1:-1] and tok.decode(ids, skip_special_tokens=True) == "zebra"
 
 
 @pytest.mark.parametrize("sub, pad, pad_id", [("tokenizer", "<|endoftext|>", None), ("tokenizer_2", "!", 0)])
@@ -78,12 +79,13 @@ def test_shipped_model_is_a_small_pixel_space_sdxl(pipe):
 
 def test_shipped_weights_same_seed_same_images(pipe):
     kw = dict(steps=4, cfg=3.0, width=tiny.SIZE, height=tiny.SIZE, progress=False)
-    a = generate(pipe, ["a picture of a robot jumping", "a picture of a girl"], seed=3, **kw)
-    b = generate(pipe, ["a picture of a robot jumping", "a picture of a girl"], seed=3, batch_size=1, **kw)
-    c = generate(pipe, ["a picture of a robot jumping", "a picture of a girl"], seed=4, **kw)
+    prompts = ["a picture of a robot jumping", "a picture of a girl"]
+    a = generate(pipe, prompts, seed=3, **kw)
     assert a.shape == (2, 3, tiny.SIZE, tiny.SIZE) and a.abs().max() <= 1
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    assert (a - c).abs().mean() > 0.02
+    assert torch.equal(a, generate(pipe, prompts, seed=3, **kw))
+    # one image per batch: the same noise; only float rounding of batched matmuls differs
+    torch.testing.assert_close(a, generate(pipe, prompts, seed=3, batch_size=1, **kw), atol=3e-3, rtol=0)
+    assert (a - generate(pipe, prompts, seed=4, **kw)).abs().mean() > 0.02
 
 
 def test_shipped_unet_matches_diffusers_on_the_same_files(pipe):
