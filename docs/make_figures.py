@@ -39,7 +39,7 @@ DOCS = ROOT / "docs"
 FIGURES = DOCS / "figures"
 sys.path.insert(0, str(ROOT))
 
-from minidiff import data, gan, lora  # noqa: E402
+from minidiff import data, gan, lora, lora_files  # noqa: E402
 from minidiff.images import from_pil, make_grid, plot_curves, save_png, to_pil  # noqa: E402
 from minidiff.schedule import Schedule  # noqa: E402
 from minidiff.vae import AutoencoderKL, VAEConfig  # noqa: E402
@@ -105,7 +105,7 @@ def captured_writes(module):
 
 def lora_file_bytes(model, dtype=torch.float32, format="kohya") -> int:
     """Size of the file lora.save_lora(model, ..., dtype=dtype) writes (model on any device, meta included)."""
-    with captured_writes(lora) as writes:
+    with captured_writes(lora_files) as writes:  # save_lora lives in lora_files.py
         lora.save_lora(model, "unwritten.safetensors", format=format, dtype=dtype)
     return safetensors_size(*writes[0])
 
