@@ -164,8 +164,6 @@ def run(args):
     bar = tqdm(range(step + 1, args.steps + 1), initial=step, total=args.steps, desc=f"gan {args.recipe}",
                dynamic_ncols=True)
     for step in bar:
-        if ema is not None:  # warm-up: p_ema follows G closely at first, then averages ~1/(1 - decay) steps
-            ema.decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         logs = gan.train_step(G, D, opt_g, opt_d, reals[batch_indices(n, batch_size).to(device)], cfg, step, ema)
         training.check_finite(logs["loss_d"] + logs["loss_g"], step, hint="lower --lr, or try --r1 auto")
         log.log(step, **logs)

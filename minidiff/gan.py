@@ -286,6 +286,7 @@ def train_step(G, D, opt_g, opt_d, reals, config, step, ema=None):
     """One D step then one G step; returns the logged values as floats.
 
     D step:  L_D(D(T(x)), D(T(G(z).detach())))  [+ r1_every * gamma/2 * R1 on every r1_every-th step]
+             (logged: loss_d = the adversarial part, r1 = R1 itself on the steps that have it)
     G step:  L_G(D(T(G(z'))))  with fresh z', gradients flowing back through T and D into G
     All random draws (z, T) come from torch's global RNG, so a checkpoint that stores it resumes bit for bit.
     """
@@ -300,12 +301,13 @@ def train_step(G, D, opt_g, opt_d, reals, config, step, ema=None):
     real, fake = D(T(reals)), D(T(fakes))
     loss_d = d_loss_fn(real, fake)
     logs = {}
+    total = loss_d
     if config.r1_gamma > 0 and step % config.r1_every == 0:
         r1 = r1_penalty(D, reals, config.augment)
-        loss_d = loss_d + config.r1_every * config.r1_gamma / 2 * r1
+        total = loss_d + config.r1_every * config.r1_gamma / 2 * r1
         logs["r1"] = r1.item()
     opt_d.zero_grad(set_to_none=True)
-    loss_d.backward()
+    total.backward()
     opt_d.step()
 
     # G step (D's weights are frozen for it: only the gradient w.r.t. D's input is needed)
@@ -317,6 +319,7 @@ def train_step(G, D, opt_g, opt_d, reals, config, step, ema=None):
     opt_g.step()
     D.requires_grad_(True)
     if ema is not None:
+        ema.decay = ema_decay(step, config.ema_decay)
         ema.update(G)
 
     real, fake = real.detach(), fake.detach()
@@ -324,6 +327,15 @@ def train_step(G, D, opt_g, opt_d, reals, config, step, ema=None):
                 d_x=torch.sigmoid(real).mean().item(), d_g_z=torch.sigmoid(fake).mean().item(),
                 score_real=real.mean().item(), score_fake=fake.mean().item())
     return logs
+
+
+def ema_decay(step, decay):
+    """decay_t = min(decay, (1 + t) / (10 + t)): the EMA warm-up of tf.train.ExponentialMovingAverage(num_updates).
+
+    p_ema <- decay_t p_ema + (1 - decay_t) p. Without it, after t steps the random initial weights would still
+    weigh decay^t in p_ema (22% after 1500 steps at 0.999); with it, p_ema tracks G early and averages over
+    ~t/9 recent steps until the window reaches 1 / (1 - decay)."""
+    return min(decay, (1 + step) / (10 + step))
 
 
 @torch.no_grad()

@@ -9,8 +9,9 @@ model of the same family (minidiff/assets/tiny-sdxl, a diffusers folder read by 
               tokenizer whose merges make every caption word ONE token (`build_tokenizer`); "sks" is in the
               vocabulary but in no pretraining caption (a rare identifier for DreamBooth). Pads as SDXL:
               tokenizer with <|endoftext|>, tokenizer_2 with "!".
-    schedule  DDPM's linear betas 1e-4 .. 0.02 (alpha_bar_T ~ 4e-5: a pixel image is pure noise at T), eps
-              prediction, "trailing" spacing so sampling starts at t = T - 1.
+    schedule  SDXL's own (scaled_linear betas 0.00085 .. 0.012, eps prediction, leading spacing). DDPM's linear
+              betas were tried first: their sigma_max = 157 makes the default Euler sampler blow up the colours of
+              an imperfect pixel model (x_0 = x - sigma eps amplifies eps errors 157x); SDXL's sigma_max is 14.6.
     vae       none: pixel space. No VAE can be pretrained well in this budget, and a weak one would blur every
               sample; without it, what the samples show is what the UNet learned (the miniature stays honest).
 
@@ -46,9 +47,9 @@ from .errors import MinidiffError
 TINY_DIR = Path(__file__).resolve().parent / "assets" / "tiny-sdxl"
 SIZE = 32
 TRAIN_COMMAND = "python train_ddpm.py --preset tiny-sdxl --out minidiff/assets/tiny-sdxl"
-SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.0001,
-             "beta_end": 0.02, "beta_schedule": "linear", "prediction_type": "epsilon",
-             "timestep_spacing": "trailing", "steps_offset": 0}
+SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+             "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
+             "timestep_spacing": "leading", "steps_offset": 1}  # SDXL's own
 
 # ---------------------------------------------------------------------------------------------------- captions
 KIND = {"female_person": "girl", "male_adventurer": "boy", "male_person": "man", "robot": "robot",

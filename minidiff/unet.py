@@ -215,7 +215,8 @@ class Upsample2D(nn.Module):
 
 class DownBlock2D(nn.Module):
     """n x (ResBlock [-> Transformer2D]) [-> Downsample2D]; returns h and every intermediate output as skips.
-    With depth > 0 this is diffusers' CrossAttnDownBlock2D, else DownBlock2D (`unet_2d_blocks.py`)."""
+    With depth > 0 this is diffusers' CrossAttnDownBlock2D, else DownBlock2D
+    (`unet_2d_blocks.py`; sgm `input_blocks`)."""
 
     def __init__(self, cin, cout, temb_dim, n, depth, heads, cfg: UNetConfig, downsample: bool):
         super().__init__()
@@ -241,8 +242,9 @@ class DownBlock2D(nn.Module):
 
 
 class UpBlock2D(nn.Module):
-    """(n+1) x (concat(h, skip) -> ResBlock [-> Transformer2D]) [-> Upsample2D to the next skip's size].
-    With depth > 0 this is diffusers' CrossAttnUpBlock2D, else UpBlock2D (`unet_2d_blocks.py`)."""
+    """n x (concat(h, skips.pop()) -> ResBlock [-> Transformer2D]) [-> Upsample2D to the next skip's size], with
+    n = layers_per_block + 1. With depth > 0 this is diffusers' CrossAttnUpBlock2D, else UpBlock2D
+    (`unet_2d_blocks.py`; sgm `output_blocks`)."""
 
     def __init__(self, cin_skips, cprev, cout, temb_dim, n, depth, heads, cfg: UNetConfig, upsample: bool):
         super().__init__()
@@ -406,14 +408,16 @@ class UNetConfig:
         transformer_layers_per_block, so that entry carries it when the last level has no attention."""
         depth = [k or 1 for k in self.transformer_depth]
         if self.transformer_depth[-1] and self.transformer_depth[-1] != self.mid_transformer_depth:
-            raise MinidiffError("UNetConfig.to_diffusers: diffusers needs mid_transformer_depth == transformer_depth[-1]")
+            raise MinidiffError("UNetConfig.to_diffusers: diffusers needs mid_transformer_depth == "
+                                "transformer_depth[-1]")
         depth[-1] = self.mid_transformer_depth
         kinds = ["CrossAttn" if k else "" for k in self.transformer_depth]
         d = asdict(self)
         for k in ("transformer_depth", "mid_transformer_depth", "num_heads"):
             d.pop(k)
         d.update(_DIFFUSERS_FIXED, _class_name="UNet2DConditionModel", block_out_channels=list(self.block_out_channels),
-                 down_block_types=[k + "DownBlock2D" for k in kinds], up_block_types=[k + "UpBlock2D" for k in kinds[::-1]],
+                 down_block_types=[k + "DownBlock2D" for k in kinds],
+                 up_block_types=[k + "UpBlock2D" for k in kinds[::-1]],
                  transformer_layers_per_block=depth, attention_head_dim=list(self.num_heads), num_attention_heads=None)
         if self.addition_embed_type is None:
             d.update(addition_time_embed_dim=None, projection_class_embeddings_input_dim=None)
@@ -468,8 +472,8 @@ class UNet2DConditionModel(nn.Module):
         c = self.config
         if x.ndim != 4 or x.shape[1] != c.in_channels:
             raise MinidiffError(f"UNet: expected x of shape [B, {c.in_channels}, H, W], got {tuple(x.shape)}")
-        if c.cross_attention_dim and (context is None or context.ndim != 3 or context.shape[-1] != c.cross_attention_dim):
-            got = None if context is None else tuple(context.shape)
+        got = None if context is None else tuple(context.shape)
+        if c.cross_attention_dim and (got is None or len(got) != 3 or got[-1] != c.cross_attention_dim):
             raise MinidiffError(f"UNet: expected context [B, tokens, {c.cross_attention_dim}] (text states), got {got}")
         if self.add_embedding is not None:
             width = None if text_embeds is None or time_ids is None else (
@@ -483,7 +487,10 @@ class UNet2DConditionModel(nn.Module):
         [B, 6] -> eps [B, C_out, H, W]."""
         self._check_inputs(x, context, text_embeds, time_ids)
         B = x.shape[0]
-        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)
+        t = torch.as_tensor(t, device=x.device).reshape(-1)
+        if t.numel() not in (1, B):
+            raise MinidiffError(f"UNet: expected t as a scalar or [{B}] tensor, got {t.numel()} values")
+        t = t.expand(B)
         temb = self.time_embedding(self.time_proj(t).to(x.dtype))
         if self.add_embedding is not None:
             ids = self.add_time_proj(time_ids.reshape(-1)).reshape(B, -1)

@@ -47,7 +47,8 @@ class DiagonalGaussian:
 class Attention(nn.Module):
     """Single-head self-attention over the H*W positions of the mid block, with its own GroupNorm and residual:
     out = x + to_out.0(softmax(q k^T / sqrt(C)) v), q, k, v = to_q/to_k/to_v(GroupNorm(x)) (Linear with bias; sgm
-    stores them as 1x1 convs). (diffusers `attention_processor.py` Attention(residual_connection=True); sgm AttnBlock.)"""
+    stores them as 1x1 convs). (diffusers `attention_processor.py` Attention(residual_connection=True); sgm
+    `model.py` AttnBlock.)"""
 
     def __init__(self, channels: int, groups: int = 32):
         super().__init__()
@@ -246,7 +247,8 @@ class AutoencoderKL(nn.Module):
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """x [B, 3, H, W] in [-1, 1] -> q(z|x); z = posterior.sample(generator) * scaling_factor for the UNet."""
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
-            raise MinidiffError(f"VAE.encode: expected images [B, {self.config.in_channels}, H, W], got {tuple(x.shape)}")
+            raise MinidiffError(f"VAE.encode: expected images [B, {self.config.in_channels}, H, W], "
+                                f"got {tuple(x.shape)}")
         return DiagonalGaussian(self.quant_conv(self.encoder(self._prepare(x))))
 
     def decode(self, z: torch.Tensor, batch_slice: int | None = None) -> torch.Tensor:

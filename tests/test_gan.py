@@ -234,3 +234,9 @@ def test_lazy_r1_runs_every_r1_every_steps():
     reals = torch.rand(4, 3, 16, 16) * 2 - 1
     assert "r1" in gan.train_step(G, D, opt_g, opt_d, reals, cfg, step=8)
     assert "r1" not in gan.train_step(G, D, opt_g, opt_d, reals, cfg, step=9)
+
+
+def test_ema_decay_warm_up():
+    assert gan.ema_decay(0, 0.999) == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
+    assert gan.ema_decay(90, 0.999) == pytest.approx(0.91)  # (1 + 90) / (10 + 90)
+    assert gan.ema_decay(10**6, 0.999) == 0.999

@@ -173,7 +173,8 @@ def test_gradient_checkpointing_same_output_and_grads():
     assert torch.allclose(out_a, out_b, atol=1e-6)
     for n in grads_a:
         assert torch.allclose(grads_a[n], grads_b[n], atol=1e-6, rtol=1e-5), n
-    assert all(m.gradient_checkpointing for m in model.modules() if isinstance(m, (ResnetBlock2D, BasicTransformerBlock)))
+    kinds = (ResnetBlock2D, BasicTransformerBlock)
+    assert all(m.gradient_checkpointing for m in model.modules() if isinstance(m, kinds))
 
 
 @pytest.mark.parametrize("preset", [UNetConfig.sdxl, UNetConfig.sd15, UNetConfig.tiny_sdxl, small_pixel])
@@ -202,6 +203,8 @@ def test_rejects_other_architectures_and_bad_inputs():
         m(x, 1, text_embeds=kw["text_embeds"], time_ids=kw["time_ids"])
     with pytest.raises(MinidiffError, match="text_time"):
         m(x, 1, context=kw["context"])
+    with pytest.raises(MinidiffError, match="expected t"):
+        m(x, torch.tensor([1, 2, 3]), **kw)
     with pytest.raises(MinidiffError, match="expected x"):
         m(x[:, :3], 1, **kw)
 
