@@ -21,7 +21,9 @@ model's small eps errors at high noise (amplified by sigma_t in x_0) are never w
 `--recipe seed` is the seed's notebook (baselines.md §1, Seachaos' "diffusion from scratch"): 5 deterministic steps
 of a linear blend x_a = (1 - a) x_0 + a n (not variance preserving), a small conv net fed the raw integer step that
 predicts the next, less noisy blend directly, MAE loss, Adam 8e-4, 400 steps at batch 2. Sampling applies the net
-5 times to Gaussian noise, without fresh noise. Every sample is the average the MAE loss pulls it to: colour blobs.
+5 times to Gaussian noise, without fresh noise. The regression pulls every output to (nearly) the same average of
+the training images, whatever the noise: on the seed's six differently framed drawings that average was a blob in
+the right colours; on the aligned Kenney sprites it is one blurry figure, repeated (see `diversity` in metrics.json).
 
 Writes to --out: grid.png (5x5 samples; PNG metadata holds settings and seed), loss.csv + loss.png,
 checkpoints/step-XXXXXX.safetensors every --save-every steps and at the end (model, EMA, optimizer, RNG: `--resume`

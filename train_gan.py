@@ -15,7 +15,7 @@ against the training images). The networks, DiffAugment, losses and one training
 
 Default recipe settings (chosen so both recipes finish in a few minutes on 2 CPU cores; see docs):
     dcgan            64 px, batch = all images (the seed: batch 128 of 6 files), 600 steps
-    data-efficient   32 px, batch 16, 1500 steps
+    data-efficient   32 px, batch 8, 2000 steps
 """
 
 import argparse
@@ -30,7 +30,7 @@ import torch
 
 DEFAULTS = {  # per recipe; every one can be overridden on the command line
     "dcgan": dict(size=64, steps=600, batch_size=128, width=64, save_every=300, sample_every=200),
-    "data-efficient": dict(size=32, steps=1500, batch_size=16, width=64, save_every=500, sample_every=500),
+    "data-efficient": dict(size=32, steps=2000, batch_size=8, width=64, save_every=500, sample_every=500),
 }
 GRID_SEED_OFFSET = 1  # the fixed latents of every grid come from torch.Generator().manual_seed(seed + 1)
 N_GRID = 64
@@ -50,8 +50,8 @@ def build_parser():
     p.add_argument("--data", default=None, help="image folder (default: the six bundled female_adventurer drawings)")
     p.add_argument("--fit", choices=("pad", "crop"), default="pad", help="square images by padding (white) or crop")
     p.add_argument("--size", type=int, default=None, help="image side, a power of two >= 16 (dcgan 64, else 32)")
-    p.add_argument("--steps", type=int, default=None, help="D+G steps (dcgan 600, data-efficient 1500)")
-    p.add_argument("--batch-size", type=int, default=None, help="dcgan 128 capped at the number of images, else 16")
+    p.add_argument("--steps", type=int, default=None, help="D+G steps (dcgan 600, data-efficient 2000)")
+    p.add_argument("--batch-size", type=int, default=None, help="dcgan 128 capped at the number of images, else 8")
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of G and D")
     p.add_argument("--width", type=int, default=None, help="G's last / D's first conv width (64: 512-256-128-64)")
     p.add_argument("--r1", default="0", help="R1 gamma (lazy, every 16 D steps); 'auto' = 0.0002*size^2/batch; 0 off")
@@ -92,6 +92,14 @@ def resolve_args(args):
             raise MinidiffError(f"--r1 must be a number >= 0 or 'auto', got {args.r1}")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise MinidiffError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MinidiffError(f"--device {args.device}: this PyTorch sees no CUDA GPU; use --device cpu")
+    if device.type not in ("cpu", "cuda") and not (device.type == "mps" and torch.backends.mps.is_available()):
+        raise MinidiffError(f"--device must be cpu, cuda or cuda:N (or mps on a Mac), got {args.device!r}")
     return args
 
 

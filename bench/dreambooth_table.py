@@ -99,8 +99,9 @@ def sample_row(pipe, args) -> dict:
 
     prompts = [f"a picture of {tiny.IDENTIFIER} {tiny.CLASS_WORD} {a}" for a in HELD_OUT_ACTIONS]
     prompts.append(f"a picture of a {tiny.CLASS_WORD}")
-    return {p: generate(pipe, [p] * args.samples, steps=args.sample_steps, cfg=args.cfg, seed=args.seed + 1000,
-                        width=tiny.SIZE, height=tiny.SIZE, batch_size=args.samples, progress=False)
+    return {p: generate(pipe, [p] * args.samples, steps=args.sample_steps, cfg=args.cfg, sampler=args.sampler,
+                        seed=args.seed + 1000, width=tiny.SIZE, height=tiny.SIZE, batch_size=args.samples,
+                        progress=False)
             for p in prompts}
 
 
@@ -160,8 +161,9 @@ def main(argv=None):
     p.add_argument("--full-lr", type=float, default=1e-4)
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--class-images", type=int, default=50)
-    p.add_argument("--samples", type=int, default=32, help="samples per prompt and row")
-    p.add_argument("--sample-steps", type=int, default=20)
+    p.add_argument("--samples", type=int, default=24, help="samples per prompt and row")
+    p.add_argument("--sample-steps", type=int, default=30, help="sampler steps (also of the class images)")
+    p.add_argument("--sampler", default="euler_a", help="of the scored samples (class images: finetune.py's euler)")
     p.add_argument("--cfg", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads of each process")

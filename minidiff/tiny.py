@@ -249,8 +249,7 @@ def preview_prompts() -> list[str]:
 def save_snapshot(nets, pipe, out: Path, step: int, info: dict, preview=True):
     """Write the EMA weights as a diffusers folder (checkpoint.save_pipeline), train.json and a preview grid."""
     from .checkpoint import save_pipeline
-    from .images import save_png
-    from .pipeline import Pipeline, generate
+    from .pipeline import Pipeline
     from .text import TextConditioner
 
     text = TextConditioner(pipe.text.tokenizer, nets["text_encoder"], pipe.text.tokenizer_2, nets["text_encoder_2"])
@@ -258,20 +257,26 @@ def save_snapshot(nets, pipe, out: Path, step: int, info: dict, preview=True):
                     scheduler_config=dict(SCHEDULER))
     save_pipeline(snap, out)
     (out / "train.json").write_text(json.dumps({**info, "step": step}, indent=2) + "\n")
-    if not preview:
-        return snap
-    prompts = preview_prompts()
-    settings = {"steps": 30, "cfg": 3.0, "sampler": "euler", "seed": 0, "width": SIZE, "height": SIZE}
-    x = generate(snap, prompts, batch_size=len(prompts), progress=False, **settings)
-    from .images import make_grid
-
-    save_png(make_grid(x.cpu(), nrow=len(ACTION)), out / "samples.png",
-             {"prompts": prompts, **settings, "training_step": step, "rows": list(PRETRAIN_CHARACTERS)})
+    if preview:
+        write_preview(snap, out / "samples.png", step)
     return snap
 
 
-def pretrain(out_dir, steps=4000, batch_size=32, lr=1e-3, warmup=200, ema_decay=0.999, caption_dropout=0.1,
-             seed=0, device="cpu", save_every=500, progress=True, command=None) -> Path:
+def write_preview(pipe, path, step=None):
+    """samples.png: one image per preview prompt (rows: characters, columns: actions), settings in its metadata."""
+    from .images import make_grid, save_png
+    from .pipeline import generate
+
+    prompts = preview_prompts()
+    settings = {"steps": 30, "cfg": 5.0, "sampler": "euler_a", "seed": 0, "width": SIZE, "height": SIZE}
+    x = generate(pipe, prompts, progress=False, **settings)
+    grid = make_grid(x.cpu(), nrow=len(ACTION))
+    save_png(grid.resize((grid.width * 4, grid.height * 4), 0), path,
+             {"prompts": prompts, **settings, "training_step": step, "rows": list(PRETRAIN_CHARACTERS), "scale": 4})
+
+
+def pretrain(out_dir, steps=3000, batch_size=16, lr=1e-3, warmup=200, ema_decay=0.999, caption_dropout=0.1,
+             seed=0, device="cpu", save_every=200, progress=True, command=None) -> Path:
     """Train the miniature from scratch on the 65 non-target drawings (module docstring) and write it to out_dir,
     every `save_every` steps and at the end (so a run cut short still leaves a usable model)."""
     from .training import EMA, LossLog, check_finite
@@ -324,13 +329,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="train_ddpm.py --preset tiny-sdxl",
                                 description="Pretrain the bundled miniature SDXL (minidiff/assets/tiny-sdxl).")
     p.add_argument("--out", default=str(TINY_DIR))
-    p.add_argument("--steps", type=int, default=4000)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--caption-dropout", type=float, default=0.1)
-    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: on a shared machine, more threads "

@@ -67,6 +67,7 @@ def test_resume_equals_uninterrupted_bitwise(tmp_path):
     (["--r1", "lots"], "--r1 must be a number"),
     (["--recipe", "stylegan"], "invalid choice"),
     (["--data", "/nonexistent/folder"], "image folder not found"),
+    (["--device", "gpu0"], "--device must be"),
     (["--resume", "latest", "--steps", "2"], "checkpoint not found"),
 ])
 def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, args, expected):
