@@ -330,11 +330,11 @@ class Run:
         """The missing class images, sampled with the base model (seed + i for image i); their ImageFolder."""
         from minidiff import data, distributed
         from minidiff import dreambooth as db
-        from minidiff.pipeline import generate
+        from minidiff.pipeline import generate, model_sampler
 
         a, size = self.args, self.size
-        settings = {"model": Path(a.model).name, "steps": a.class_steps, "sampler": "euler", "cfg": 5.0,
-                    "width": size, "height": size}
+        settings = {"model": Path(a.model).name, "steps": a.class_steps, "sampler": model_sampler(self.pipe),
+                    "cfg": 5.0, "width": size, "height": size}
 
         def make(prompts, seeds):  # seeds are consecutive: generate gives image i the seed seed + i
             with self.autocast():
@@ -388,7 +388,7 @@ class Run:
         import dataclasses
 
         from minidiff.images import make_grid, save_png
-        from minidiff.pipeline import generate
+        from minidiff.pipeline import generate, model_sampler
 
         a, pipe = self.args, self.pipe
         if not a.validation_images or not self.validation_prompts:
@@ -405,7 +405,8 @@ class Run:
             pipe.vae.to("cpu")
         path = save_png(make_grid(images, nrow=a.validation_images), self.out / "samples" / f"{label}.png",
                         {"prompts": self.validation_prompts, "seed": a.seed, "steps": a.validation_steps,
-                         "sampler": "euler", "cfg": 5.0, "training_step": label, "model": str(a.model)})
+                         "sampler": model_sampler(vpipe), "cfg": 5.0, "training_step": label,
+                         "model": str(a.model)})
         self.files.append(str(path))
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "minidiff" / "assets" / "tiny-sdxl"
+DEFAULT_PROMPTS = ("a picture of a girl", "a picture of a robot jumping", "a picture of a zombie walking",
+                   "a picture of a boy climbing")
 SAMPLERS = ("euler", "euler_a", "ddim", "ddpm", "dpmpp_2m")
 
 
@@ -38,7 +40,8 @@ def build_parser():
     a("--negative", default="", help="negative prompt (empty: SDXL's all-zero unconditional embedding)")
     a("--steps", type=int, default=30)
     a("--cfg", type=float, default=5.0, help="classifier-free guidance scale (1 = no guidance)")
-    a("--sampler", choices=SAMPLERS, default="euler")
+    a("--sampler", choices=SAMPLERS, default=None,
+      help="default: the one the model's scheduler config names (euler for SDXL, euler_a for the miniature)")
     a("--spacing", choices=("leading", "trailing", "linspace"), default=None,
       help="timestep spacing (default: the model's scheduler config, 'leading' for SDXL)")
     a("--karras", action="store_true", help="Karras sigmas (euler, euler_a, dpmpp_2m)")
@@ -74,6 +77,8 @@ def read_prompts(args):
         except (OSError, UnicodeDecodeError) as e:
             raise MinidiffError(f"cannot read --prompts {args.prompts}: {e}") from None
         prompts += [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
+    if not prompts and Path(args.model) == DEFAULT_MODEL:
+        prompts = list(DEFAULT_PROMPTS)  # `python sample.py` alone: a few things the bundled miniature knows
     if not prompts:
         raise MinidiffError("no prompt: pass --prompt TEXT (repeatable) or --prompts FILE (one prompt per line)")
     return prompts
@@ -109,7 +114,7 @@ def run(args):
 
     from minidiff.checkpoint import file_hash, load_pipeline
     from minidiff.images import make_grid, save_png
-    from minidiff.pipeline import generate
+    from minidiff.pipeline import generate, model_sampler
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cuda":
@@ -129,6 +134,7 @@ def run(args):
             load_lora(pipe.modules(), path, scale=scale)
             loras.append({"file": Path(path).name, "scale": scale, "sha256": file_hash(path)})
 
+    args.sampler = args.sampler or model_sampler(pipe)
     native = pipe.unet.config.sample_size * pipe.scale
     width, height = args.width or native, args.height or native
     runs = [p for p in prompts for _ in range(args.num)]

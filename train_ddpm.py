@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train a pixel-space DDPM (Ho et al. 2020) on a handful of drawings (default: the six bundled female_adventurer poses).
+"""Train a pixel-space DDPM (Ho et al. 2020) on a handful of drawings (default: the six bundled female_adventurer).
 
     python train_ddpm.py                             # 32 px, one CPU core, ~5 min: recognisable (memorised) characters
     python train_ddpm.py --schedule linear --sample-steps 1000  # Ho et al.'s betas and their 1000-step sampler
@@ -13,7 +13,7 @@ L_simple = E_{t, x_0, eps} ||eps - eps_theta(x_t, t)||^2 (Ho et al. eq. 14), Ada
 weights, random x-flips. The UNet is minidiff/unet.py's (the SDXL family) without text: `UNetConfig.pixel`, with
 self-attention at 16x16. Samples come from the EMA weights, predicted x_0 clipped to [-1, 1].
 
-Defaults are sized for a 2-core CPU (1000 steps at batch 8, ~0.2 CPU-s a step) and were chosen by measurement
+Defaults are sized for a 2-core CPU (800 steps at batch 8, ~0.2 CPU-s a step) and were chosen by measurement
 (metrics on 25 samples, see docs): the cosine schedule beats linear betas at 32 px (iDDPM's finding), and after so
 few steps ancestral DDPM sampling (100 steps) beats deterministic DDIM, whose samples keep a veil of noise: the
 model's small eps errors at high noise (amplified by sigma_t in x_0) are never washed out by fresh noise.
@@ -43,8 +43,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 DEFAULTS = {  # per recipe; every one can be overridden on the command line
-    "ho": dict(size=32, steps=1000, batch_size=8, lr=1e-3, ema_decay=0.999, schedule="cosine", sampler="ddpm",
-               save_every=500, sample_every=0),
+    "ho": dict(size=32, steps=800, batch_size=8, lr=1e-3, ema_decay=0.999, schedule="cosine", sampler="ddpm",
+               save_every=400, sample_every=0),
     "seed": dict(size=32, steps=400, batch_size=2, lr=8e-4, ema_decay=0.0, schedule="linear", sampler="ddim",
                  save_every=200, sample_every=0),
 }
@@ -52,6 +52,7 @@ WIDTHS = {32: (32, 64, 64), 64: (32, 64, 128, 128), 128: (32, 64, 128, 128, 256)
           256: (64, 64, 128, 128, 256, 256)}  # Ho et al.'s 256 px net is (128, 128, 256, 256, 512, 512)
 SEED_STEPS = 5  # the seed notebook's `timesteps`
 N_SAMPLES = 25  # grid.png is 5 x 5
+RESUME_KEYS = ("recipe", "data", "fit", "size", "schedule", "batch_size", "lr", "ema_decay", "dropout", "seed", "unet")
 SAMPLE_SEED_OFFSET = 1  # sampling noise comes from torch.Generator().manual_seed(seed + 1), apart from training's RNG
 
 
@@ -72,7 +73,7 @@ def build_parser():
                    help="betas: linear 1e-4..0.02 (Ho et al.) or cosine (iDDPM; default, better at 32-64 px)")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default=None, help="ancestral ddpm (default) or ddim (eta 0)")
     p.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default 100; 1000 = the paper's)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: ho 1000, seed 400)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: ho 800, seed 400)")
     p.add_argument("--batch-size", type=int, default=None, help="images per step (default: ho 8, seed 2)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: ho 1e-3, seed 8e-4)")
     p.add_argument("--ema-decay", type=float, default=None, help="EMA decay (default 0.999; 0 = sample the raw net)")
@@ -280,8 +281,11 @@ def run(args):
     step = 0
     if args.resume:
         step, extra = training.load_checkpoint(args.resume, modules, {"adam": optimizer}, out_dir=out)
-        if extra.get("settings", {}).get("unet") != json.loads(json.dumps(settings["unet"], default=str)):
-            raise TrainingError("the checkpoint holds another model (resume with the same --recipe and --size)")
+        saved, now = extra.get("settings", {}), json.loads(json.dumps(settings, default=str))
+        changed = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
+        if changed:
+            raise TrainingError(f"the checkpoint was trained with other settings: {', '.join(changed)} "
+                                f"(resume with the same ones; only --steps and the output flags may change)")
     log = training.LossLog(out, resume_step=step if args.resume else None)
     sampler_model = ema.module if ema else model
 

@@ -57,6 +57,9 @@ def build_parser():
     p.add_argument("--r1", default="0", help="R1 gamma (lazy, every 16 D steps); 'auto' = 0.0002*size^2/batch; 0 off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1: these small convs gain "
+                   "little from more, and a second thread that must wait for a busy core makes every step 4-10x "
+                   "slower when other jobs share the machine)")
     p.add_argument("--out", default="runs/train_gan")
     p.add_argument("--resume", default=None, help="a checkpoint file, an output folder, or 'latest' (in --out)")
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (and at the end)")
@@ -71,7 +74,7 @@ def resolve_args(args):
     for key, value in DEFAULTS[args.recipe].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for flag in ("steps", "batch_size", "width"):
+    for flag in ("steps", "batch_size", "width", "threads"):
         if getattr(args, flag) <= 0:
             raise MinidiffError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
     for flag in ("save_every", "sample_every"):
@@ -205,11 +208,17 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     from minidiff.errors import MinidiffError
 
+    threads = torch.get_num_threads()
     try:
-        run(resolve_args(args))
+        args = resolve_args(args)
+        if torch.device(args.device).type == "cpu":
+            torch.set_num_threads(args.threads)
+        run(args)
     except MinidiffError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)  # main() may be called in-process (tests)
     return 0
 
 

@@ -262,12 +262,21 @@ def load_classifier(path=None) -> CharacterClassifier:
     return model.eval()
 
 
-def predict(images: torch.Tensor, model: CharacterClassifier = None):
+UNKNOWN = "unknown"
+MIN_CONFIDENCE = 0.8  # below this the classifier is guessing: a DCGAN's noise patterns get 0.6-0.7, clean drawings 0.9+
+
+
+def predict(images: torch.Tensor, model: CharacterClassifier = None, min_confidence: float = MIN_CONFIDENCE):
     """[N,3,H,W] in [-1,1] -> (character names [N], pose names [N], {"character": [N,6], "pose": [N,13],
-    "family": [N,5]} probabilities, columns in data.CHARACTERS / data.POSES / FAMILIES order)."""
+    "family": [N,5]} probabilities, columns in data.CHARACTERS / data.POSES / FAMILIES order).
+
+    A sample is recognised as character c only when p(c | sample) >= min_confidence; otherwise its character is
+    UNKNOWN. A softmax always picks someone, and without this floor pure noise patterns were "recognised" as the
+    target (the collapsed DCGAN scored identity 1.0 on noise)."""
     model = model if model is not None else load_classifier()
     pc, pp = _probs(model.eval(), images)
-    characters = [data.CHARACTERS[i] for i in pc.argmax(-1).tolist()]
+    conf, best = pc.max(-1)
+    characters = [data.CHARACTERS[i] if c >= min_confidence else UNKNOWN for i, c in zip(best.tolist(), conf.tolist())]
     poses = [data.POSES[i] for i in pp.argmax(-1).tolist()]
     return characters, poses, {"character": pc, "pose": pp, "family": family_probs(pp)}
 

@@ -22,7 +22,8 @@ Distance between two images (`pairwise_rmse`): per-pixel RMSE at S x S in [0,1] 
                        Background pixels are left out: pixels whose three sRGB values are all >= WHITE (240/255) are
                        the white canvas, and with ~75% of every Kenney image white they would drown the character's
                        colours. NaN when either set has no non-background pixel at all (e.g. blank white samples).
-* identity           = share of samples with argmax_c p(c | sample) == target character (`classifier.py`);
+* identity           = share of samples with argmax_c p(c | sample) == target character and p >= 0.8
+                       (`classifier.predict`: below that floor a sample is "unknown");
                        pose_counts / character_counts count the classifier's argmax labels over all samples.
 
 Numbers are comparable inside this project only (same S, same classifier weights). For scale, at 64 px: two poses of
@@ -182,7 +183,7 @@ def evaluate(samples: torch.Tensor, train: torch.Tensor, target_character: str =
         "diversity": diversity(s),
         "identity": sum(c == target_character for c in characters) / len(characters),
         "pose_counts": {p: poses.count(p) for p in POSES},
-        "character_counts": {c: characters.count(c) for c in CHARACTERS},
+        "character_counts": {c: characters.count(c) for c in (*CHARACTERS, clf.UNKNOWN)},
         "size": size,
         "n_samples": len(s),
         "n_train": len(t),

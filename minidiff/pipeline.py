@@ -26,6 +26,9 @@ from .schedule import Schedule
 SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
                   "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
                   "timestep_spacing": "leading", "steps_offset": 1}
+# The sampler a model folder asks for, as diffusers reads it: scheduler/scheduler_config.json's class name.
+SAMPLER_OF_SCHEDULER = {"EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_a",
+                        "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "DPMSolverMultistepScheduler": "dpmpp_2m"}
 
 
 @dataclass
@@ -74,13 +77,18 @@ def decode(pipe: Pipeline, x0: torch.Tensor) -> torch.Tensor:
     return torch.cat(out).clamp(-1, 1)
 
 
+def model_sampler(pipe: Pipeline) -> str:
+    """The sampler the model's scheduler config names ("euler" when it names none we know)."""
+    return SAMPLER_OF_SCHEDULER.get(pipe.scheduler_config.get("_class_name"), "euler")
+
+
 @torch.no_grad()
-def generate(pipe: Pipeline, prompts, negative="", steps=30, cfg=5.0, sampler="euler", seed=0, width=1024,
+def generate(pipe: Pipeline, prompts, negative="", steps=30, cfg=5.0, sampler=None, seed=0, width=1024,
              height=1024, guidance_rescale=0.0, batch_size=4, progress=True, spacing=None, karras=False, eta=0.0,
              noise=None) -> torch.Tensor:
     """Images [N, 3, height, width] in [-1, 1] for N prompts; image i uses seed + i (or row i of `noise`, unit
     Gaussian x_T). Guidance (cfg > 1) batches [uncond ; cond] into one UNet call per step. `spacing` defaults to
-    the model's scheduler config ("leading" for SDXL)."""
+    the model's scheduler config ("leading" for SDXL), `sampler` to the one its config names (Euler for SDXL)."""
     from .samplers import cfg as guide
     from .samplers import sample
 
@@ -90,6 +98,7 @@ def generate(pipe: Pipeline, prompts, negative="", steps=30, cfg=5.0, sampler="e
         raise MinidiffError(f"generate: need prompts and a width and height that are positive multiples of "
                             f"{multiple}, got {len(prompts)} prompts, {width}x{height}")
     spacing = spacing or pipe.scheduler_config.get("timestep_spacing", "leading")
+    sampler = sampler or model_sampler(pipe)
     steps_offset = pipe.scheduler_config.get("steps_offset", 1)
     generators = [torch.Generator("cpu").manual_seed(int(seed) + i) for i in range(len(prompts))]
     batch_size = 1 if _stochastic(sampler, eta) else max(1, batch_size)

@@ -74,7 +74,7 @@ class Schedule:
 
     @classmethod
     def from_name(cls, name: str, T: int = 1000) -> "Schedule":
-        """"linear" | "scaled_linear" | "cosine" with their default betas."""
+        """A schedule by name: "linear", "scaled_linear" or "cosine", with its default betas."""
         makers = {"linear": cls.linear, "scaled_linear": cls.scaled_linear, "cosine": cls.cosine}
         if name not in makers:
             raise MinidiffError(f"unknown schedule {name!r}: expected one of {', '.join(makers)}")
@@ -126,7 +126,10 @@ class Schedule:
         return (x_t - self._at((1 - ab).sqrt(), t, x_t) * eps) / self._at(ab.sqrt(), t, x_t)
 
     def v_target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
-        """v-prediction target (Salimans & Ho 2022, appendix D):  v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0."""
+        """v-prediction target (Salimans & Ho 2022, appendix D):
+
+            v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0
+        """
         ab = self.alpha_bar
         return self._at(ab.sqrt(), t, x0) * eps - self._at((1 - ab).sqrt(), t, x0) * x0
 
@@ -184,7 +187,8 @@ def timesteps(n: int, spacing: str = "leading", T: int = 1000, steps_offset: int
         trailing:  t_i = round(T - i * T / n) - 1,            i = 0 .. n-1     (999 .. 19 for n=50; = sgm's sampler)
         linspace:  t_i = linspace(0, T - 1, n) reversed                        (fractional for most n)
 
-    `steps_offset` only applies to "leading".
+    `steps_offset` only applies to "leading". (For a few n, e.g. 61 and 103, diffusers' "trailing" returns n + 1
+    steps ending in -1, an artefact of np.arange with a float step; this function always returns n.)
     """
     if n < 1 or n > T:
         raise MinidiffError(f"number of sampling steps must be in 1..{T}, got {n}")

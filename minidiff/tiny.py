@@ -17,10 +17,11 @@ model of the same family (minidiff/assets/tiny-sdxl, a diffusers folder read by 
 
 Pretraining data: every pose of 5 of the 6 Kenney characters (65 drawings, x-flipped at random), EXCLUDING the
 DreamBooth target `data.TARGET_CHARACTER` (female_adventurer), who is new to the model. Captions are generated
-(`caption`): character kind, looks, pose, view, e.g. "a picture of a robot with one eye jumping, seen from the
-front". female_person is a "girl", the class word of the target. Each part but the kind is dropped at random so
-that short prompts ("a picture of a girl") are in distribution, and 10 % of rows are trained uncaptioned (all-zero
-context and pooled vector, what `pipeline.generate` uses as the unconditional input of classifier-free guidance).
+(`caption`): character kind, looks, pose, view, e.g. "a picture of a robot with one eye in blue metal jumping seen
+from the front" (no comma, so that decoding a caption's tokens gives it back exactly). female_person is a "girl",
+the class word of the target. Each part but the kind is dropped at random so that short prompts ("a picture of a
+girl") are in distribution, and 10 % of rows are trained uncaptioned (all-zero context and pooled vector, what
+`pipeline.generate` uses as the unconditional input of classifier-free guidance).
 
 Loss (Ho et al. 2020 eq. 14, SDXL's conditioning): x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps,
 L = || eps - unet(x_t, t, context, pooled, time_ids) ||^2, with the UNet and both text encoders trained together
@@ -47,7 +48,7 @@ from .errors import MinidiffError
 TINY_DIR = Path(__file__).resolve().parent / "assets" / "tiny-sdxl"
 SIZE = 32
 TRAIN_COMMAND = "python train_ddpm.py --preset tiny-sdxl --out minidiff/assets/tiny-sdxl"
-SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+SCHEDULER = {"_class_name": "EulerAncestralDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
              "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
              "timestep_spacing": "leading", "steps_offset": 1}  # SDXL's own
 
@@ -289,7 +290,8 @@ def pretrain(out_dir, steps=3000, batch_size=16, lr=1e-3, warmup=200, ema_decay=
     opt = torch.optim.AdamW(nets.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     x, rows = pretraining_set()
     x, alpha_bar = x.to(device), pipe.schedule.alpha_bar.float().to(device)
-    info = {"command": command, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "ema_decay": ema_decay,
+    info = {"command": command, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
+            "ema_decay": ema_decay,
             "caption_dropout": caption_dropout, "seed": seed, "device": str(device),
             "torch_threads": torch.get_num_threads(), "characters": list(PRETRAIN_CHARACTERS)}
     log, start = LossLog(out), time.time()

@@ -104,3 +104,14 @@ def test_training_is_seeded():
     a = classifier.train_model(x, alpha, c, p, steps=2, batch=8, seed=5, desc="a").state_dict()
     b = classifier.train_model(x, alpha, c, p, steps=2, batch=8, seed=5, desc="b").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_noise_is_not_recognised_as_anyone():
+    """A softmax always names someone: below MIN_CONFIDENCE the sample is 'unknown', so noise scores identity 0."""
+    g = torch.Generator().manual_seed(0)
+    noise = (torch.rand(32, 3, 64, 64, generator=g) * 2 - 1)
+    characters, _, probs = classifier.predict(noise)
+    assert data.TARGET_CHARACTER not in characters
+    assert characters.count(classifier.UNKNOWN) >= 0.9 * len(characters), characters
+    assert all((p >= classifier.MIN_CONFIDENCE) == (c != classifier.UNKNOWN)
+               for p, c in zip(probs["character"].max(-1).values.tolist(), characters))

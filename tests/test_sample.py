@@ -102,11 +102,9 @@ def test_user_errors_print_one_line_and_exit_2(model, argv, message, capsys, tmp
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
 
 
-def test_cli_without_model_says_so_in_one_line(tmp_path):
-    if sample.DEFAULT_MODEL.exists():
-        pytest.skip("the bundled miniature exists: sample.py uses it by default")
-    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--prompt", "a cat"], capture_output=True, text=True,
-                       cwd=tmp_path)
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+def test_cli_without_model_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sample, "DEFAULT_MODEL", tmp_path / "no-such-miniature")  # as if the bundle were missing
+    code = sample.main(["--prompt", "a cat"])
+    assert code == 2 and capsys.readouterr().err.strip().splitlines() == [
         "error: no model given: pass --model (a diffusers SDXL folder or an original .safetensors file); the bundled "
         "miniature minidiff/assets/tiny-sdxl is not there"]

@@ -18,7 +18,8 @@ SHIPPED = tiny.TINY_DIR
 
 # ------------------------------------------------------------------------------------------------------ captions
 def test_caption_written_out_by_hand():
-    assert tiny.caption("robot", "jump") == "a picture of a robot with one eye in blue metal jumping seen from the front"
+    robot = "a picture of a robot with one eye in blue metal jumping seen from the front"
+    assert tiny.caption("robot", "jump") == robot
     assert tiny.caption("female_person", "climb1", looks=False) == "a picture of a girl climbing seen from the back"
     assert tiny.caption("zombie", "walk5", looks=False, action=False, view=False) == "a picture of a zombie"
 

@@ -34,7 +34,8 @@ def test_few_step_run_writes_all_outputs(tmp_path):
                  "checkpoints/step-000002.safetensors", "samples/step-000002.png"):
         assert (out / name).is_file(), name
     meta = read_png_metadata(out / "grid.png")
-    assert meta["seed"] == 0 and meta["step"] == 4 and meta["settings"]["sampler"] == "ddim"
+    assert meta["seed"] == 0 and meta["step"] == 4
+    assert meta["settings"]["sampler"] == "ddpm" and meta["settings"]["schedule"] == "cosine"
     result = json.loads((out / "metrics.json").read_text())
     for key in ("nn_distance", "memorized_fraction", "palette_distance", "diversity", "identity", "pose_counts"):
         assert key in result
@@ -60,6 +61,13 @@ def test_resume_equals_uninterrupted_bitwise(tmp_path, monkeypatch, recipe):
     assert (a / "loss.csv").read_text() == (b / "loss.csv").read_text()
     pixels = [Image.open(d / "grid.png").tobytes() for d in (a, b)]  # (the metadata differs: it names --out)
     assert pixels[0] == pixels[1]
+    assert train_ddpm.main(["--steps", "5", "--out", b, "--resume", "latest", "--lr", "1e-4"] + args) == 2  # changed
+
+
+def test_resume_needs_a_checkpoint(tmp_path, capsys):
+    assert train_ddpm.main(["--out", tmp_path / "none", "--resume", "latest", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint not found" in err and len(err.strip().splitlines()) == 1
 
 
 def test_loss_is_l_simple():
