@@ -16,7 +16,6 @@ manifest.json (settings, what trained, files, timings). `--train full` writes un
 The loop itself lives in minidiff/dreambooth.py; this file parses flags, loads, caches, and writes files.
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -27,19 +26,15 @@ import warnings
 from pathlib import Path
 
 import torch
+from minidiff.errors import ArgumentParser as Parser
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "minidiff" / "assets" / "tiny-sdxl"
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit status 2, like every other user error
-        print(f"error: {message} (see python finetune.py --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_parser():
-    p = Parser(description="DreamBooth fine-tuning (LoRA or full UNet) with prior preservation.")
+    p = Parser(prog=Path(__file__).name,
+               description="DreamBooth fine-tuning (LoRA or full UNet) with prior preservation.")
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=str(DEFAULT_MODEL), help="diffusers SDXL folder or single .safetensors file "
                    "(default: the bundled miniature, minidiff/assets/tiny-sdxl)")

@@ -11,9 +11,9 @@ Each PNG carries prompt, negative, seed, steps, cfg, sampler, model and LoRAs in
 (minidiff.images.read_png_metadata reads them back). User errors print one line and exit with status 2.
 """
 
-import argparse
 import sys
 from pathlib import Path
+from minidiff.errors import ArgumentParser as Parser
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "minidiff" / "assets" / "tiny-sdxl"
@@ -22,14 +22,9 @@ DEFAULT_PROMPTS = ("a picture of a girl", "a picture of a robot jumping", "a pic
 SAMPLERS = ("euler", "euler_a", "ddim", "ddpm", "dpmpp_2m")
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit status 2, like every other user error
-        print(f"error: {message} (see python sample.py --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_parser():
-    p = Parser(description="Text to image with an SDXL-family model (and LoRAs).")
+    p = Parser(prog=Path(__file__).name,
+               description="Text to image with an SDXL-family model (and LoRAs).")
     a = p.add_argument
     a("--model", default=None, help="diffusers SDXL folder or original single .safetensors file "
       "(default: the bundled miniature, minidiff/assets/tiny-sdxl)")

@@ -31,9 +31,7 @@ continues bit for bit), samples/step-XXXXXX.png every --sample-every steps, and 
 (minidiff.metrics.evaluate of the 25 samples against the training images, plus timings).
 """
 
-import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -41,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from minidiff.errors import ArgumentParser as Parser
 
 DEFAULTS = {  # per recipe; every one can be overridden on the command line
     "ho": dict(size=32, steps=800, batch_size=8, lr=1e-3, ema_decay=0.999, schedule="cosine", sampler="ddpm",
@@ -56,14 +55,9 @@ RESUME_KEYS = ("recipe", "data", "fit", "size", "schedule", "batch_size", "lr", 
 SAMPLE_SEED_OFFSET = 1  # sampling noise comes from torch.Generator().manual_seed(seed + 1), apart from training's RNG
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit status 2, like every other user error
-        print(f"error: {message} (see python train_ddpm.py --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_parser():
-    p = Parser(description="Train a pixel-space DDPM on a few images (Ho et al. 2020), or the seed's failed recipe.")
+    p = Parser(prog=Path(__file__).name,
+               description="Train a pixel-space DDPM on a few images (Ho et al. 2020), or the seed's failed recipe.")
     p.add_argument("--recipe", choices=tuple(DEFAULTS), default="ho",
                    help="ho: DDPM done right (default); seed: the seed project's 5-step linear-blend model")
     p.add_argument("--data", default=None, help="image folder (default: the six bundled female_adventurer drawings)")
@@ -246,12 +240,6 @@ def generate(model, schedule, args, n=N_SAMPLES, progress=True):
     return x.clamp(-1, 1).cpu()
 
 
-def atomic_write_json(obj, path):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def run(args):
     from tqdm import tqdm
 
@@ -326,7 +314,7 @@ def run(args):
     result = metrics.evaluate(samples, dataset.tensors())
     result.update(recipe=args.recipe, steps=args.steps, size=args.size, seed=args.seed, sampler=args.sampler,
                   sample_steps=args.sample_steps, train_seconds=train_seconds, sample_seconds=sample_seconds)
-    atomic_write_json(result, out / "metrics.json")
+    training.atomic_write_json(result, out / "metrics.json")
     print(f"ddpm {args.recipe}: {args.steps} steps in {train_seconds:.0f}s, {N_SAMPLES} samples in "
           f"{sample_seconds:.0f}s -> {out}/grid.png; palette_distance {result['palette_distance']:.2f}, identity "
           f"{result['identity']:.2f}, nn_distance {result['nn_distance']:.3f}, diversity {result['diversity']:.3f}")

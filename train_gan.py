@@ -29,15 +29,14 @@ alike (palette 2.92 / 2.74, diversity 0.062 / 0.058). More steps help: 3000 step
 diversity 0.07-0.08 (the six training images: 0.117); Adam betas (0, 0.99) instead of (0.5, 0.999): no clear gain.
 """
 
-import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from minidiff.errors import ArgumentParser as Parser
 
 DEFAULTS = {  # per recipe; every one can be overridden on the command line
     "dcgan": dict(size=64, steps=600, batch_size=128, width=64, save_every=300, sample_every=200),
@@ -47,14 +46,9 @@ GRID_SEED_OFFSET = 1  # the fixed latents of every grid come from torch.Generato
 N_GRID = 64
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit status 2, like every other user error
-        print(f"error: {message} (see python train_gan.py --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_parser():
-    p = Parser(description="Train a DCGAN-sized GAN on a few images: the seed's recipe or the data-efficient one.")
+    p = Parser(prog=Path(__file__).name,
+               description="Train a DCGAN-sized GAN on a few images: the seed's recipe or the data-efficient one.")
     p.add_argument("--recipe", choices=("dcgan", "data-efficient"), default="data-efficient",
                    help="dcgan: the seed's (BN, sigmoid+BCE, no augmentation); data-efficient: DiffAugment + "
                         "spectral norm + hinge + EMA (default)")
@@ -132,12 +126,6 @@ def batch_indices(n, batch_size):
     return perms[:batch_size]
 
 
-def atomic_write_json(obj, path):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def run(args):
     from tqdm import tqdm
 
@@ -207,7 +195,7 @@ def run(args):
     result = metrics.evaluate(samples, reals.float().cpu())
     result.update(recipe=args.recipe, steps=args.steps, size=args.size, seed=args.seed, train_seconds=train_seconds,
                   generator="EMA" if ema else "G")
-    atomic_write_json(result, out / "metrics.json")
+    training.atomic_write_json(result, out / "metrics.json")
     print(f"{args.recipe}: {args.steps} steps in {train_seconds:.0f}s -> {out}/grid.png; palette_distance "
           f"{result['palette_distance']:.2f}, identity {result['identity']:.2f}, nn_distance "
           f"{result['nn_distance']:.3f}, diversity {result['diversity']:.3f}")

@@ -3,6 +3,8 @@
 Scripts catch `MinidiffError`, print its message and exit with status 2, so a user never sees a traceback from deep
 inside torch for a missing file, an empty folder or a wrong key layout.
 """
+import argparse
+import sys
 
 
 class MinidiffError(Exception):
@@ -23,3 +25,11 @@ class LoRAError(MinidiffError, ValueError):
 
 class TrainingError(MinidiffError, RuntimeError):
     """Training cannot go on: NaN loss, unsupported GPU, nothing to resume from."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and exit status 2, like every other user error."""
+
+    def error(self, message):
+        print(f"error: {message} (see python {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)

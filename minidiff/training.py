@@ -34,6 +34,13 @@ NAN_HINT = "fp16 overflow? try --mixed-precision bf16/no or a lower lr"
 
 
 # ----------------------------------------------------------------------------------------------- atomic files
+def atomic_write_json(obj, path):
+    """Write obj as indented JSON to path atomically (a .tmp file, then os.replace)."""
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def atomic_save_file(tensors, path, metadata=None):
     """safetensors.torch.save_file to `path.tmp`, fsync, then os.replace onto `path` (never a half-written file)."""
     path = Path(path)
