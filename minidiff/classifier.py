@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from . import data
 from .errors import CheckpointError, DataError, MinidiffError
+from .images import square
 
 CLASSIFIER_PATH = Path(__file__).resolve().parent / "assets" / "classifier.safetensors"
 INPUT_SIZE = 64
@@ -69,13 +70,7 @@ def preprocess(images: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise DataError(f"expected an image tensor [N, 3, H, W] in [-1, 1], got {shape}")
     x = images.float()
-    h, w = x.shape[-2:]
-    if h != w:
-        s = max(h, w)
-        top, left = (s - h) // 2, (s - w) // 2
-        x = F.pad(x, (left, s - w - left, top, s - h - top), value=1.0)
-    if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    x = square(x, size, fill=1.0)
     return x.clamp(-1, 1)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from .errors import DataError
@@ -264,3 +265,16 @@ def plot_curves(series, path, title="", log_y=None, xlabel="step", ylabel="", si
         _text(d, (lx + 34, yy), name, font, "lm")
     _atomic_pil_save(img, path)
     return Path(path)
+
+
+def square(x: torch.Tensor, size: int, fill: float = 1.0) -> torch.Tensor:
+    """[N,C,H,W] -> [N,C,size,size]: pad the short side with `fill` (white: 1.0 in [-1,1] or in [0,1]) so nothing
+    is cut, then an antialiased bilinear resize. The tensor twin of data.fit_square(fit="pad")."""
+    h, w = x.shape[-2:]
+    if h != w:
+        s = max(h, w)
+        top, left = (s - h) // 2, (s - w) // 2
+        x = F.pad(x, (left, s - w - left, top, s - h - top), value=fill)
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x

@@ -34,9 +34,9 @@ to the training images, not who they show (that is the classifier's job).
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .errors import DataError
+from .images import square
 
 SIZE = 64
 WHITE = 240 / 255  # an sRGB pixel with all three channels >= WHITE counts as background
@@ -63,13 +63,7 @@ def prepare(images: torch.Tensor, size: int = SIZE) -> torch.Tensor:
     """[N,3,H,W] in [-1,1] -> [N,3,size,size] in [0,1]: white padding to a square, antialiased bilinear resize."""
     _check(images, "images")
     x = (images.float().clamp(-1, 1) + 1) / 2
-    h, w = x.shape[-2:]
-    if h != w:
-        s = max(h, w)
-        top, left = (s - h) // 2, (s - w) // 2
-        x = F.pad(x, (left, s - w - left, top, s - h - top), value=1.0)
-    if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    x = square(x, size, fill=1.0)
     return x.clamp(0, 1)
 
 
