@@ -153,15 +153,9 @@ def run(args):
 
 
 def main(argv=None):
-    from minidiff.errors import MinidiffError
+    from minidiff.errors import exit_code
 
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except MinidiffError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

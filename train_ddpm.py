@@ -328,14 +328,9 @@ def main(argv=None):
 
         return tiny.main(argv[2:])
     args = build_parser().parse_args(argv)
-    from minidiff.errors import MinidiffError
+    from minidiff.errors import exit_code
 
-    try:
-        run(resolve_args(args))
-    except MinidiffError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: run(resolve_args(args)))
 
 
 if __name__ == "__main__":

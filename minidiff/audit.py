@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import MinidiffError
+from .errors import exit_code
 from .images import save_png
 from .lora import read_lora
 
@@ -157,17 +157,15 @@ def main(argv=None):
     ap.add_argument("--png", help="write ||delta W|| per UNet block as a bar chart to this PNG")
     ap.add_argument("--top", type=int, default=None, help="list only the N largest modules")
     args = ap.parse_args(argv)
-    try:
+    def report_file():
         report = audit_lora(args.file)
         print(format_audit(report, args.top))
         if args.png:
             draw_block_norms(report["blocks"], args.png, title=f"||delta W||_F per block: {Path(args.file).name}",
                              metadata={"file": str(args.file), "format": report["format"], "params": report["params"]})
             print(f"wrote {args.png}")
-    except MinidiffError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return exit_code(report_file)
 
 
 if __name__ == "__main__":

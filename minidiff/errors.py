@@ -33,3 +33,13 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         print(f"error: {message} (see python {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
+
+
+def exit_code(fn, *args, **kwargs) -> int:
+    """Run a script's body: 0 when it finishes, 2 with one `error: ...` line on stderr for a MinidiffError."""
+    try:
+        fn(*args, **kwargs)
+    except MinidiffError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import data
-from .errors import MinidiffError
+from .errors import exit_code
 
 TINY_DIR = Path(__file__).resolve().parent / "assets" / "tiny-sdxl"
 SIZE = 32
@@ -345,13 +345,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    try:
-        pretrain(a.out, a.steps, a.batch_size, a.lr, a.warmup, a.ema_decay, a.caption_dropout, a.seed, a.device,
-                 a.save_every, command=shlex.join(["python", "train_ddpm.py", "--preset", "tiny-sdxl", *argv]))
-    except MinidiffError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(pretrain, a.out, a.steps, a.batch_size, a.lr, a.warmup, a.ema_decay, a.caption_dropout, a.seed,
+                     a.device, a.save_every,
+                     command=shlex.join(["python", "train_ddpm.py", "--preset", "tiny-sdxl", *argv]))
 
 
 if __name__ == "__main__":
