@@ -185,6 +185,7 @@ def run(args, ctx=None):
     if device.type == "cuda":
         training.check_gpu(device)
     autocast_dtype, use_scaler = training.resolve_precision(args.mixed_precision, device)
+    peaks = training.PeakMemory(device)  # GPU memory per phase, into the manifest (docs/performance.md)
     lr = args.lr or (1e-4 if args.train == "lora" else 5e-6)
 
     # 1. what can be checked before loading the model: images, class images, the checkpoint, the output folder
@@ -211,14 +212,17 @@ def run(args, ctx=None):
         pipe.vae.requires_grad_(False).float()
     job = Run(args, pipe, device, autocast_dtype, size, lr, out, ctx)
     timings["load_s"] = time.perf_counter() - t0
+    peaks.end("load")
 
     # 3. class images from the base model (the missing ones), then every image and caption encoded once
     t = time.perf_counter()
     klass_set = job.class_images(class_dir) if prior else None
     timings["class_images_s"] = time.perf_counter() - t
+    peaks.end("class_images")
     t = time.perf_counter()
     job.cache(instance_set, klass_set)
     timings["cache_s"] = time.perf_counter() - t
+    peaks.end("cache")
 
     # 4. what trains, printed before it does
     models, params = make_trainable(args, pipe)
@@ -237,18 +241,17 @@ def run(args, ctx=None):
                          caption_dropout=args.caption_dropout, prediction_type=job.prediction_type,
                          save_every=args.save_every, validate_every=args.validate_every)
     primary = "diffusers" if args.format == "diffusers" else "kohya"
-    on_save = None if args.train == "full" else \
-        lambda step: job.save_lora(out / f"lora-step-{step:06d}.safetensors", primary, step)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    on_save = None if args.train == "full" else peaks.around(
+        "save", lambda step: job.save_lora(out / f"lora-step-{step:06d}.safetensors", primary, step))
+    on_validate = peaks.around("validation", lambda step: job.validate(f"step-{step:06d}"))
+    peaks.end("setup")
     result = db.train(pipe.unet, params, pipe.schedule, job.instance, job.klass, job.embed, cfg, out,
                       {name: training.Trainable(m) for name, m in models.items()}, (autocast_dtype, use_scaler),
-                      resume=args.resume, on_save=on_save, on_validate=lambda step: job.validate(f"step-{step:06d}"),
-                      ctx=ctx)
+                      resume=args.resume, on_save=on_save, on_validate=on_validate, ctx=ctx)
+    peaks.end("train")
     if not ctx.is_main:
         return None
     timings.update(train_s=result["seconds"], s_per_step=result["s_per_step"])
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     job.files += [str(out / "loss.csv"), str(out / "loss.png")]
 
     # 6. the result, a last grid, the manifest
@@ -259,9 +262,11 @@ def run(args, ctx=None):
         if args.train == "lora" and args.format in (fmt, "both"):
             job.save_lora(out / name, fmt, args.steps)
     timings["save_s"] = time.perf_counter() - t
+    peaks.end("save")
     t = time.perf_counter()
     job.validate("final")
     timings["validation_s"] = time.perf_counter() - t
+    peaks.end("validation")
     timings["total_s"] = time.perf_counter() - t0
     settings = {k: v for k, v in vars(args).items() if k != "argv"}
     settings.update(lr=lr, resolution=size, prediction_type=job.prediction_type, device=str(device),
@@ -273,12 +278,13 @@ def run(args, ctx=None):
         "model": {"path": str(args.model), "hash": job.base_hash},
         "data": {"instance_images": job.instance.paths, "captions": job.instance.captions, "hash": job.data_hash,
                  "class_images": job.klass.paths if prior else []},
-        "trainable": table, "files": sorted(set(job.files)), "timings": timings, "peak_gpu_memory_gib": peak,
+        "trainable": table, "files": sorted(set(job.files)), "timings": timings, "peak_gpu_memory_gib": peaks.gib,
         "final_loss": result["loss"], "resumed_from_step": result["resumed_from"],
     }
     _atomic_json(manifest, out / "manifest.json")
-    print(f"done in {timings['total_s']:.1f}s ({timings['s_per_step']:.3f} s/step"
-          + (f", peak GPU memory {peak:.2f} GiB" if peak else "") + f"); wrote {out}")
+    print(f"done in {timings['total_s']:.1f}s ({timings['s_per_step']:.3f} s/step); wrote {out}")
+    if peaks.gib:
+        print("peak GPU memory (GiB) by phase: " + ", ".join(f"{k} {v:.2f}" for k, v in peaks.gib.items()))
     return manifest
 
 

@@ -12,6 +12,7 @@ Each PNG carries prompt, negative, seed, steps, cfg, sampler, model and LoRAs in
 """
 
 import sys
+import time
 from pathlib import Path
 from minidiff.errors import ArgumentParser as Parser
 
@@ -133,9 +134,14 @@ def run(args):
     native = pipe.unet.config.sample_size * pipe.scale
     width, height = args.width or native, args.height or native
     runs = [p for p in prompts for _ in range(args.num)]
+    t0 = time.perf_counter()
     images = generate(pipe, runs, negative=args.negative, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
                       seed=args.seed, width=width, height=height, guidance_rescale=args.guidance_rescale,
                       batch_size=args.batch_size, spacing=args.spacing, karras=args.karras)
+    seconds = time.perf_counter() - t0
+    cuda = torch.device(device).type == "cuda"
+    print(f"{len(runs)} image(s) in {seconds:.1f} s ({seconds / len(runs):.2f} s/image"
+          + (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB)" if cuda else ")"))
 
     out = Path(args.out)
     settings = {"negative": args.negative, "steps": args.steps, "cfg": args.cfg, "sampler": args.sampler,

@@ -5,9 +5,9 @@ sampling and class-image generation, each measured in a fresh subprocess (so pea
     python bench/bench.py --device cuda --resolution 1024 --precision fp16   # a 16 GB P100 / T4
     python bench/bench.py --config tiny_sdxl --tasks forward,train          # seconds (what tests/test_bench.py runs)
 
-Identical weights without a download: both models are built on the meta device and every tensor is then filled from
-a generator seeded by (seed, crc32 of its state-dict key), so "ours" never holds a copy of the diffusers model (each
-subprocess builds only its own). The LoRA down matrices A are filled the same way (key "<module>.lora_A"); B starts
+Identical weights without a download (bench/weights.py): both models are built on the meta device and every tensor is
+then filled from a generator seeded by (seed, crc32 of its state-dict key), so "ours" never holds a copy of the
+diffusers model (each subprocess builds only its own). The LoRA down matrices A are filled the same way (key "<module>.lora_A"); B starts
 at zero in both. Ours: minidiff.lora.inject_lora(targets="attn", rank=4); diffusers: peft LoraConfig(r=4,
 target_modules=["to_q", "to_k", "to_v", "to_out.0"]) through unet.add_adapter, as train_dreambooth_lora_sdxl.py does.
 One training step = forward + MSE + backward + AdamW step, gradient checkpointing on both; the reported time is the
@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 import torch
@@ -37,118 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# diffusers' unet/config.json and vae/config.json of stabilityai/stable-diffusion-xl-base-1.0 (reference sdxl.md 1.1,
-# 4), written out here rather than derived from minidiff's config so that the oracle does not depend on our code.
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[320, 640, 1280],
-    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    mid_block_type="UNetMidBlock2DCrossAttn", transformer_layers_per_block=[1, 2, 10], attention_head_dim=[5, 10, 20],
-    cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
-    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, norm_num_groups=32, norm_eps=1e-5,
-    flip_sin_to_cos=True, freq_shift=0, act_fn="silu")
-SDXL_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=[128, 256, 512, 512],
-    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=32,
-    act_fn="silu", sample_size=1024, scaling_factor=0.13025, force_upcast=True)
-SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                      prediction_type="epsilon", timestep_spacing="leading", steps_offset=1,
-                      interpolation_type="linear", use_karras_sigmas=False)
+from weights import DTYPES, SDXL_SCHEDULER, build_unet, build_vae, init_value, unet_inputs  # noqa: E402
+
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TASKS = ("forward", "train", "sample", "classgen")
-
-
-# ------------------------------------------------------------------------------------------------ shared weights
-def init_value(key: str, shape, dtype, device, seed=0) -> torch.Tensor:
-    """The tensor every implementation gets for state-dict `key`: N(0, 1/fan_in) for weights with >= 2 dims, ones
-    for norm weights, N(0, 0.02^2) for biases; drawn from a generator seeded by (seed, crc32(key)) on `device`."""
-    device = torch.device(device)
-    g = torch.Generator(device).manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
-    if len(shape) >= 2:
-        fan_in = 1
-        for s in shape[1:]:
-            fan_in *= s
-        t = torch.randn(shape, generator=g, device=device).mul_(fan_in ** -0.5)
-    elif key.endswith("weight"):
-        t = torch.ones(shape, device=device)
-    else:
-        t = torch.randn(shape, generator=g, device=device).mul_(0.02)
-    return t.to(dtype)
-
-
-def materialize(model: torch.nn.Module, dtype, device, seed=0) -> torch.nn.Module:
-    """Fill a model built on the meta device, tensor by tensor (peak = the model itself, never a second copy)."""
-    for key, meta in model.state_dict(keep_vars=True).items():
-        module_name, _, attr = key.rpartition(".")
-        module = model.get_submodule(module_name)
-        value = init_value(key, meta.shape, dtype if meta.is_floating_point() else meta.dtype, device, seed)
-        if isinstance(meta, torch.nn.Parameter):
-            setattr(module, attr, torch.nn.Parameter(value, requires_grad=meta.requires_grad))
-        else:
-            module._buffers[attr] = value
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:
-        raise RuntimeError(f"tensors still on the meta device after init: {left[:3]}")
-    return model
-
-
-def unet_config(name: str) -> tuple[dict, object]:
-    """(diffusers config dict, minidiff UNetConfig) for "sdxl" or any UNetConfig preset (e.g. tiny_sdxl)."""
-    from minidiff.unet import UNetConfig
-
-    ours = getattr(UNetConfig, name)()
-    theirs = dict(SDXL_UNET) if name == "sdxl" else {
-        k: v for k, v in ours.to_diffusers().items() if not k.startswith("_")}
-    return theirs, ours
-
-
-def build_unet(impl, name, dtype, device, seed):
-    """A UNet with the shared deterministic weights, and a call eps = f(x, t, context, pooled, time_ids)."""
-    theirs, ours = unet_config(name)
-    with torch.device("meta"):
-        if impl == "ours":
-            from minidiff.unet import UNet
-            model = UNet(ours)
-        else:
-            from diffusers import UNet2DConditionModel
-            model = UNet2DConditionModel.from_config(theirs)
-    materialize(model, dtype, device, seed)
-    if impl == "ours":
-        def call(x, t, ctx, pooled, ids):
-            return model(x, t, context=ctx, text_embeds=pooled, time_ids=ids)
-    else:
-        def call(x, t, ctx, pooled, ids):
-            return model(x, t, encoder_hidden_states=ctx, added_cond_kwargs={"text_embeds": pooled,
-                                                                              "time_ids": ids}).sample
-    return model, call, ours
-
-
-def build_vae(impl, name, dtype, device, seed):
-    with torch.device("meta"):
-        if impl == "ours":
-            from minidiff.vae import AutoencoderKL, VAEConfig
-            vae = AutoencoderKL(VAEConfig.sdxl() if name == "sdxl" else VAEConfig.tiny())
-        else:
-            from diffusers import AutoencoderKL
-            from minidiff.vae import VAEConfig
-            cfg = SDXL_VAE if name == "sdxl" else {
-                k: v for k, v in VAEConfig.tiny().to_diffusers().items() if not k.startswith("_")}
-            vae = AutoencoderKL.from_config(cfg)
-    return materialize(vae, dtype, device, seed + 1)
-
-
-def unet_inputs(cfg, batch, latent, dtype, device, seed=0):
-    """x_t, t, context, pooled, time_ids of a batch, from a fixed seed (the same in every worker)."""
-    g = torch.Generator().manual_seed(seed + 12345)
-    pooled_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-    x = torch.randn(batch, cfg.in_channels, latent, latent, generator=g)
-    ctx = torch.randn(batch, 77, cfg.cross_attention_dim, generator=g)
-    pooled = torch.randn(batch, pooled_dim, generator=g)
-    size = float(latent * 8)
-    ids = torch.tensor([[size, size, 0.0, 0.0, size, size]]).repeat(batch, 1)
-    t = torch.full((batch,), 500, dtype=torch.long)
-    return (x.to(device, dtype), t.to(device), ctx.to(device, dtype), pooled.to(device, dtype), ids.to(device, dtype))
 
 
 # ------------------------------------------------------------------------------------------------ measurements

@@ -198,6 +198,35 @@ def check_gpu(device=None):
         f", or on Kaggle switch the accelerator to the T4 (Settings > Accelerator > GPU T4 x2)")
 
 
+class PeakMemory:
+    """Peak GPU memory per phase of a run, in GiB: torch.cuda.max_memory_allocated since the previous phase ended
+    (the counter is reset at each end). Off the GPU it records nothing.
+
+        peaks = PeakMemory(device); load(); peaks.end("load"); train(); peaks.end("train")
+        on_save = peaks.around("save", save)   # save's own peak, apart from the training around it
+    """
+
+    def __init__(self, device):
+        self.device, self.gib = torch.device(device), {}
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def end(self, phase):
+        if self.device.type == "cuda":
+            gib = torch.cuda.max_memory_allocated(self.device) / 2**30
+            self.gib[phase] = round(max(self.gib.get(phase, 0.0), gib), 3)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def around(self, phase, fn, before="train"):
+        """fn, wrapped: what ran before it counts for `before`, fn itself for `phase`."""
+        def wrapped(*args, **kwargs):
+            self.end(before)
+            result = fn(*args, **kwargs)
+            self.end(phase)
+            return result
+        return wrapped
+
+
 def check_finite(loss, step, hint=NAN_HINT):
     """TrainingError when the loss is NaN or inf, naming the step (the run would only produce noise from here)."""
     value = loss.detach().float() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))

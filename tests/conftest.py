@@ -9,14 +9,16 @@ torch.set_num_threads(int(os.environ.get("MINIDIFF_TEST_THREADS", "1")))
 
 
 def pytest_collection_modifyitems(config, items):
-    """Full-size SDXL tests (~11 GB RAM, minutes) run only with MINIDIFF_FULLSIZE=1; otherwise they are reported
-    as skipped with the command that runs them (never dropped silently)."""
-    if os.environ.get("MINIDIFF_FULLSIZE") == "1":
-        return
-    skip = pytest.mark.skip(reason="full-size SDXL check: run with MINIDIFF_FULLSIZE=1 python -m pytest -m fullsize")
+    """Full-size SDXL tests (~11 GB RAM, minutes) run only with MINIDIFF_FULLSIZE=1, GPU tests only where CUDA is;
+    otherwise they are reported as skipped with the command that runs them (never dropped silently)."""
+    skips = {"gpu": None if torch.cuda.is_available() else pytest.mark.skip(
+                 reason="needs a CUDA GPU: bash bench/gpu_session.sh tests (docs/performance.md)"),
+             "fullsize": None if os.environ.get("MINIDIFF_FULLSIZE") == "1" else pytest.mark.skip(
+                 reason="full-size SDXL check: run with MINIDIFF_FULLSIZE=1 python -m pytest -m fullsize")}
     for item in items:
-        if "fullsize" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if skip is not None and marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

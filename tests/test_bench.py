@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import bench  # noqa: E402
+import weights  # noqa: E402
 import budget  # noqa: E402
 
 pytest.importorskip("diffusers")
@@ -26,16 +27,16 @@ def args(**kw):
 
 
 def test_init_is_a_function_of_the_key_only():
-    a = bench.init_value("down_blocks.1.attentions.0.proj_in.weight", (8, 4), torch.float32, "cpu")
-    b = bench.init_value("down_blocks.1.attentions.0.proj_in.weight", (8, 4), torch.float32, "cpu")
-    c = bench.init_value("down_blocks.1.attentions.0.proj_out.weight", (8, 4), torch.float32, "cpu")
+    a = weights.init_value("down_blocks.1.attentions.0.proj_in.weight", (8, 4), torch.float32, "cpu")
+    b = weights.init_value("down_blocks.1.attentions.0.proj_in.weight", (8, 4), torch.float32, "cpu")
+    c = weights.init_value("down_blocks.1.attentions.0.proj_out.weight", (8, 4), torch.float32, "cpu")
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert torch.equal(bench.init_value("norm.weight", (5,), torch.float32, "cpu"), torch.ones(5))
+    assert torch.equal(weights.init_value("norm.weight", (5,), torch.float32, "cpu"), torch.ones(5))
 
 
 def test_same_state_dict_in_both_implementations():
-    ours, _, _ = bench.build_unet("ours", "tiny_sdxl", torch.float32, "cpu", 0)
-    theirs, _, _ = bench.build_unet("diffusers", "tiny_sdxl", torch.float32, "cpu", 0)
+    ours, _, _ = weights.build_unet("ours", "tiny_sdxl", torch.float32, "cpu", 0)
+    theirs, _, _ = weights.build_unet("diffusers", "tiny_sdxl", torch.float32, "cpu", 0)
     a, b = ours.state_dict(), theirs.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -84,3 +85,32 @@ def test_flop_counter_counts_two_flops_per_multiply_add():
     with FlopCounterMode(display=False) as c:
         conv(torch.empty(1, 4, 8, 8, device="meta"))
     assert c.get_total_flops() == 2 * 9 * 4 * 32 * 64
+
+
+def test_sdxl_text_encoder_configs_have_the_published_sizes():
+    """CLIP ViT-L/14 123,060,480 and OpenCLIP bigG/14 694,659,840 parameters (reference sdxl.md 3)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.device("meta"):
+        te1 = CLIPTextModel(CLIPTextConfig(**weights.SDXL_CLIP_L))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**weights.SDXL_CLIP_G))
+    assert sum(p.numel() for p in te1.parameters()) == 123_060_480
+    assert sum(p.numel() for p in te2.parameters()) == 694_659_840
+
+
+def test_random_folder_reads_the_same_in_minidiff_and_diffusers(tmp_path):
+    """write_random_sdxl's folder (what the GPU session trains on) is a valid diffusers SDXL folder: diffusers'
+    StableDiffusionXLPipeline.from_pretrained reads the same tensors and encodes a prompt the same way as ours."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from minidiff.checkpoint import load_pipeline
+
+    folder = weights.write_random_sdxl(tmp_path / "model", "tiny_sdxl", torch.float32)
+    ours = load_pipeline(folder)
+    theirs = StableDiffusionXLPipeline.from_pretrained(str(folder))
+    for a, b in ((ours.unet, theirs.unet), (ours.vae, theirs.vae), (ours.text.text_encoder_2, theirs.text_encoder_2)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    ctx, pooled = ours.text.encode(["a picture of sks girl"])
+    ctx_d, _, pooled_d, _ = theirs.encode_prompt("a picture of sks girl", device="cpu", do_classifier_free_guidance=False)
+    assert torch.allclose(ctx, ctx_d, atol=1e-5) and torch.allclose(pooled, pooled_d, atol=1e-5)

@@ -263,3 +263,28 @@ def test_ema_matches_hand_computation():
     assert not ema.module.weight.requires_grad and model.weight.requires_grad
     ema.copy_to(model)
     assert torch.allclose(model.weight, torch.tensor([1.58, 2.58]))
+
+
+def test_peak_memory_gives_each_phase_its_own_peak(monkeypatch):
+    """A fake CUDA allocator counter (grows to the high-water mark, reset to what is allocated now): a peak reached
+    during a save inside training must count for the save, and the training around it for training."""
+    GiB = 2**30
+    mem = {"now": 0, "peak": 0}
+
+    def use(nbytes):  # allocate nbytes on top of what is held, then free them
+        mem["peak"] = max(mem["peak"], mem["now"] + nbytes)
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: mem["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: mem.update(peak=mem["now"]))
+    peaks = training.PeakMemory("cuda")
+    mem["now"] = mem["peak"] = GiB  # the weights, held from here on
+    peaks.end("load")
+    save = peaks.around("save", lambda: use(GiB // 2))
+    use(3 * GiB)
+    save()
+    use(GiB)
+    peaks.end("train")
+    assert peaks.gib == {"load": 1.0, "train": 4.0, "save": 1.5}
+    cpu = training.PeakMemory("cpu")
+    cpu.end("load")
+    assert cpu.gib == {}
