@@ -112,12 +112,12 @@ def run(args):
     from minidiff.images import make_grid, save_png
     from minidiff.pipeline import generate, model_sampler
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.device(device).type == "cuda":
-        from minidiff.training import check_gpu
+    from minidiff.training import check_gpu, resolve_device
 
+    device = resolve_device(args.device)
+    if device.type == "cuda":
         check_gpu(device)
-    dtype_name = args.dtype or ("fp16" if torch.device(device).type == "cuda" else "fp32")
+    dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
 
     pipe = load_pipeline(args.model, dtype=dtype, device=device, vae=args.vae, tokenizers=args.tokenizers)
@@ -139,7 +139,7 @@ def run(args):
                       seed=args.seed, width=width, height=height, guidance_rescale=args.guidance_rescale,
                       batch_size=args.batch_size, spacing=args.spacing, karras=args.karras)
     seconds = time.perf_counter() - t0
-    cuda = torch.device(device).type == "cuda"
+    cuda = device.type == "cuda"
     print(f"{len(runs)} image(s) in {seconds:.1f} s ({seconds / len(runs):.2f} s/image"
           + (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB)" if cuda else ")"))
 

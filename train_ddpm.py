@@ -72,33 +72,22 @@ def build_parser():
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: ho 1e-3, seed 8e-4)")
     p.add_argument("--ema-decay", type=float, default=None, help="EMA decay (default 0.999; 0 = sample the raw net)")
     p.add_argument("--dropout", type=float, default=0.0, help="ResBlock dropout (Ho et al. used 0.1 on CIFAR-10)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads (default 1: the same result whatever the load; more threads are faster on an "
-                        "idle machine, change the last bits, and crawl on a shared, busy one)")
-    p.add_argument("--out", default="runs/train_ddpm")
-    p.add_argument("--resume", default=None, help="a checkpoint file, an output folder, or 'latest' (in --out)")
-    p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--sample-every", type=int, default=None, help="samples/step-N.png every N steps (0: only grid.png)")
+    p.add_run_flags(out="runs/train_ddpm", samples="samples/step-N.png")
     return p
 
 
 def resolve_args(args):
     """Fill the recipe defaults and check the numbers: MinidiffError (one line) on bad input."""
-    from minidiff.errors import MinidiffError
+    from minidiff import training
+    from minidiff.errors import MinidiffError, check_counts
 
     for key, value in DEFAULTS[args.recipe].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.sample_steps is None:
         args.sample_steps = SEED_STEPS if args.recipe == "seed" else 100
-    for flag in ("steps", "batch_size", "sample_steps"):
-        if getattr(args, flag) <= 0:
-            raise MinidiffError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
-    for flag in ("save_every", "sample_every"):
-        if getattr(args, flag) < 0:
-            raise MinidiffError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    check_counts(args, positive=("steps", "batch_size", "sample_steps", "threads"),
+                 non_negative=("save_every", "sample_every"))
     if not args.lr > 0:
         raise MinidiffError(f"--lr must be positive, got {args.lr}")
     if not 0 <= args.ema_decay < 1:
@@ -111,10 +100,7 @@ def resolve_args(args):
         raise MinidiffError(f"--recipe seed always samples in its {SEED_STEPS} training steps (drop --sample-steps)")
     if args.data is not None and not Path(args.data).is_dir():
         raise MinidiffError(f"--data {args.data}: no such folder (expected a folder of .png/.jpg images)")
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.threads <= 0:
-        raise MinidiffError(f"--threads must be a positive integer, got {args.threads}")
+    args.device = str(training.resolve_device(args.device))
     return args
 
 

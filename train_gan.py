@@ -60,31 +60,19 @@ def build_parser():
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of G and D")
     p.add_argument("--width", type=int, default=None, help="G's last / D's first conv width (64: 512-256-128-64)")
     p.add_argument("--r1", default="0", help="R1 gamma (lazy, every 16 D steps); 'auto' = 0.0002*size^2/batch; 0 off")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1: these small convs gain "
-                   "little from more, and a second thread that must wait for a busy core makes every step 4-10x "
-                   "slower when other jobs share the machine)")
-    p.add_argument("--out", default="runs/train_gan")
-    p.add_argument("--resume", default=None, help="a checkpoint file, an output folder, or 'latest' (in --out)")
-    p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--sample-every", type=int, default=None, help="grid-XXXXXX.png every N steps (0: only grid.png)")
+    p.add_run_flags(out="runs/train_gan", samples="grid-XXXXXX.png")
     return p
 
 
 def resolve_args(args):
     """Fill the recipe defaults and check the numbers: MinidiffError (one line) on bad input."""
-    from minidiff.errors import MinidiffError
+    from minidiff import training
+    from minidiff.errors import MinidiffError, check_counts
 
     for key, value in DEFAULTS[args.recipe].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for flag in ("steps", "batch_size", "width", "threads"):
-        if getattr(args, flag) <= 0:
-            raise MinidiffError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
-    for flag in ("save_every", "sample_every"):
-        if getattr(args, flag) < 0:
-            raise MinidiffError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    check_counts(args, positive=("steps", "batch_size", "width", "threads"), non_negative=("save_every", "sample_every"))
     if not args.lr > 0:
         raise MinidiffError(f"--lr must be positive, got {args.lr}")
     if args.size < 16 or args.size & (args.size - 1):
@@ -98,16 +86,7 @@ def resolve_args(args):
             raise MinidiffError(f"--r1 must be a number >= 0 or 'auto', got {args.r1!r}") from None
         if not args.r1 >= 0:
             raise MinidiffError(f"--r1 must be a number >= 0 or 'auto', got {args.r1}")
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise MinidiffError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MinidiffError(f"--device {args.device}: this PyTorch sees no CUDA GPU; use --device cpu")
-    if device.type not in ("cpu", "cuda") and not (device.type == "mps" and torch.backends.mps.is_available()):
-        raise MinidiffError(f"--device must be cpu, cuda or cuda:N (or mps on a Mac), got {args.device!r}")
+    args.device = str(training.resolve_device(args.device))
     return args
 
 

@@ -33,10 +33,6 @@ from .layouts import (CLIP_G_PREFIX, PREFIX, _infer_clip_config, _infer_unet_con
                       _text_model_level, convert_keys, detect_layout)
 from .pipeline import SDXL_SCHEDULER
 
-# Re-exported: the key rules moved to layouts.py, but lora.py, finetune.py and the tests import them from here.
-from .layouts import CLIP_L_PREFIX, IGNORED, OPEN_CLIP_RULES, RESNET, UNET_PREFIX, UNET_TOP, VAE_PREFIX  # noqa: F401
-from .layouts import VAE_RULES, diffusers_to_ldm_unet_key, ldm_to_diffusers_unet_key  # noqa: F401
-
 
 def file_hash(path) -> str:
     """sha256 of a file (hex), read in 1 MiB blocks."""

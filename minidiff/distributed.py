@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import TrainingError
+from .training import resolve_device
 
 
 @dataclass
@@ -42,9 +43,10 @@ def init(device: str | None = None) -> Context:
     """Join the process group torchrun describes in RANK / WORLD_SIZE / LOCAL_RANK (NCCL on GPUs, gloo on CPU);
     a single process (no torchrun) gets Context(0, 1) and nothing is initialised."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    device = resolve_device(device)  # a --device it cannot use: one line, not torch's traceback
+    cuda = device.type == "cuda"
     if world == 1:
-        return Context(device=torch.device(device or ("cuda" if cuda else "cpu")))
+        return Context(device=device)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         if local >= torch.cuda.device_count():

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .checkpoint import diffusers_to_ldm_unet_key
 from .errors import LoRAError
+from .layouts import diffusers_to_ldm_unet_key
 from .lora import LoRAConv2d, LoRALinear, _adapters_of, _check_name, _components, _wrap, lora_layers, lora_shapes
 from .training import atomic_save_file
 

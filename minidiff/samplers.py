@@ -146,7 +146,7 @@ def dpmpp_2m_step(x: Tensor, x0: Tensor, sigma: float, sigma_next: float, x0_pre
 
     `x0` is the data prediction (x - s eps) / a. At sigma_next = 0 the step returns D (first order: x_0).
     """
-    a, s = 1 / math.sqrt(sigma**2 + 1), sigma / math.sqrt(sigma**2 + 1)
+    s = sigma / math.sqrt(sigma**2 + 1)  # a = 1 / sqrt(sigma^2 + 1) enters only through x0
     a_next, s_next = 1 / math.sqrt(sigma_next**2 + 1), sigma_next / math.sqrt(sigma_next**2 + 1)
     exp_neg_h = sigma_next / sigma
     D = x0

@@ -27,7 +27,7 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from .errors import TrainingError
+from .errors import MinidiffError, TrainingError
 
 FORMAT = "minidiff-checkpoint"
 NAN_HINT = "fp16 overflow? try --mixed-precision bf16/no or a lower lr"
@@ -173,6 +173,21 @@ def _arch_runs(arch, major, minor):
     if kind == "sm":  # a cubin runs on the same major version with an equal or higher minor
         return a_major == major and a_minor <= minor
     return (a_major, a_minor) <= (major, minor)  # PTX is compiled on the fly for any newer GPU
+
+
+def resolve_device(name=None) -> torch.device:
+    """--device: None -> cuda when this PyTorch sees a GPU, else cpu; a name it cannot use -> one-line MinidiffError."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MinidiffError(f"--device must be cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MinidiffError(f"--device {name}: this PyTorch sees no CUDA GPU; use --device cpu")
+    if device.type not in ("cpu", "cuda") and not (device.type == "mps" and torch.backends.mps.is_available()):
+        raise MinidiffError(f"--device must be cpu, cuda or cuda:N (or mps on a Mac), got {name!r}")
+    return device
 
 
 def check_gpu(device=None):

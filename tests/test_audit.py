@@ -14,15 +14,6 @@ from minidiff.images import read_png_metadata
 from minidiff.lora import inject_lora
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP contention (10x faster here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("shape_A, shape_B", [((4, 96), (80, 4)), ((3, 16, 3, 3), (24, 3, 1, 1)), ((1, 7), (5, 1))])
 def test_delta_norm_matches_the_full_matrix(shape_A, shape_B):
     A, B, alpha = torch.randn(shape_A), torch.randn(shape_B), 1.5

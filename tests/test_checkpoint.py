@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from minidiff.checkpoint import (Tensors, _infer_unet_config, _infer_vae_config, _View, detect_layout,
-                                 diffusers_to_ldm_unet_key, file_hash, ldm_to_diffusers_unet_key, load_pipeline,
-                                 load_text, load_unet, load_vae, save_pipeline)
+from minidiff.checkpoint import Tensors, _View, file_hash, load_pipeline, load_text, load_unet, load_vae, save_pipeline
+from minidiff.layouts import (_infer_unet_config, _infer_vae_config, detect_layout, diffusers_to_ldm_unet_key,
+                              ldm_to_diffusers_unet_key)
 from minidiff.errors import CheckpointError
 from test_text import diffusers_sdxl, tiny_text_parts
 
@@ -305,7 +305,7 @@ def full_size_original():
 
 def test_config_inference_recovers_full_size_sdxl():
     """The single file has no configs: every size is read off the shapes of the real layout (1680 UNet tensors)."""
-    from minidiff.checkpoint import CLIP_G_PREFIX, CLIP_L_PREFIX, _infer_clip_config, convert_keys
+    from minidiff.layouts import CLIP_G_PREFIX, CLIP_L_PREFIX, _infer_clip_config, convert_keys
     from minidiff.unet import UNetConfig
     from minidiff.vae import VAEConfig
 

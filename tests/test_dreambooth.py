@@ -38,15 +38,6 @@ def tiny_pipeline(tmp_path, seed=0, latent=False):
     return Pipeline(UNet(cfg), vae, text, Schedule.scaled_linear(), name="tiny")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The test machine is shared: one thread is ~10x faster than two fighting for cores on tiny tensors."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
     return tiny_pipeline(tmp_path_factory.mktemp("pipe"))

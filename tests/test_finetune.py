@@ -1,7 +1,12 @@
 """finetune.py end to end on a tiny random pixel-space SDXL-family pipeline saved with checkpoint.save_pipeline:
-the files it writes, bit-exact resume, full fine-tuning, and one-line errors (exit status 2) for bad input."""
+the files it writes, bit-exact resume, full fine-tuning, and one-line errors (exit status 2) for bad input; and
+(fullsize) on random weights at SDXL's exact shapes, with sample.py after it."""
 
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,14 +20,6 @@ from test_dreambooth import tiny_pipeline
 
 FAST = ["--steps", "4", "--num-class-images", "3", "--class-steps", "2", "--class-batch-size", "2",
         "--validation-steps", "2", "--validation-images", "1", "--device", "cpu"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +133,41 @@ def test_captioned_folder_trains_each_image_on_its_caption(model, tmp_path):
     assert {"_".join(k.split("_")[:2]) for k in tensors} == {"lora_unet", "lora_te1", "lora_te2"}
 
 
+@pytest.mark.fullsize
+def test_full_size_sdxl_folder_finetunes_and_samples_end_to_end(tmp_path):
+    """Random weights at SDXL's exact shapes, written as a diffusers folder (bench/weights.py: what the GPU session
+    trains on), through finetune.py (256 px, prior preservation, checkpointing, validation, save) and sample.py with
+    the LoRA, each in its own process (~16 GB, ~2.5 min). The parameter counts are the published ones: UNet
+    2,567,463,684 + CLIP-L 123,060,480 + bigG 694,659,840 + VAE 83,653,863, and 5,806,080 LoRA parameters on the
+    560 attention projections."""
+    root = Path(__file__).resolve().parents[1]
+    model, out = tmp_path / "sdxl-random", tmp_path / "run"
+
+    def python(*argv):
+        r = subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True, cwd=root)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        return r.stdout
+
+    try:
+        python("bench/weights.py", model, "--config", "sdxl")
+        python("finetune.py", "--model", model, "--out", out, "--resolution", "256", "--steps", "2",
+               "--num-class-images", "1", "--class-steps", "2", "--class-batch-size", "1", "--validation-images", "1",
+               "--validation-steps", "2", "--save-every", "2", "--gradient-checkpointing", "--device", "cpu",
+               "--mixed-precision", "no")
+        total = json.loads((out / "manifest.json").read_text())["trainable"][-1]
+        assert total["params"] == 5_806_080 and total["tensors"] == 2 * 560
+        assert total["of"] == 2_567_463_684 + 123_060_480 + 694_659_840 + 83_653_863 + 5_806_080
+        tensors, meta = _tensors(out / "lora.safetensors")
+        assert len(tensors) == 3 * 560 and meta["ss_network_dim"] == "4"
+        printed = python("sample.py", "--model", model, "--lora", out / "lora.safetensors", "--prompt",
+                         "a picture of sks girl", "--width", "256", "--height", "256", "--steps", "2", "--device",
+                         "cpu", "--out", out / "samples-after")
+        assert "1 image(s) in" in printed
+        assert Image.open(out / "samples-after" / "0000-seed0.png").size == (256, 256)
+    finally:
+        shutil.rmtree(model, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------------------------- user errors
 def _fails(capsys, argv, match):
     try:
@@ -155,6 +187,7 @@ def test_bad_input_is_one_line_and_exit_2(model, tmp_path, capsys, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
     _fails(capsys, ["--instance-dir", empty, *out], "no images")
+    _fails(capsys, [*out, "--device", "gpu"], "--device must be cpu, cuda or cuda:N, got 'gpu'")
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "a.png").write_bytes(b"not a png")

@@ -13,15 +13,6 @@ from minidiff.lora import (LoRAConv2d, disable_lora, enable_lora, inject_lora, l
                            lora_state_dict, merge_lora, set_lora_scale, unmerge_lora)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP contention (10x faster here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Block(nn.Module):
     """Module names as in a diffusers transformer block, small enough to check by hand."""
 

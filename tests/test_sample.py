@@ -1,8 +1,6 @@
 """sample.py end to end on a tiny saved pipeline: PNGs + grid with metadata that round-trips, same seed -> same
 image, a LoRA changes the image and is recorded, and user errors print one line and exit with status 2."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

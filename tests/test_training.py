@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from minidiff import images, training
-from minidiff.errors import TrainingError
+from minidiff.errors import MinidiffError, TrainingError
 
 
 # ----------------------------------------------------------------------------------------------- resume is bit-exact
@@ -288,3 +288,13 @@ def test_peak_memory_gives_each_phase_its_own_peak(monkeypatch):
     cpu = training.PeakMemory("cpu")
     cpu.end("load")
     assert cpu.gib == {}
+
+
+def test_resolve_device_names_what_it_expects():
+    assert training.resolve_device("cpu") == torch.device("cpu")
+    assert training.resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(MinidiffError, match=r"--device must be cpu, cuda or cuda:N, got 'gpu'"):
+        training.resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(MinidiffError, match="sees no CUDA GPU; use --device cpu"):
+            training.resolve_device("cuda:1")
