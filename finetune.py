@@ -171,7 +171,7 @@ def run(args, ctx=None):
     """Check, load, make class images, cache, train, save: returns the manifest dict (also in OUT/manifest.json).
     Under torchrun (`ctx` from minidiff.distributed.init) every process trains; only process 0 prints and writes
     files (other processes write only their share of the class images) and only it returns the manifest."""
-    from minidiff import audit, checkpoint, data, distributed, training
+    from minidiff import audit, checkpoint, data, distributed, gpu, training
     from minidiff import dreambooth as db
     from minidiff.errors import DataError
 
@@ -183,9 +183,9 @@ def run(args, ctx=None):
     if not ctx.is_main:
         sys.stdout = open(os.devnull, "w")  # one copy of every message
     if device.type == "cuda":
-        training.check_gpu(device)
-    autocast_dtype, use_scaler = training.resolve_precision(args.mixed_precision, device)
-    peaks = training.PeakMemory(device)  # GPU memory per phase, into the manifest (docs/performance.md)
+        gpu.check_gpu(device)
+    autocast_dtype, use_scaler = gpu.resolve_precision(args.mixed_precision, device)
+    peaks = gpu.PeakMemory(device)  # peak memory of each phase, into the manifest (docs/performance.md)
     lr = args.lr or (1e-4 if args.train == "lora" else 5e-6)
 
     # 1. what can be checked before loading the model: images, class images, the checkpoint, the output folder
@@ -278,13 +278,14 @@ def run(args, ctx=None):
         "model": {"path": str(args.model), "hash": job.base_hash},
         "data": {"instance_images": job.instance.paths, "captions": job.instance.captions, "hash": job.data_hash,
                  "class_images": job.klass.paths if prior else []},
-        "trainable": table, "files": sorted(set(job.files)), "timings": timings, "peak_gpu_memory_gib": peaks.gib,
+        "trainable": table, "files": sorted(set(job.files)), "timings": timings,
+        "peak_memory_gib": {"of": peaks.what, **peaks.gib},
         "final_loss": result["loss"], "resumed_from_step": result["resumed_from"],
     }
     _atomic_json(manifest, out / "manifest.json")
     print(f"done in {timings['total_s']:.1f}s ({timings['s_per_step']:.3f} s/step); wrote {out}")
     if peaks.gib:
-        print("peak GPU memory (GiB) by phase: " + ", ".join(f"{k} {v:.2f}" for k, v in peaks.gib.items()))
+        print(f"peak {peaks.what} by phase, GiB: " + ", ".join(f"{k} {v:.2f}" for k, v in peaks.gib.items()))
     return manifest
 
 

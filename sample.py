@@ -112,7 +112,7 @@ def run(args):
     from minidiff.images import make_grid, save_png
     from minidiff.pipeline import generate, model_sampler
 
-    from minidiff.training import check_gpu, resolve_device
+    from minidiff.gpu import check_gpu, resolve_device
 
     device = resolve_device(args.device)
     if device.type == "cuda":

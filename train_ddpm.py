@@ -78,7 +78,7 @@ def build_parser():
 
 def resolve_args(args):
     """Fill the recipe defaults and check the numbers: MinidiffError (one line) on bad input."""
-    from minidiff import training
+    from minidiff import gpu
     from minidiff.errors import MinidiffError, check_counts
 
     for key, value in DEFAULTS[args.recipe].items():
@@ -100,7 +100,7 @@ def resolve_args(args):
         raise MinidiffError(f"--recipe seed always samples in its {SEED_STEPS} training steps (drop --sample-steps)")
     if args.data is not None and not Path(args.data).is_dir():
         raise MinidiffError(f"--data {args.data}: no such folder (expected a folder of .png/.jpg images)")
-    args.device = str(training.resolve_device(args.device))
+    args.device = str(gpu.resolve_device(args.device))
     return args
 
 
@@ -229,7 +229,7 @@ def generate(model, schedule, args, n=N_SAMPLES, progress=True):
 def run(args):
     from tqdm import tqdm
 
-    from minidiff import data, metrics, training
+    from minidiff import data, gpu, metrics, training
     from minidiff.errors import TrainingError
     from minidiff.images import make_grid, save_png
     from minidiff.schedule import Schedule
@@ -237,7 +237,7 @@ def run(args):
     out = Path(args.out)
     device = torch.device(args.device)
     if device.type == "cuda":
-        training.check_gpu(device)
+        gpu.check_gpu(device)
     else:
         torch.set_num_threads(args.threads)
     training.seed_all(args.seed)

@@ -66,7 +66,7 @@ def build_parser():
 
 def resolve_args(args):
     """Fill the recipe defaults and check the numbers: MinidiffError (one line) on bad input."""
-    from minidiff import training
+    from minidiff import gpu
     from minidiff.errors import MinidiffError, check_counts
 
     for key, value in DEFAULTS[args.recipe].items():
@@ -86,7 +86,7 @@ def resolve_args(args):
             raise MinidiffError(f"--r1 must be a number >= 0 or 'auto', got {args.r1!r}") from None
         if not args.r1 >= 0:
             raise MinidiffError(f"--r1 must be a number >= 0 or 'auto', got {args.r1}")
-    args.device = str(training.resolve_device(args.device))
+    args.device = str(gpu.resolve_device(args.device))
     return args
 
 
@@ -108,14 +108,14 @@ def batch_indices(n, batch_size):
 def run(args):
     from tqdm import tqdm
 
-    from minidiff import gan, metrics, training
+    from minidiff import gan, gpu, metrics, training
     from minidiff.errors import TrainingError
     from minidiff.images import make_grid, save_png
 
     out = Path(args.out)
     device = torch.device(args.device)
     if device.type == "cuda":
-        training.check_gpu(device)
+        gpu.check_gpu(device)
     training.seed_all(args.seed)
     reals = load_training_images(args).to(device)
     n = reals.shape[0]

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import TrainingError
-from .training import resolve_device
+from .gpu import resolve_device
 
 
 @dataclass
