@@ -18,9 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +63,31 @@ def forward_flops(config="sdxl", latent=128, batch=1) -> dict:
         unet(x, t, context=ctx, text_embeds=pooled, time_ids=ids)
     by_op = {str(k): v for k, v in counter.get_flop_counts().get("Global", {}).items()}
     return {"total": counter.get_total_flops(), "by_op": by_op}
+
+
+# Ops that only reinterpret a tensor's shape or strides: no kernel runs for them on a GPU.
+VIEW_OPS = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "reshape", "unsqueeze", "squeeze", "slice",
+            "select", "alias", "detach", "as_strided", "split", "chunk", "unbind", "split_with_sizes", "lift_fresh",
+            "_reshape_alias"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops that run while active, views excluded: about the number of GPU kernel launches, whose
+    fixed cost (~5 us each) is what a fast GPU sees of Python-level overhead once the matmuls take milliseconds."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in VIEW_OPS:
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self):
+        return sum(self.counts.values())
 
 
 def _nbytes(t):

@@ -110,14 +110,17 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = self.base_forward(x)
+        autocast = torch.is_autocast_enabled(x.device.type)
         for name, a in self.adapters.items():
             if not a.enabled or a.merged:
                 continue
-            h = x.to(self.lora_A[name].dtype)
+            A, B = self.lora_A[name], self.lora_B[name]
+            h = x if autocast else x.to(A.dtype)  # under autocast F.linear casts x, A, B to one dtype itself
             if a.dropout > 0:
                 h = F.dropout(h, a.dropout, self.training)
-            delta = self.down_up(h, self.lora_A[name], self.lora_B[name])
-            y = y + (a.multiplier * a.alpha / a.rank * delta).to(y.dtype)
+            delta = self.down_up(h, A, B)
+            scale = a.multiplier * a.alpha / a.rank
+            y = y + (delta if scale == 1 else scale * delta).to(y.dtype)  # scale 1 (alpha = r): no multiply
         return y
 
     @torch.no_grad()

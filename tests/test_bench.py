@@ -114,3 +114,30 @@ def test_random_folder_reads_the_same_in_minidiff_and_diffusers(tmp_path):
     ctx, pooled = ours.text.encode(["a picture of sks girl"])
     ctx_d, _, pooled_d, _ = theirs.encode_prompt("a picture of sks girl", device="cpu", do_classifier_free_guidance=False)
     assert torch.allclose(ctx, ctx_d, atol=1e-5) and torch.allclose(pooled, pooled_d, atol=1e-5)
+
+
+def launches(impl, task):
+    """Ops (~GPU kernel launches) of one forward, or one LoRA training step with checkpointing, as bench.py runs
+    them: frozen weights in bf16, LoRA in fp32, bf16 autocast; the tiny SDXL config on the CPU has the op structure
+    of SDXL in fp16 on a GPU."""
+    model, call, cfg = weights.build_unet(impl, "tiny_sdxl", torch.bfloat16, "cpu", 0)
+    x, t, ctx, pooled, ids = weights.unet_inputs(cfg, 1, 8, torch.bfloat16, "cpu")
+    if task == "train":
+        bench._add_lora(impl, model, "cpu", 0)
+        model.enable_gradient_checkpointing()
+        model.train()
+    with budget.OpCounter() as ops:
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(task == "train"):
+            pred = call(x, t, ctx, pooled, ids)
+        if task == "train":
+            pred.float().square().mean().backward()
+    return ops.total
+
+
+@pytest.mark.parametrize("task", ["forward", "train"])
+def test_ours_launches_fewer_kernels_than_diffusers(task):
+    """On an H100 an SDXL forward is tens of milliseconds and a few thousand kernels at ~5 us each: fewer launches
+    is where a from-scratch UNet can be faster than diffusers + peft on a GPU (docs/performance.md)."""
+    ours, theirs = launches("ours", task), launches("diffusers", task)
+    print(f"{task}: {ours} ops ours, {theirs} diffusers (+ peft): {ours / theirs:.2f}x")
+    assert ours < 0.95 * theirs

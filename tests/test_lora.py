@@ -7,6 +7,7 @@ or peft on diffusers' UNet with identical weights. The files (kohya / diffusers 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from minidiff.errors import LoRAError
 from minidiff.lora import (LoRAConv2d, disable_lora, enable_lora, inject_lora, lora_layers, lora_parameters,
@@ -151,6 +152,22 @@ def test_fp16_base_keeps_fp32_lora():
     assert y.dtype == torch.float16
     ref = x @ q.weight.float().T + x @ q.delta_weight("default").T
     torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_under_autocast_the_lora_path_is_the_textbook_one_bit_for_bit():
+    """bf16 weights, fp32 A and B, bf16 autocast (what training on a GPU does in fp16): the output is exactly
+    W0 x + (alpha/r) B A x with each matmul run by autocast in bf16, and alpha = r multiplies by nothing."""
+    model = Block().to(torch.bfloat16)
+    inject_lora(model, "attn", rank=2, alpha=2)
+    randomize_lora(model)
+    q, x = model.attn1.to_q, torch.randn(3, 8).to(torch.bfloat16)
+    A, B = q.lora_A["default"], q.lora_B["default"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = q(x)
+        ref = F.linear(x, q.weight) + F.linear(F.linear(x.float(), A), B)
+        set_lora_scale(model, 0.5)
+        y_half, ref_half = q(x), F.linear(x, q.weight) + 0.5 * F.linear(F.linear(x.float(), A), B)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, ref) and torch.equal(y_half, ref_half)
 
 
 def test_base_checkpoint_still_loads_strictly_after_injection():
