@@ -267,13 +267,40 @@ def max_diff(tmp, task):
     return float((x - y).abs().max()) if x.shape == y.shape else float("nan")
 
 
+def _median(values):
+    v = sorted(values)
+    return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
+
+
+def _combine(runs):
+    """One row from the rounds of a (task, impl): median times, the largest peak memory, the rounds' times."""
+    ok = [r for r in runs if "error" not in r]
+    if len(ok) < 2:
+        return ok[0] if ok else (runs[0] if runs else {})
+    r = dict(ok[0], time_s=_median([x["time_s"] for x in ok]), cpu_s=_median([x["cpu_s"] for x in ok]),
+             rounds=[x["time_s"] for x in ok])
+    for key in ("peak_rss_gb", "peak_cuda_gb"):
+        if key in r:
+            r[key] = max(x[key] for x in ok)
+    return r
+
+
+def _ratio(o_runs, d_runs, key):
+    """ours / diffusers: the median over rounds of the ratio within a round (both ran back to back)."""
+    pairs = [(o[key], d[key]) for o, d in zip(o_runs, d_runs) if key in o and key in d]
+    return _median([a / b for a, b in pairs])
+
+
 def table(results) -> str:
     rows = [("task", "impl", "time", "cpu time", "peak mem", "ours/diffusers time (cpu time)", "ours/diffusers mem",
              "max |diff|", "notes")]
-    by = {(r["task"], r["impl"]): r for r in results["runs"]}
+    runs = {}
+    for r in results["runs"]:
+        runs.setdefault((r["task"], r["impl"]), []).append(r)
     mem_key = "peak_cuda_gb" if results["setup"]["device"] == "cuda" else "peak_rss_gb"
     for task in results["setup"]["tasks"]:
-        o, d = by.get((task, "ours"), {}), by.get((task, "diffusers"), {})
+        o_runs, d_runs = runs.get((task, "ours"), []), runs.get((task, "diffusers"), [])
+        o, d = _combine(o_runs), _combine(d_runs)
         for impl, r in (("ours", o), ("diffusers", d)):
             if not r:
                 continue
@@ -284,13 +311,15 @@ def table(results) -> str:
             notes = []
             if "lora_params" in r:
                 notes.append(f"{r['lora_params']:,} LoRA params; losses " + " ".join(f"{v:.5f}" for v in r["losses"]))
-            if "times" in r:
+            if "rounds" in r:
+                notes.append("rounds " + " ".join(f"{v:.2f}" for v in r["rounds"]))
+            elif "times" in r:
                 notes.append("times " + " ".join(f"{v:.2f}" for v in r["times"]))
             if task in ("sample", "classgen"):
                 notes.append(f"{r['images']} img, batch {r['batch']}, {r['steps']} steps")
             ratio_t = ratio_m = diff = ""
             if impl == "ours" and "time_s" in d and "time_s" in o:
-                ratio_t = f"{o['time_s'] / d['time_s']:.2f}x ({o['cpu_s'] / d['cpu_s']:.2f}x)"
+                ratio_t = f"{_ratio(o_runs, d_runs, 'time_s'):.2f}x ({_ratio(o_runs, d_runs, 'cpu_s'):.2f}x)"
                 ratio_m = f"{o[mem_key] / d[mem_key]:.2f}x"
                 diff = "" if results["diffs"].get(task) is None else f"{results['diffs'][task]:.2e}"
             rows.append((task, impl, f"{r['time_s']:.3f} {unit}", f"{r['cpu_s']:.3f} s", f"{r[mem_key]:.2f} GiB",
@@ -334,6 +363,8 @@ def parse_args(argv=None):
     p.add_argument("--images", type=int, default=1, help="images for the sample task (batch 1)")
     p.add_argument("--class-images", type=int, default=None, help="images for classgen (default 2 cpu, 8 cuda)")
     p.add_argument("--class-batch", type=int, default=None, help="classgen batch (default 2 cpu, 4 cuda)")
+    p.add_argument("--rounds", type=int, default=1, help="repeat each task's pair N times, alternating which goes "
+                   "first; the table shows medians and the median of the per-round ratios (for a noisy machine)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--json", default=None, help="where to write the results (default bench/results/<device>-<time>.json)")
@@ -380,9 +411,9 @@ def main(argv=None):
         f"{args.device}-{args.config}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     with tempfile.TemporaryDirectory() as tmp:
         for task in tasks:
-            for impl in args.impls.split(","):
-                print(f"[bench] {task} / {impl} ...", file=sys.stderr, flush=True)
-                r = run_worker(args, task, impl, tmp)
+            for k, impl in _schedule(args.impls.split(","), args.rounds):
+                print(f"[bench] {task} / {impl} (round {k + 1} of {args.rounds}) ...", file=sys.stderr, flush=True)
+                r = dict(run_worker(args, task, impl, tmp), round=k)
                 print(f"[bench]   {json.dumps(r)}", file=sys.stderr, flush=True)
                 results["runs"].append(r)
                 results["diffs"][task] = max_diff(tmp, task)
@@ -390,6 +421,12 @@ def main(argv=None):
     print(report(results))
     print(f"wrote {path}")
     return results
+
+
+def _schedule(impls, rounds):
+    """(round, impl) pairs, the order flipped every other round so that a machine that slows down (or warms up)
+    over the run does not favour whichever implementation always goes first."""
+    return [(k, impl) for k in range(rounds) for impl in (impls if k % 2 == 0 else impls[::-1])]
 
 
 def write_json(results, path):
