@@ -40,7 +40,7 @@ FIGURES = DOCS / "figures"
 sys.path.insert(0, str(ROOT))
 
 from minidiff import data, gan, lora, lora_files  # noqa: E402
-from minidiff.images import from_pil, make_grid, plot_curves, save_png, to_pil  # noqa: E402
+from minidiff.images import make_grid, plot_curves, save_png, to_pil  # noqa: E402
 from minidiff.schedule import Schedule  # noqa: E402
 from minidiff.vae import AutoencoderKL, VAEConfig  # noqa: E402
 from minidiff.unet import Downsample2D, ResnetBlock2D, Transformer2DModel, UNet, UNetConfig, Upsample2D  # noqa: E402
