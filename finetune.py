@@ -178,7 +178,7 @@ def run(args, ctx=None):
     t0, timings = time.perf_counter(), {}
     out, prior = Path(args.out), not args.no_prior
     if ctx is None:
-        ctx = distributed.Context(device=torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        ctx = distributed.Context(device=gpu.resolve_device(args.device))
     device = ctx.device
     if not ctx.is_main:
         sys.stdout = open(os.devnull, "w")  # one copy of every message

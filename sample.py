@@ -112,9 +112,10 @@ def run(args):
     from minidiff.images import make_grid, save_png
     from minidiff.pipeline import generate, model_sampler
 
-    from minidiff.gpu import check_gpu, resolve_device
+    from minidiff.gpu import PeakMemory, check_gpu, resolve_device
 
     device = resolve_device(args.device)
+    peaks = PeakMemory(device)
     if device.type == "cuda":
         check_gpu(device)
     dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
@@ -134,14 +135,15 @@ def run(args):
     native = pipe.unet.config.sample_size * pipe.scale
     width, height = args.width or native, args.height or native
     runs = [p for p in prompts for _ in range(args.num)]
+    peaks.end("load")
     t0 = time.perf_counter()
     images = generate(pipe, runs, negative=args.negative, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
                       seed=args.seed, width=width, height=height, guidance_rescale=args.guidance_rescale,
                       batch_size=args.batch_size, spacing=args.spacing, karras=args.karras)
     seconds = time.perf_counter() - t0
-    cuda = device.type == "cuda"
+    peaks.end("generate")
     print(f"{len(runs)} image(s) in {seconds:.1f} s ({seconds / len(runs):.2f} s/image"
-          + (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB)" if cuda else ")"))
+          + (f"; peak {peaks.what} {peaks.gib['generate']:.2f} GiB)" if peaks.gib else ")"))
 
     out = Path(args.out)
     settings = {"negative": args.negative, "steps": args.steps, "cfg": args.cfg, "sampler": args.sampler,
