@@ -13,7 +13,6 @@ a small BPE tokenizer (minidiff.tiny.build_tokenizer): the token ids differ from
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 import zlib
@@ -142,7 +141,7 @@ def unet_inputs(cfg, batch, latent, dtype, device, seed=0):
     return (x.to(device, dtype), t.to(device), ctx.to(device, dtype), pooled.to(device, dtype), ids.to(device, dtype))
 
 
-def random_pipeline(name="sdxl", dtype=torch.float16, device="cpu", seed=0, tok_dir=None):
+def random_pipeline(tok_dir, name="sdxl", dtype=torch.float16, device="cpu", seed=0):
     """minidiff Pipeline with the shared random weights: UNet and VAE of `name` (sdxl or tiny_sdxl), both CLIPs
     (SDXL's sizes, or minidiff.tiny's for tiny_sdxl), tokenizers written to tok_dir, SDXL's scheduler."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -152,7 +151,7 @@ def random_pipeline(name="sdxl", dtype=torch.float16, device="cpu", seed=0, tok_
     from minidiff.pipeline import Pipeline
     from minidiff.text import TextConditioner
 
-    tok_dir = Path(tok_dir or tempfile.mkdtemp())
+    tok_dir = Path(tok_dir)
     tok = tiny.build_tokenizer(tok_dir / "tokenizer", "<|endoftext|>")
     tok2 = tiny.build_tokenizer(tok_dir / "tokenizer_2", "!")
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
@@ -181,9 +180,8 @@ def write_random_sdxl(out_dir, name="sdxl", dtype=torch.float16, device="cpu", s
     from minidiff.checkpoint import save_pipeline
 
     out = Path(out_dir)
-    pipe = random_pipeline(name, dtype, device, seed, tok_dir=out / "_tokenizers")
-    save_pipeline(pipe, out)
-    shutil.rmtree(out / "_tokenizers", ignore_errors=True)
+    with tempfile.TemporaryDirectory() as tok_dir:  # save_pipeline copies the tokenizers into out/
+        save_pipeline(random_pipeline(tok_dir, name, dtype, device, seed), out)
     return out
 
 

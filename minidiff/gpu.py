@@ -106,11 +106,8 @@ class PeakMemory:
 
     def __init__(self, device):
         self.device, self.gib = torch.device(device), {}
-        self.what = "GPU memory allocated" if self.device.type == "cuda" else "resident set (RSS)"
-        if self.device.type != "cuda" and not self._reset():
-            self.what = None
-        elif self.device.type == "cuda":
-            self._reset()
+        what = "GPU memory allocated" if self.device.type == "cuda" else "resident set (RSS)"
+        self.what = what if self._reset() else None  # None: this machine cannot reset its high-water mark
 
     def _reset(self) -> bool:
         if self.device.type == "cuda":
