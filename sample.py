@@ -108,11 +108,11 @@ def run(args):
 
     import torch
 
-    from minidiff.checkpoint import file_hash, load_pipeline
+    from minidiff.weights.pretrained import file_hash, load_pipeline
     from minidiff.images import make_grid, save_png
     from minidiff.pipeline import generate, model_sampler
 
-    from minidiff.gpu import PeakMemory, check_gpu, resolve_device
+    from minidiff.train.hardware import PeakMemory, check_gpu, resolve_device
 
     device = resolve_device(args.device)
     peaks = PeakMemory(device)

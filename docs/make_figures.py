@@ -39,7 +39,9 @@ DOCS = ROOT / "docs"
 FIGURES = DOCS / "figures"
 sys.path.insert(0, str(ROOT))
 
-from minidiff import data, gan, lora, lora_files  # noqa: E402
+from minidiff import data, lora  # noqa: E402
+from minidiff.baselines import gan  # noqa: E402
+from minidiff.weights import lora_files  # noqa: E402
 from minidiff.images import make_grid, plot_curves, save_png, to_pil  # noqa: E402
 from minidiff.schedule import Schedule  # noqa: E402
 from minidiff.vae import AutoencoderKL, VAEConfig  # noqa: E402
@@ -281,7 +283,7 @@ def sdxl_components():
 def miniature_components():
     """The bundled miniature's components (`tiny.build_pipeline`: same shapes as the shipped weights; pixel space,
     so no VAE)."""
-    from minidiff import tiny
+    from minidiff.bundled import tiny
 
     with tempfile.TemporaryDirectory() as tmp:
         pipe = tiny.build_pipeline(tmp)
@@ -294,7 +296,8 @@ def what_trains_table(components, rank=4) -> tuple[str, str]:
     import argparse
 
     import finetune
-    from minidiff import audit, training
+    from minidiff.eval import audit
+    from minidiff.train import state
 
     rows, attn_table = [], ""
     for mode, flags in [("`--train lora` (default)", dict(train="lora", train_text_encoder=False)),

@@ -302,7 +302,7 @@ def __getattr__(name):
     """minidiff.lora.save_lora etc. are lora_files.py's. lora_files imports this module, so a plain import here
     would be circular (and fail when lora_files is imported first); Python calls this for names not found above."""
     if name in FILE_API:
-        from . import lora_files
+        from .weights import lora_files
 
         return getattr(lora_files, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from minidiff.checkpoint import Tensors, _View, file_hash, load_pipeline, load_text, load_unet, load_vae, save_pipeline
-from minidiff.layouts import (_infer_unet_config, _infer_vae_config, detect_layout, diffusers_to_ldm_unet_key,
+from minidiff.weights.pretrained import Tensors, _View, file_hash, load_pipeline, load_text, load_unet, load_vae, save_pipeline
+from minidiff.weights.layouts import (_infer_unet_config, _infer_vae_config, detect_layout, diffusers_to_ldm_unet_key,
                               ldm_to_diffusers_unet_key)
 from minidiff.errors import CheckpointError
 from test_text import diffusers_sdxl, tiny_text_parts
@@ -305,7 +305,7 @@ def full_size_original():
 
 def test_config_inference_recovers_full_size_sdxl():
     """The single file has no configs: every size is read off the shapes of the real layout (1680 UNet tensors)."""
-    from minidiff.layouts import CLIP_G_PREFIX, CLIP_L_PREFIX, _infer_clip_config, convert_keys
+    from minidiff.weights.layouts import CLIP_G_PREFIX, CLIP_L_PREFIX, _infer_clip_config, convert_keys
     from minidiff.unet import UNetConfig
     from minidiff.vae import VAEConfig
 
@@ -343,7 +343,7 @@ def write_zero_safetensors(state, path, dtype="F16"):
 
 LOAD_AND_MEASURE = """
 import json, sys, time, torch
-from minidiff.checkpoint import load_pipeline
+from minidiff.weights.pretrained import load_pipeline
 from minidiff.unet import UNetConfig
 def status(key):  # resident memory in bytes: VmRSS now, VmHWM its peak (anonymous + file-backed pages)
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))

@@ -1,5 +1,5 @@
 """What every training loop shares: seeds, EMA, atomic checkpoints and resume, the NaN check, the loss log.
-(Devices, precision and GPU checks: minidiff/gpu.py.)
+(Devices, precision and GPU checks: minidiff/train/hardware.py.)
 
 A checkpoint is ONE safetensors file, `<out>/checkpoints/step-000500.safetensors`, holding everything needed to
 continue bit for bit as if the run had never stopped:
@@ -28,7 +28,7 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from .errors import TrainingError
+from ..errors import TrainingError
 
 FORMAT = "minidiff-checkpoint"
 NAN_HINT = "fp16 overflow? try --mixed-precision bf16/no or a lower lr"
@@ -347,7 +347,7 @@ class LossLog:
 
     def plot(self, title="training loss", path=None, names=None):
         """Draw loss.png: the columns in `names`, default all but learning rates (lr*), which have another scale."""
-        from .images import plot_curves
+        from ..images import plot_curves
 
         series = {n: v for n, v in self.series().items() if (n in names if names else not n.startswith("lr"))}
         return plot_curves(series, path or self.png, title=title)

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .layouts import (CLIP_G_PREFIX, PREFIX, _infer_clip_config, _infer_unet_config, _infer_vae_config,
                       _text_model_level, convert_keys, detect_layout)
-from .pipeline import SDXL_SCHEDULER
+from ..pipeline import SDXL_SCHEDULER
 
 
 def file_hash(path) -> str:
@@ -206,7 +206,7 @@ def _locate(path, component: str, dtype=None):
 # ---------------------------------------------------------------------------------------------------- loaders
 def load_unet(path, dtype=None, device="cpu"):
     """The UNet of a diffusers folder (pipeline or unet/), a diffusers unet file, or an original single file."""
-    from .unet import UNet, UNetConfig
+    from ..unet import UNet, UNetConfig
 
     view, config, layout = _locate(path, "unet", dtype)
     if layout == "diffusers":
@@ -224,7 +224,7 @@ def load_unet(path, dtype=None, device="cpu"):
 def load_vae(path, dtype=None, device="cpu"):
     """The AutoencoderKL of a diffusers folder (pipeline or vae/), a diffusers vae file, an ldm-layout VAE file
     (e.g. sdxl_vae.safetensors) or an original single file."""
-    from .vae import AutoencoderKL, VAEConfig
+    from ..vae import AutoencoderKL, VAEConfig
 
     view, config, layout = _locate(path, "vae", dtype)
     if layout == "diffusers":
@@ -270,7 +270,7 @@ def load_tokenizer(folder):
 def load_text(path, dtype=None, device="cpu", tokenizers=None):
     """TextConditioner: both encoders from `path`, tokenizers from `tokenizers` (a folder holding tokenizer/ and
     tokenizer_2/) or from `path` when it is a diffusers folder."""
-    from .text import TextConditioner
+    from ..text import TextConditioner
 
     tok_dir = Path(tokenizers) if tokenizers else Path(path)
     if not (tok_dir / "tokenizer").is_dir() or not (tok_dir / "tokenizer_2").is_dir():
@@ -286,7 +286,7 @@ def load_text(path, dtype=None, device="cpu", tokenizers=None):
 
 def schedule_from_config(config: dict):
     """The training noise schedule of `scheduler/scheduler_config.json` (diffusers keys; missing ones = SDXL's)."""
-    from .schedule import Schedule
+    from ..schedule import Schedule
 
     c = {**SDXL_SCHEDULER, **config}
     if c["prediction_type"] != "epsilon":
@@ -303,7 +303,7 @@ def load_pipeline(path, dtype=None, device="cpu", vae=None, tokenizers=None):
     """A whole Pipeline from a diffusers folder or an original single file (+ tokenizers=DIR). `vae` replaces the
     VAE (a folder or file, e.g. the fp16-fix VAE). The VAE runs in float32 unless its config says it is fp16-safe
     (force_upcast false) or dtype is bfloat16. A folder without vae/ whose UNet takes RGB is pixel space."""
-    from .pipeline import Pipeline
+    from ..pipeline import Pipeline
 
     path = Path(path)
     if not path.exists():
@@ -334,7 +334,7 @@ def save_pipeline(pipe, out_dir) -> Path:
     """Write `pipe` as a diffusers folder (model_index.json, unet/ vae/ text_encoder/ text_encoder_2/ tokenizer/
     tokenizer_2/ scheduler/ with their configs; safetensors, each file atomic) that load_pipeline and diffusers'
     StableDiffusionXLPipeline.from_pretrained both read. A pixel-space pipeline (vae None) writes no vae/."""
-    from .training import atomic_save_file
+    from ..train.state import atomic_save_file
 
     out = Path(out_dir)
     index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.30.0",

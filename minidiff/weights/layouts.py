@@ -223,7 +223,7 @@ def _count(keys, pattern) -> int:
 def _infer_unet_config(view, pooled_dim=None):
     """The original file has no config.json: read the SDXL-family sizes off the tensor shapes (head width 64,
     GroupNorm 32, the rest as in SDXL)."""
-    from .unet import UNetConfig
+    from ..unet import UNetConfig
 
     keys, shape = view.keys(), view.shape
     levels = _count(keys, r"input_blocks\.(\d+)\.0\.op\.") + 1
@@ -246,7 +246,7 @@ def _infer_unet_config(view, pooled_dim=None):
 
 def _infer_vae_config(view):
     """Sizes of an ldm-layout VAE read off its shapes; scaling factor and upcasting as SDXL's."""
-    from .vae import VAEConfig
+    from ..vae import VAEConfig
 
     keys, shape = view.keys(), view.shape
     levels = _count(keys, r"encoder\.down\.(\d+)\.")

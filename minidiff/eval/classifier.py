@@ -30,7 +30,7 @@ Measured accuracy (written into the file's metadata by --train; print it with --
 Reproduce the shipped weights (CPU, one thread by design; 2.6 min of CPU, 6.6 min wall on the shared busy machine;
 the held-out model is trained first, then the shipped one, 600 steps of batch 64 each):
 
-    python -m minidiff.classifier --train --out minidiff/assets/classifier.safetensors --seed 0 --steps 600
+    python -m minidiff.eval.classifier --train --out minidiff/assets/classifier.safetensors --seed 0 --steps 600
 
 Identity rule used by `metrics.evaluate`: a sample shows the target character iff argmax p_char == target.
 """
@@ -46,14 +46,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import data
-from .errors import CheckpointError, DataError, MinidiffError
-from .images import square
+from .. import data
+from ..bundled import assets_dir
+from ..errors import CheckpointError, DataError, MinidiffError
+from ..images import square
 
-CLASSIFIER_PATH = Path(__file__).resolve().parent / "assets" / "classifier.safetensors"
+CLASSIFIER_PATH = assets_dir() / "classifier.safetensors"
 INPUT_SIZE = 64
 FORMAT = "minidiff-classifier-v1"
-TRAIN_COMMAND = ("python -m minidiff.classifier --train --out minidiff/assets/classifier.safetensors "
+TRAIN_COMMAND = ("python -m minidiff.eval.classifier --train --out minidiff/assets/classifier.safetensors "
                  "--seed 0 --steps 600")
 FAMILIES = ("climb", "fall", "idle", "jump", "walk")
 
@@ -291,7 +292,7 @@ def main(argv=None):
         return 0
     if not args.train:
         ap.error("nothing to do: pass --train or --eval")
-    from .training import atomic_save_file
+    from ..train.state import atomic_save_file
 
     # one thread: no thread-count dependent summation order, so a seed gives the same weights again; and on a
     # shared, busy CPU 2 threads were several times slower than 1 (they wait on each other)
@@ -303,7 +304,7 @@ def main(argv=None):
     model = train_model(*kenney_set(), steps=args.steps, seed=args.seed, desc="final model")
     acc["train_all_78"] = _report(model, data.POSES)
     minutes = (time.time() - t0) / 60
-    command = f"python -m minidiff.classifier --train --out {args.out} --seed {args.seed} --steps {args.steps}"
+    command = f"python -m minidiff.eval.classifier --train --out {args.out} --seed {args.seed} --steps {args.steps}"
     meta = {"format": FORMAT, "characters": json.dumps(list(data.CHARACTERS)), "poses": json.dumps(list(data.POSES)),
             "families": json.dumps(list(FAMILIES)), "input_size": str(INPUT_SIZE), "widths": json.dumps(model.widths),
             "accuracy": json.dumps(acc), "command": command, "train_minutes": f"{minutes:.1f}",

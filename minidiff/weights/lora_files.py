@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import LoRAError
+from ..errors import LoRAError
 from .layouts import diffusers_to_ldm_unet_key
-from .lora import LoRAConv2d, LoRALinear, _adapters_of, _check_name, _components, _wrap, lora_layers, lora_shapes
-from .training import atomic_save_file
+from ..lora import LoRAConv2d, LoRALinear, _adapters_of, _check_name, _components, _wrap, lora_layers, lora_shapes
+from ..train.state import atomic_save_file
 
 FORMATS = ("kohya", "diffusers", "peft")
 KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}

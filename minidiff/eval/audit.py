@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import exit_code
-from .images import save_png
-from .lora import read_lora
+from ..errors import exit_code
+from ..images import save_png
+from ..lora import read_lora
 
 _BLOCK = re.compile(r"(down_blocks|up_blocks|input_blocks|output_blocks)[._](\d+)|(mid_block|middle_block)")
 
