@@ -161,17 +161,11 @@ def dataset_hash(examples):
     return h.hexdigest()
 
 
-def _atomic_json(obj, path):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
-
-
 def run(args, ctx=None):
     """Check, load, make class images, cache, train, save: returns the manifest dict (also in OUT/manifest.json).
     Under torchrun (`ctx` from minidiff.train.ddp.init) every process trains; only process 0 prints and writes
     files (other processes write only their share of the class images) and only it returns the manifest."""
-    from minidiff import data
+    from minidiff import data, io
     from minidiff.eval import audit
     from minidiff.train import ddp, hardware, state
     from minidiff.weights import pretrained
@@ -285,7 +279,7 @@ def run(args, ctx=None):
         "peak_memory_gib": {"of": peaks.what, **peaks.gib},
         "final_loss": result["loss"], "resumed_from_step": result["resumed_from"],
     }
-    _atomic_json(manifest, out / "manifest.json")
+    io.write_json(manifest, out / "manifest.json")
     print(f"done in {timings['total_s']:.1f}s ({timings['s_per_step']:.3f} s/step); wrote {out}")
     if peaks.gib:
         print(f"peak {peaks.what} by phase, GiB: " + ", ".join(f"{k} {v:.2f}" for k, v in peaks.gib.items()))
@@ -418,12 +412,12 @@ class Run:
 
 def save_unet(unet, folder):
     """--train full: the UNet in diffusers layout (config.json + diffusion_pytorch_model.safetensors), atomic."""
-    from minidiff.train.state import atomic_save_file
+    from minidiff import io
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    weights = atomic_save_file(unet.state_dict(), folder / "diffusion_pytorch_model.safetensors", {"format": "pt"})
-    _atomic_json(unet.config.to_diffusers(), folder / "config.json")
+    weights = io.save_safetensors(unet.state_dict(), folder / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+    io.write_json(unet.config.to_diffusers(), folder / "config.json")
     return [weights, folder / "config.json"]
 
 

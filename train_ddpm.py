@@ -229,7 +229,7 @@ def generate(model, schedule, args, n=N_SAMPLES, progress=True):
 def run(args):
     from tqdm import tqdm
 
-    from minidiff import data
+    from minidiff import data, io
     from minidiff.eval import metrics
     from minidiff.train import hardware, state
     from minidiff.errors import TrainingError
@@ -302,7 +302,7 @@ def run(args):
     result = metrics.evaluate(samples, dataset.tensors())
     result.update(recipe=args.recipe, steps=args.steps, size=args.size, seed=args.seed, sampler=args.sampler,
                   sample_steps=args.sample_steps, train_seconds=train_seconds, sample_seconds=sample_seconds)
-    state.atomic_write_json(result, out / "metrics.json")
+    io.write_json(result, out / "metrics.json")
     print(f"ddpm {args.recipe}: {args.steps} steps in {train_seconds:.0f}s, {N_SAMPLES} samples in "
           f"{sample_seconds:.0f}s -> {out}/grid.png; palette_distance {result['palette_distance']:.2f}, identity "
           f"{result['identity']:.2f}, nn_distance {result['nn_distance']:.3f}, diversity {result['diversity']:.3f}")

@@ -110,6 +110,7 @@ def run(args):
 
     from minidiff.baselines import gan
     from minidiff.eval import metrics
+    from minidiff import io
     from minidiff.train import hardware, state
     from minidiff.errors import TrainingError
     from minidiff.images import make_grid, save_png
@@ -176,7 +177,7 @@ def run(args):
     result = metrics.evaluate(samples, reals.float().cpu())
     result.update(recipe=args.recipe, steps=args.steps, size=args.size, seed=args.seed, train_seconds=train_seconds,
                   generator="EMA" if ema else "G")
-    state.atomic_write_json(result, out / "metrics.json")
+    io.write_json(result, out / "metrics.json")
     print(f"{args.recipe}: {args.steps} steps in {train_seconds:.0f}s -> {out}/grid.png; palette_distance "
           f"{result['palette_distance']:.2f}, identity {result['identity']:.2f}, nn_distance "
           f"{result['nn_distance']:.3f}, diversity {result['diversity']:.3f}")

@@ -145,26 +145,6 @@ def test_trainable_saves_only_trainable_params(tmp_path):
     assert torch.equal(model[4].weight, saved)
 
 
-# ----------------------------------------------------------------------------------------------- atomic writes
-def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
-    path = tmp_path / "w.safetensors"
-    state.atomic_save_file({"w": torch.ones(3)}, path)
-    real = safetensors.torch.save_file
-
-    def crash_midway(tensors, filename, metadata=None):
-        real(tensors, filename, metadata)  # the bytes are on disk...
-        with open(filename, "r+b") as f:
-            f.truncate(10)  # ...partly, then the process dies
-        raise OSError("No space left on device")
-
-    monkeypatch.setattr(safetensors.torch, "save_file", crash_midway)
-    with pytest.raises(OSError, match="No space"):
-        state.atomic_save_file({"w": torch.zeros(3)}, path)
-    monkeypatch.undo()
-    assert torch.equal(safetensors.torch.load_file(path)["w"], torch.ones(3))
-    assert not (tmp_path / "w.safetensors.tmp").exists()
-
-
 # ----------------------------------------------------------------------------------------------- loss log
 def test_loss_log_truncates_on_resume(tmp_path, monkeypatch):
     log = state.LossLog(tmp_path)

@@ -46,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .. import data
+from .. import data, io
 from ..bundled import assets_dir
 from ..errors import CheckpointError, DataError, MinidiffError
 from ..images import square
@@ -292,7 +292,6 @@ def main(argv=None):
         return 0
     if not args.train:
         ap.error("nothing to do: pass --train or --eval")
-    from ..train.state import atomic_save_file
 
     # one thread: no thread-count dependent summation order, so a seed gives the same weights again; and on a
     # shared, busy CPU 2 threads were several times slower than 1 (they wait on each other)
@@ -309,7 +308,7 @@ def main(argv=None):
             "families": json.dumps(list(FAMILIES)), "input_size": str(INPUT_SIZE), "widths": json.dumps(model.widths),
             "accuracy": json.dumps(acc), "command": command, "train_minutes": f"{minutes:.1f}",
             "torch": torch.__version__, "identity_rule": "argmax of the character probabilities == target character"}
-    atomic_save_file(model.state_dict(), args.out, metadata=meta)
+    io.save_safetensors(model.state_dict(), args.out, metadata=meta)
     print(json.dumps(acc, indent=1))
     n = sum(v.numel() for v in model.parameters())
     print(f"wrote {args.out} ({n / 1e3:.0f} k parameters) in {minutes:.1f} min")

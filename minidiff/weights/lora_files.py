@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .. import io
 from ..errors import LoRAError
 from .layouts import diffusers_to_ldm_unet_key
 from ..lora import LoRAConv2d, LoRALinear, _adapters_of, _check_name, _components, _wrap, lora_layers, lora_shapes
-from ..train.state import atomic_save_file
 
 FORMATS = ("kohya", "diffusers", "peft")
 KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
@@ -125,7 +125,7 @@ def save_lora(model, path, format="kohya", metadata=None, prefix="unet", name=No
     elif any(a.alpha != a.rank for a in linear + conv):
         meta["minidiff.note"] = "alpha/rank is folded into the up/B tensors: load with alpha = rank"
     meta.update({str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
-    return atomic_save_file(tensors, path, metadata=meta)
+    return io.save_safetensors(tensors, path, metadata=meta)
 
 
 # ------------------------------------------------------------------------------------------------------- reading

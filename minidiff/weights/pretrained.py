@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from .. import io
 from ..errors import CheckpointError
 from .layouts import (CLIP_G_PREFIX, PREFIX, _infer_clip_config, _infer_unet_config, _infer_vae_config,
                       _text_model_level, convert_keys, detect_layout)
@@ -323,19 +323,10 @@ def load_pipeline(path, dtype=None, device="cpu", vae=None, tokenizers=None):
 
 
 # ------------------------------------------------------------------------------------------------------ saving
-def _write_json(path: Path, obj):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
-
-
 def save_pipeline(pipe, out_dir) -> Path:
     """Write `pipe` as a diffusers folder (model_index.json, unet/ vae/ text_encoder/ text_encoder_2/ tokenizer/
     tokenizer_2/ scheduler/ with their configs; safetensors, each file atomic) that load_pipeline and diffusers'
     StableDiffusionXLPipeline.from_pretrained both read. A pixel-space pipeline (vae None) writes no vae/."""
-    from ..train.state import atomic_save_file
-
     out = Path(out_dir)
     index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.30.0",
              "force_zeros_for_empty_prompt": True, "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
@@ -343,21 +334,18 @@ def save_pipeline(pipe, out_dir) -> Path:
         cls = "UNet2DConditionModel" if name == "unet" else "AutoencoderKL"
         index[name] = ["diffusers", cls] if module is not None else [None, None]
         if module is not None:
-            _write_json(out / name / "config.json", {**module.config.to_diffusers(), "_class_name": cls})
-            atomic_save_file(module.state_dict(), out / name / "diffusion_pytorch_model.safetensors")
+            io.write_json({**module.config.to_diffusers(), "_class_name": cls}, out / name / "config.json")
+            io.save_safetensors(module.state_dict(), out / name / "diffusion_pytorch_model.safetensors")
     text = pipe.text
     for suffix, tok, te in (("", text.tokenizer, text.text_encoder), ("_2", text.tokenizer_2, text.text_encoder_2)):
         state = {_text_model_level(k, bare=False): v for k, v in te.state_dict().items()}  # files keep `text_model.`
-        _write_json(out / f"text_encoder{suffix}" / "config.json",
-                    {**te.config.to_dict(), "architectures": [type(te).__name__]})
-        atomic_save_file(state, out / f"text_encoder{suffix}" / "model.safetensors")
-        folder, tmp = out / f"tokenizer{suffix}", out / f"tokenizer{suffix}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tok.save_pretrained(str(tmp))
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.replace(folder)
+        io.write_json({**te.config.to_dict(), "architectures": [type(te).__name__]},
+                      out / f"text_encoder{suffix}" / "config.json")
+        io.save_safetensors(state, out / f"text_encoder{suffix}" / "model.safetensors")
+        with io.atomic(out / f"tokenizer{suffix}") as tmp:
+            tok.save_pretrained(str(tmp))
         index[f"text_encoder{suffix}"] = ["transformers", type(te).__name__]
         index[f"tokenizer{suffix}"] = ["transformers", "CLIPTokenizer"]
-    _write_json(out / "scheduler" / "scheduler_config.json", {**SDXL_SCHEDULER, **pipe.scheduler_config})
-    _write_json(out / "model_index.json", index)
+    io.write_json({**SDXL_SCHEDULER, **pipe.scheduler_config}, out / "scheduler" / "scheduler_config.json")
+    io.write_json(index, out / "model_index.json")
     return out
