@@ -26,7 +26,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from minidiff.errors import ArgumentParser as Parser
+from minidiff.cli import ArgumentParser as Parser
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "minidiff" / "assets" / "tiny-sdxl"

@@ -14,7 +14,7 @@ Each PNG carries prompt, negative, seed, steps, cfg, sampler, model and LoRAs in
 import sys
 import time
 from pathlib import Path
-from minidiff.errors import ArgumentParser as Parser
+from minidiff.cli import ArgumentParser as Parser
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "minidiff" / "assets" / "tiny-sdxl"
@@ -161,7 +161,7 @@ def run(args):
 
 
 def main(argv=None):
-    from minidiff.errors import exit_code
+    from minidiff.cli import exit_code
 
     return exit_code(run, build_parser().parse_args(argv))
 

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from minidiff.errors import ArgumentParser as Parser
+from minidiff.cli import ArgumentParser as Parser
 
 DEFAULTS = {  # per recipe; every one can be overridden on the command line
     "ho": dict(size=32, steps=800, batch_size=8, lr=1e-3, ema_decay=0.999, schedule="cosine", sampler="ddpm",
@@ -79,7 +79,8 @@ def build_parser():
 def resolve_args(args):
     """Fill the recipe defaults and check the numbers: MinidiffError (one line) on bad input."""
     from minidiff.train import hardware
-    from minidiff.errors import MinidiffError, check_counts
+    from minidiff.cli import check_counts
+    from minidiff.errors import MinidiffError
 
     for key, value in DEFAULTS[args.recipe].items():
         if getattr(args, key) is None:
@@ -316,7 +317,7 @@ def main(argv=None):
 
         return tiny.main(argv[2:])
     args = build_parser().parse_args(argv)
-    from minidiff.errors import exit_code
+    from minidiff.cli import exit_code
 
     return exit_code(lambda: run(resolve_args(args)))
 

@@ -36,7 +36,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from minidiff.errors import ArgumentParser as Parser
+from minidiff.cli import ArgumentParser as Parser
 
 DEFAULTS = {  # per recipe; every one can be overridden on the command line
     "dcgan": dict(size=64, steps=600, batch_size=128, width=64, save_every=300, sample_every=200),
@@ -67,7 +67,8 @@ def build_parser():
 def resolve_args(args):
     """Fill the recipe defaults and check the numbers: MinidiffError (one line) on bad input."""
     from minidiff.train import hardware
-    from minidiff.errors import MinidiffError, check_counts
+    from minidiff.cli import check_counts
+    from minidiff.errors import MinidiffError
 
     for key, value in DEFAULTS[args.recipe].items():
         if getattr(args, key) is None:

@@ -30,7 +30,6 @@ L = || eps - unet(x_t, t, context, pooled, time_ids) ||^2, with the UNet and bot
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import shlex
@@ -43,7 +42,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import data
-from ..errors import exit_code
+from ..cli import ArgumentParser, exit_code
 from . import assets_dir
 
 TINY_DIR = assets_dir() / "tiny-sdxl"
@@ -329,7 +328,7 @@ def pretrain(out_dir, steps=3000, batch_size=16, lr=1e-3, warmup=200, ema_decay=
 
 def main(argv=None):
     """`python train_ddpm.py --preset tiny-sdxl [flags]` (or `python -m minidiff.bundled.tiny [flags]`)."""
-    p = argparse.ArgumentParser(prog="train_ddpm.py --preset tiny-sdxl",
+    p = ArgumentParser(prog="train_ddpm.py --preset tiny-sdxl",
                                 description="Pretrain the bundled miniature SDXL (minidiff/assets/tiny-sdxl).")
     p.add_argument("--out", default=str(TINY_DIR))
     p.add_argument("--steps", type=int, default=3000)

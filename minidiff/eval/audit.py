@@ -15,7 +15,6 @@ A block's norm is that of all its modules' changes together: sqrt(sum of ||delta
 `trainable_table(models)` is the start-of-training check: which groups of parameters will get gradients.
 """
 
-import argparse
 import math
 import re
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import exit_code
+from ..cli import ArgumentParser, exit_code
 from ..images import save_png
 from ..lora import read_lora
 
@@ -152,7 +151,7 @@ def draw_block_norms(blocks: dict, path, title="", metadata=None):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m minidiff.audit", description="What a LoRA file holds.")
+    ap = ArgumentParser(prog="python -m minidiff.audit", description="What a LoRA file holds.")
     ap.add_argument("file", help="a LoRA .safetensors file (kohya, diffusers or peft naming)")
     ap.add_argument("--png", help="write ||delta W|| per UNet block as a bar chart to this PNG")
     ap.add_argument("--top", type=int, default=None, help="list only the N largest modules")

@@ -35,7 +35,6 @@ the held-out model is trained first, then the shipped one, 600 steps of batch 64
 Identity rule used by `metrics.evaluate`: a sample shows the target character iff argmax p_char == target.
 """
 
-import argparse
 import json
 import sys
 import time
@@ -48,7 +47,8 @@ from tqdm import tqdm
 
 from .. import data, io
 from ..bundled import assets_dir
-from ..errors import CheckpointError, DataError, MinidiffError
+from ..cli import ArgumentParser, exit_code
+from ..errors import CheckpointError, DataError
 from ..images import square
 
 CLASSIFIER_PATH = assets_dir() / "classifier.safetensors"
@@ -279,19 +279,23 @@ def predict(images: torch.Tensor, model: CharacterClassifier = None, min_confide
 
 # ------------------------------------------------------------------------------------------------------------- main
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Train the character/pose classifier on the 78 bundled drawings.")
+    ap = ArgumentParser(prog="python -m minidiff.eval.classifier", description="Train the character/pose classifier on the 78 bundled drawings.")
     ap.add_argument("--train", action="store_true", help="train (held-out model first, then the shipped model)")
     ap.add_argument("--eval", action="store_true", help="print the metadata and accuracies of --out")
     ap.add_argument("--out", default=str(CLASSIFIER_PATH))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=600)
     args = ap.parse_args(argv)
+    if not (args.train or args.eval):
+        ap.error("nothing to do: pass --train or --eval")
+    return exit_code(run, args)
+
+
+def run(args):
     if args.eval:
         print(json.dumps(load_classifier(args.out).metadata, indent=1))
         print(json.dumps({"all_78": _report(load_classifier(args.out), data.POSES)}, indent=1))
-        return 0
-    if not args.train:
-        ap.error("nothing to do: pass --train or --eval")
+        return
 
     # one thread: no thread-count dependent summation order, so a seed gives the same weights again; and on a
     # shared, busy CPU 2 threads were several times slower than 1 (they wait on each other)
@@ -312,12 +316,7 @@ def main(argv=None):
     print(json.dumps(acc, indent=1))
     n = sum(v.numel() for v in model.parameters())
     print(f"wrote {args.out} ({n / 1e3:.0f} k parameters) in {minutes:.1f} min")
-    return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except MinidiffError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main())
