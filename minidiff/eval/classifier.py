@@ -279,7 +279,8 @@ def predict(images: torch.Tensor, model: CharacterClassifier = None, min_confide
 
 # ------------------------------------------------------------------------------------------------------------- main
 def main(argv=None):
-    ap = ArgumentParser(prog="python -m minidiff.eval.classifier", description="Train the character/pose classifier on the 78 bundled drawings.")
+    ap = ArgumentParser(prog="python -m minidiff.eval.classifier",
+                        description="Train the character/pose classifier on the 78 bundled drawings.")
     ap.add_argument("--train", action="store_true", help="train (held-out model first, then the shipped model)")
     ap.add_argument("--eval", action="store_true", help="print the metadata and accuracies of --out")
     ap.add_argument("--out", default=str(CLASSIFIER_PATH))

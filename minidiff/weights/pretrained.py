@@ -29,8 +29,8 @@ from safetensors import safe_open
 
 from .. import io
 from ..errors import CheckpointError
-from .layouts import (CLIP_G_PREFIX, PREFIX, _infer_clip_config, _infer_unet_config, _infer_vae_config,
-                      _text_model_level, convert_keys, detect_layout)
+from .layouts import (CLIP_G_PREFIX, PREFIX, View, convert_keys, detect_layout, infer_clip_config, infer_unet_config,
+                      infer_vae_config, text_model_level)
 from ..pipeline import SDXL_SCHEDULER
 
 
@@ -87,36 +87,13 @@ class Tensors:
 
 
 # --------------------------------------------------------------------------------------------- building modules
-class _View:
-    """One component of a file: its tensors seen without the component's key prefix."""
-
-    def __init__(self, tensors: Tensors, prefix=""):
-        self.tensors, self.prefix = tensors, prefix
-
-    def keys(self):
-        return [k[len(self.prefix):] for k in self.tensors.keys() if k.startswith(self.prefix)]
-
-    def shape(self, key, how=None) -> list[int]:
-        """The tensor's shape after its reshape rule ('T', '1x1', ('rows', i))."""
-        s = list(self.tensors.shape(self.prefix + key))
-        return s[::-1] if how == "T" else s[:2] if how == "1x1" else [s[0] // 3, *s[1:]] if how else s
-
-    def get(self, key, how=None) -> torch.Tensor:
-        key = self.prefix + key
-        if isinstance(how, tuple):  # ('rows', i): the i-th third of a fused q,k,v tensor, read alone
-            n = self.tensors.shape(key)[0] // 3
-            return self.tensors.get(key, (how[1] * n, (how[1] + 1) * n))
-        t = self.tensors.get(key)
-        return t.T.contiguous() if how == "T" else t[:, :, 0, 0] if how == "1x1" and t.ndim == 4 else t
-
-
 def _on_meta(make):
     """Build a module without allocating or initialising its weights (`fill` assigns them)."""
     with torch.device("meta"):
         return make()
 
 
-def fill(module, plan, view: _View, dtype=None, device="cpu", what="model", unknown=()):
+def fill(module, plan, view: View, dtype=None, device="cpu", what="model", unknown=()):
     """Fill `module` (built on the meta device) from plan {module key: (file key, reshape)}. Every key and shape
     is checked first; then each tensor is read, cast to `dtype` (None: as stored), moved to `device`, assigned."""
     want = module.state_dict()
@@ -183,7 +160,7 @@ def _locate(path, component: str, dtype=None):
         found = config.get("_class_name") or (config.get("architectures") or [""])[0]
         if found and not found.startswith(KIND[component][1]):
             raise CheckpointError(f"{folder} holds {found} weights, not {KIND[component][1]} ones")
-        return _View(_weights_in(folder, STEM[component], dtype)), config, "diffusers"
+        return View(_weights_in(folder, STEM[component], dtype)), config, "diffusers"
     if not path.exists():
         raise CheckpointError(f"no such file or folder: {path} (expected a diffusers folder or a .safetensors file)")
     tensors = Tensors(path)
@@ -195,8 +172,8 @@ def _locate(path, component: str, dtype=None):
     if layout.startswith("diffusers"):
         if layout != KIND[component][0]:
             raise CheckpointError(f"{path}: expected {component} weights, found {layout} keys")
-        return _View(tensors), _read_json(path.parent / "config.json"), "diffusers"
-    view = _View(tensors, PREFIX[component] if layout == "sdxl-single-file" else "")
+        return View(tensors), _read_json(path.parent / "config.json"), "diffusers"
+    view = View(tensors, PREFIX[component] if layout == "sdxl-single-file" else "")
     if not view.keys():
         raise CheckpointError(f"{path} holds no {component} (its keys look like {layout})")
     return view, None, layout
@@ -214,7 +191,7 @@ def load_unet(path, dtype=None, device="cpu"):
     elif layout in ("sdxl-single-file", "ldm-unet"):
         proj = CLIP_G_PREFIX + "text_projection"
         pooled = view.tensors.shape(proj)[1] if proj in view.tensors.where else None
-        config = _infer_unet_config(view, pooled)
+        config = infer_unet_config(view, pooled)
         plan, unknown = convert_keys(view.keys(), "ldm-unet", config)
     else:
         raise CheckpointError(f"{path}: expected UNet weights, found a {layout} layout")
@@ -230,7 +207,7 @@ def load_vae(path, dtype=None, device="cpu"):
     if layout == "diffusers":
         config, (plan, unknown) = VAEConfig.from_diffusers(config), convert_keys(view.keys(), "diffusers")
     elif layout in ("sdxl-single-file", "ldm-vae"):
-        config = _infer_vae_config(view)
+        config = infer_vae_config(view)
         plan, unknown = convert_keys(view.keys(), "ldm-vae", n_levels=len(config.block_out_channels))
     else:
         raise CheckpointError(f"{path}: expected VAE weights, found a {layout} layout")
@@ -248,9 +225,9 @@ def load_text_encoder(path, component="text_encoder", dtype=None, device="cpu"):
         config = CLIPTextConfig.from_dict(config)
     else:
         plan, unknown = convert_keys(view.keys(), "open-clip" if component == "text_encoder_2" else "diffusers")
-        config = _infer_clip_config(plan, view, "gelu" if component == "text_encoder_2" else "quick_gelu")
+        config = infer_clip_config(plan, view, "gelu" if component == "text_encoder_2" else "quick_gelu")
     model = _on_meta(lambda: cls(config))
-    plan = {_text_model_level(k, bare=not hasattr(model, "text_model")): v for k, v in plan.items()}
+    plan = {text_model_level(k, bare=not hasattr(model, "text_model")): v for k, v in plan.items()}
     return fill(model, plan, view, dtype, device, f"{component} ({path})", unknown)
 
 
@@ -338,7 +315,7 @@ def save_pipeline(pipe, out_dir) -> Path:
             io.save_safetensors(module.state_dict(), out / name / "diffusion_pytorch_model.safetensors")
     text = pipe.text
     for suffix, tok, te in (("", text.tokenizer, text.text_encoder), ("_2", text.tokenizer_2, text.text_encoder_2)):
-        state = {_text_model_level(k, bare=False): v for k, v in te.state_dict().items()}  # files keep `text_model.`
+        state = {text_model_level(k, bare=False): v for k, v in te.state_dict().items()}  # files keep `text_model.`
         io.write_json({**te.config.to_dict(), "architectures": [type(te).__name__]},
                       out / f"text_encoder{suffix}" / "config.json")
         io.save_safetensors(state, out / f"text_encoder{suffix}" / "model.safetensors")
