@@ -24,7 +24,7 @@ import torch
 
 from ..cli import ArgumentParser, exit_code
 from ..images import save_png
-from ..lora import read_lora
+from ..weights.lora_files import read_lora
 
 _BLOCK = re.compile(r"(down_blocks|up_blocks|input_blocks|output_blocks)[._](\d+)|(mid_block|middle_block)")
 
