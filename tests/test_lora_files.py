@@ -229,7 +229,7 @@ def test_kohya_and_diffusers_naming_round_trip_exactly(tmp_path):
     c, _ = tiny_unets()
     load_lora(c, {k: v * 0.5 if ".up." in k else v for k, v in raw.items()}, name="old")
     torch.testing.assert_close(run_ours(c), run_ours(ours), rtol=1e-5, atol=1e-5)
-    # ComfyUI's generic names: diffusion_model.<ldm path with dots>.lora_A/B.weight (ldm paths from checkpoint.py)
+    # ComfyUI's generic names: diffusion_model.<ldm path with dots>.lora_A/B.weight (ldm paths from weights/layouts.py)
     from minidiff.weights.layouts import diffusers_to_ldm_unet_key
 
     generic = {}

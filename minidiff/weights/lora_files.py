@@ -38,7 +38,7 @@ def _file_path(component, model, path):
 
 
 def _ldm_path(model, path):
-    """The original sgm/ldm module path of a diffusers UNet module path, or None (checkpoint.py owns the rules)."""
+    """The original sgm/ldm module path of a diffusers UNet module path, or None (layouts.py owns the rules)."""
     key = diffusers_to_ldm_unet_key(path + ".weight", model.config)
     return key and key.removeprefix("model.diffusion_model.").removesuffix(".weight")
 
