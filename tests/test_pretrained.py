@@ -1,6 +1,7 @@
 """weights/pretrained.py and weights/layouts.py: folders written by diffusers itself, fp16 variants, shards, the
 original single file (made here by an independent converter: the explicit tables of diffusers'
-scripts/convert_diffusers_to_original_sdxl.py), the key rules on the full-size SDXL key set, config inference from shapes, and every error a user can cause.
+scripts/convert_diffusers_to_original_sdxl.py), the key rules on the full-size SDXL key set, config inference from
+shapes, and every error a user can cause.
 
 Also home of the tiny SDXL-shaped diffusers pipeline the other test files import (3 UNet levels, 2 layers per block,
 attention on levels 1-2 as in SDXL; a 4-level VAE; head width 64 so the single file's inferred config fits).
