@@ -17,7 +17,8 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors are one line and exit status 2, like every other user error."""
 
     def error(self, message):
-        print(f"error: {message} (see python {self.prog} --help)", file=sys.stderr)
+        command = self.prog if self.prog.startswith("python") else f"python {self.prog}"  # a script, or `python -m`
+        print(f"error: {message} (see {command} --help)", file=sys.stderr)
         raise SystemExit(2)
 
     def add_run_flags(self, out, samples):
