@@ -26,7 +26,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from minidiff.errors import ArgumentParser as Parser
+from minidiff.cli import ArgumentParser as Parser
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "minidiff" / "assets" / "tiny-sdxl"
@@ -140,7 +140,7 @@ def native_resolution(model, vae=None):
 
 def model_hash(path):
     """sha256 of a single-file model, or of the UNet weight files of a diffusers folder (the part a LoRA fits)."""
-    from minidiff.checkpoint import file_hash
+    from minidiff.weights.pretrained import file_hash
 
     path = Path(path)
     if path.is_file():
@@ -161,31 +161,28 @@ def dataset_hash(examples):
     return h.hexdigest()
 
 
-def _atomic_json(obj, path):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
-
-
 def run(args, ctx=None):
     """Check, load, make class images, cache, train, save: returns the manifest dict (also in OUT/manifest.json).
-    Under torchrun (`ctx` from minidiff.distributed.init) every process trains; only process 0 prints and writes
+    Under torchrun (`ctx` from minidiff.train.ddp.init) every process trains; only process 0 prints and writes
     files (other processes write only their share of the class images) and only it returns the manifest."""
-    from minidiff import audit, checkpoint, data, distributed, gpu, training
+    from minidiff import data, io
+    from minidiff.eval import audit
+    from minidiff.train import ddp, hardware, state
+    from minidiff.weights import pretrained
     from minidiff import dreambooth as db
     from minidiff.errors import DataError
 
     t0, timings = time.perf_counter(), {}
     out, prior = Path(args.out), not args.no_prior
     if ctx is None:
-        ctx = distributed.Context(device=gpu.resolve_device(args.device))
+        ctx = ddp.Context(device=hardware.resolve_device(args.device))
     device = ctx.device
     if not ctx.is_main:
         sys.stdout = open(os.devnull, "w")  # one copy of every message
     if device.type == "cuda":
-        gpu.check_gpu(device)
-    autocast_dtype, use_scaler = gpu.resolve_precision(args.mixed_precision, device)
-    peaks = gpu.PeakMemory(device)  # peak memory of each phase, into the manifest (docs/performance.md)
+        hardware.check_gpu(device)
+    autocast_dtype, use_scaler = hardware.resolve_precision(args.mixed_precision, device)
+    peaks = hardware.PeakMemory(device)  # peak memory of each phase, into the manifest (docs/performance.md)
     lr = args.lr or (1e-4 if args.train == "lora" else 5e-6)
 
     # 1. what can be checked before loading the model: images, class images, the checkpoint, the output folder
@@ -195,17 +192,17 @@ def run(args, ctx=None):
     if prior and ctx.is_main:  # (it probes the folder with a test file: one process at a time)
         db.check_class_images(class_dir, args.num_class_images, can_generate=not args.no_generate)
     if args.resume is not None:
-        training.find_checkpoint(args.resume, out)
+        state.find_checkpoint(args.resume, out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"cannot create the output folder {out}: {e.strerror}") from None
-    training.seed_all(args.seed)
+    state.seed_all(args.seed)
 
     # 2. the model: frozen weights in the autocast dtype (LoRA), fp32 where they train (full) and in the VAE
     frozen_dtype = autocast_dtype if args.train == "lora" and autocast_dtype is not None else torch.float32
     print(f"loading {args.model} on {device} ({str(frozen_dtype).removeprefix('torch.')} weights)")
-    pipe = checkpoint.load_pipeline(args.model, dtype=frozen_dtype, device=device, vae=args.vae)
+    pipe = pretrained.load_pipeline(args.model, dtype=frozen_dtype, device=device, vae=args.vae)
     pipe.unet.requires_grad_(False)
     pipe.text.requires_grad_(False)
     if pipe.vae is not None:
@@ -226,7 +223,7 @@ def run(args, ctx=None):
 
     # 4. what trains, printed before it does
     models, params = make_trainable(args, pipe)
-    distributed.broadcast_parameters(params, ctx)  # identical already (same seed); cheap insurance
+    ddp.broadcast_parameters(params, ctx)  # identical already (same seed); cheap insurance
     everything = {"unet": pipe.unet, "text_encoder": pipe.text.text_encoder, "text_encoder_2": pipe.text.text_encoder_2}
     if pipe.vae is not None:
         everything["vae"] = pipe.vae
@@ -246,7 +243,7 @@ def run(args, ctx=None):
     on_validate = peaks.around("validation", lambda step: job.validate(f"step-{step:06d}"))
     peaks.end("setup")
     result = db.train(pipe.unet, params, pipe.schedule, job.instance, job.klass, job.embed, cfg, out,
-                      {name: training.Trainable(m) for name, m in models.items()}, (autocast_dtype, use_scaler),
+                      {name: state.Trainable(m) for name, m in models.items()}, (autocast_dtype, use_scaler),
                       resume=args.resume, on_save=on_save, on_validate=on_validate, ctx=ctx)
     peaks.end("train")
     if not ctx.is_main:
@@ -282,7 +279,7 @@ def run(args, ctx=None):
         "peak_memory_gib": {"of": peaks.what, **peaks.gib},
         "final_loss": result["loss"], "resumed_from_step": result["resumed_from"],
     }
-    _atomic_json(manifest, out / "manifest.json")
+    io.write_json(manifest, out / "manifest.json")
     print(f"done in {timings['total_s']:.1f}s ({timings['s_per_step']:.3f} s/step); wrote {out}")
     if peaks.gib:
         print(f"peak {peaks.what} by phase, GiB: " + ", ".join(f"{k} {v:.2f}" for k, v in peaks.gib.items()))
@@ -330,7 +327,8 @@ class Run:
 
     def class_images(self, class_dir):
         """The missing class images, sampled with the base model (seed + i for image i); their ImageFolder."""
-        from minidiff import data, distributed
+        from minidiff import data
+        from minidiff.train import ddp
         from minidiff import dreambooth as db
         from minidiff.pipeline import generate, model_sampler
 
@@ -346,7 +344,7 @@ class Run:
         paths, written = db.generate_class_images(make, class_dir, a.num_class_images, a.class_prompt,
                                                   a.class_batch_size, seed=a.seed, settings=settings,
                                                   progress=self.ctx.is_main, ctx=self.ctx)
-        distributed.barrier(self.ctx)  # every process's share is on disk
+        ddp.barrier(self.ctx)  # every process's share is on disk
         print(f"class images: {len(paths)} in {class_dir} ({written} generated now"
               + (f" by process 0 of {self.ctx.world_size})" if self.ctx.world_size > 1 else ")"))
         return data.ImageFolder(paths, size, fit=a.fit, caption=a.class_prompt)
@@ -414,12 +412,12 @@ class Run:
 
 def save_unet(unet, folder):
     """--train full: the UNet in diffusers layout (config.json + diffusion_pytorch_model.safetensors), atomic."""
-    from minidiff.training import atomic_save_file
+    from minidiff import io
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    weights = atomic_save_file(unet.state_dict(), folder / "diffusion_pytorch_model.safetensors", {"format": "pt"})
-    _atomic_json(unet.config.to_diffusers(), folder / "config.json")
+    weights = io.save_safetensors(unet.state_dict(), folder / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+    io.write_json(unet.config.to_diffusers(), folder / "config.json")
     return [weights, folder / "config.json"]
 
 
@@ -455,19 +453,19 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
     args.argv = argv
-    from minidiff import distributed
+    from minidiff.train import ddp
     from minidiff.errors import MinidiffError
 
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
             check_args(args)
-            run(args, distributed.init(args.device))  # a single process (no torchrun) initialises nothing
+            run(args, ddp.init(args.device))  # a single process (no torchrun) initialises nothing
     except MinidiffError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        distributed.cleanup()
+        ddp.cleanup()
     return 0
 
 

@@ -14,7 +14,7 @@ Each PNG carries prompt, negative, seed, steps, cfg, sampler, model and LoRAs in
 import sys
 import time
 from pathlib import Path
-from minidiff.errors import ArgumentParser as Parser
+from minidiff.cli import ArgumentParser as Parser
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "minidiff" / "assets" / "tiny-sdxl"
@@ -108,11 +108,11 @@ def run(args):
 
     import torch
 
-    from minidiff.checkpoint import file_hash, load_pipeline
+    from minidiff.weights.pretrained import file_hash, load_pipeline
     from minidiff.images import make_grid, save_png
     from minidiff.pipeline import generate, model_sampler
 
-    from minidiff.gpu import PeakMemory, check_gpu, resolve_device
+    from minidiff.train.hardware import PeakMemory, check_gpu, resolve_device
 
     device = resolve_device(args.device)
     peaks = PeakMemory(device)
@@ -161,7 +161,7 @@ def run(args):
 
 
 def main(argv=None):
-    from minidiff.errors import exit_code
+    from minidiff.cli import exit_code
 
     return exit_code(run, build_parser().parse_args(argv))
 

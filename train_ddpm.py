@@ -28,7 +28,7 @@ the right colours; on the aligned Kenney sprites it is one blurry figure, repeat
 Writes to --out: grid.png (5x5 samples; PNG metadata holds settings and seed), loss.csv + loss.png,
 checkpoints/step-XXXXXX.safetensors every --save-every steps and at the end (model, EMA, optimizer, RNG: `--resume`
 continues bit for bit), samples/step-XXXXXX.png every --sample-every steps, and metrics.json
-(minidiff.metrics.evaluate of the 25 samples against the training images, plus timings).
+(minidiff.eval.metrics.evaluate of the 25 samples against the training images, plus timings).
 """
 
 import json
@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from minidiff.errors import ArgumentParser as Parser
+from minidiff.cli import ArgumentParser as Parser
 
 DEFAULTS = {  # per recipe; every one can be overridden on the command line
     "ho": dict(size=32, steps=800, batch_size=8, lr=1e-3, ema_decay=0.999, schedule="cosine", sampler="ddpm",
@@ -78,8 +78,9 @@ def build_parser():
 
 def resolve_args(args):
     """Fill the recipe defaults and check the numbers: MinidiffError (one line) on bad input."""
-    from minidiff import gpu
-    from minidiff.errors import MinidiffError, check_counts
+    from minidiff.train import hardware
+    from minidiff.cli import check_counts
+    from minidiff.errors import MinidiffError
 
     for key, value in DEFAULTS[args.recipe].items():
         if getattr(args, key) is None:
@@ -100,7 +101,7 @@ def resolve_args(args):
         raise MinidiffError(f"--recipe seed always samples in its {SEED_STEPS} training steps (drop --sample-steps)")
     if args.data is not None and not Path(args.data).is_dir():
         raise MinidiffError(f"--data {args.data}: no such folder (expected a folder of .png/.jpg images)")
-    args.device = str(gpu.resolve_device(args.device))
+    args.device = str(hardware.resolve_device(args.device))
     return args
 
 
@@ -229,7 +230,9 @@ def generate(model, schedule, args, n=N_SAMPLES, progress=True):
 def run(args):
     from tqdm import tqdm
 
-    from minidiff import data, gpu, metrics, training
+    from minidiff import data, io
+    from minidiff.eval import metrics
+    from minidiff.train import hardware, state
     from minidiff.errors import TrainingError
     from minidiff.images import make_grid, save_png
     from minidiff.schedule import Schedule
@@ -237,30 +240,30 @@ def run(args):
     out = Path(args.out)
     device = torch.device(args.device)
     if device.type == "cuda":
-        gpu.check_gpu(device)
+        hardware.check_gpu(device)
     else:
         torch.set_num_threads(args.threads)
-    training.seed_all(args.seed)
+    state.seed_all(args.seed)
     dataset = data.ImageFolder(args.data if args.data is not None else data.instance_images(), args.size,
                                fit=args.fit, flip=args.recipe == "ho")
     schedule = Schedule.from_name(args.schedule)
     model, config = build_model(args)
     model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    ema = training.EMA(model, args.ema_decay) if args.ema_decay > 0 else None
+    ema = state.EMA(model, args.ema_decay) if args.ema_decay > 0 else None
     modules = {"model": model, **({"ema": ema} if ema else {})}
     settings = {k: v for k, v in vars(args).items() if k != "resume"}
     settings |= {"n_images": len(dataset.images), "unet": config.__dict__ if config else "SeedNet",
                  "params": sum(p.numel() for p in model.parameters())}
     step = 0
     if args.resume:
-        step, extra = training.load_checkpoint(args.resume, modules, {"adam": optimizer}, out_dir=out)
+        step, extra = state.load_checkpoint(args.resume, modules, {"adam": optimizer}, out_dir=out)
         saved, now = extra.get("settings", {}), json.loads(json.dumps(settings, default=str))
         changed = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
         if changed:
             raise TrainingError(f"the checkpoint was trained with other settings: {', '.join(changed)} "
                                 f"(resume with the same ones; only --steps and the output flags may change)")
-    log = training.LossLog(out, resume_step=step if args.resume else None)
+    log = state.LossLog(out, resume_step=step if args.resume else None)
     sampler_model = ema.module if ema else model
 
     def loss_fn():
@@ -280,7 +283,7 @@ def run(args):
         if ema is not None:  # warm-up: p_ema follows the net closely at first, then averages ~1/(1 - decay) steps
             ema.decay = min(args.ema_decay, (1 + step) / (10 + step))
         loss = train_step(model, optimizer, ema, loss_fn)
-        training.check_finite(loss, step, hint="lower --lr")
+        state.check_finite(loss, step, hint="lower --lr")
         log.log(step, loss=loss)
         if step % 10 == 0 or step == args.steps:
             bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -288,7 +291,7 @@ def run(args):
             write_grid(out / "samples" / f"step-{step:06d}.png", step, generate(sampler_model, schedule, args,
                                                                                progress=False))
         if (args.save_every and step % args.save_every == 0) or step == args.steps:
-            training.save_checkpoint(out, step, modules, {"adam": optimizer}, extra={"settings": settings})
+            state.save_checkpoint(out, step, modules, {"adam": optimizer}, extra={"settings": settings})
     bar.close()
     train_seconds = time.time() - t0
 
@@ -300,7 +303,7 @@ def run(args):
     result = metrics.evaluate(samples, dataset.tensors())
     result.update(recipe=args.recipe, steps=args.steps, size=args.size, seed=args.seed, sampler=args.sampler,
                   sample_steps=args.sample_steps, train_seconds=train_seconds, sample_seconds=sample_seconds)
-    training.atomic_write_json(result, out / "metrics.json")
+    io.write_json(result, out / "metrics.json")
     print(f"ddpm {args.recipe}: {args.steps} steps in {train_seconds:.0f}s, {N_SAMPLES} samples in "
           f"{sample_seconds:.0f}s -> {out}/grid.png; palette_distance {result['palette_distance']:.2f}, identity "
           f"{result['identity']:.2f}, nn_distance {result['nn_distance']:.3f}, diversity {result['diversity']:.3f}")
@@ -309,12 +312,12 @@ def run(args):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    if argv[:2] == ["--preset", "tiny-sdxl"]:  # captions + two CLIPs + the SDXL UNet: the loop is minidiff/tiny.py's
-        from minidiff import tiny
+    if argv[:2] == ["--preset", "tiny-sdxl"]:  # captions + two CLIPs + the SDXL UNet: the loop is minidiff/bundled/tiny.py's
+        from minidiff.bundled import tiny
 
         return tiny.main(argv[2:])
     args = build_parser().parse_args(argv)
-    from minidiff.errors import exit_code
+    from minidiff.cli import exit_code
 
     return exit_code(lambda: run(resolve_args(args)))
 

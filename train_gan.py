@@ -10,8 +10,8 @@ Writes to --out: loss.csv + loss.png (D(x), D(G(z)) as mean sigmoid and raw scor
 shows D(x) and D(G(z)) alone: the seed's failure is D(x) -> 1 with D(G(z)) -> 0), an 8x8 sample
 grid grid-XXXXXX.png every --sample-every steps and grid.png at the end (from the EMA generator; PNG metadata holds
 the settings and seed), checkpoints/step-XXXXXX.safetensors every --save-every steps and at the end (G, D, EMA,
-both optimizers, RNG: `--resume` continues bit for bit), and metrics.json (minidiff.metrics.evaluate of 64 samples
-against the training images). The networks, DiffAugment, losses and one training step live in minidiff/gan.py.
+both optimizers, RNG: `--resume` continues bit for bit), and metrics.json (minidiff.eval.metrics.evaluate of 64 samples
+against the training images). The networks, DiffAugment, losses and one training step live in minidiff/baselines/gan.py.
 
 Default recipe settings, chosen so each run takes ~2.5 CPU-minutes (one thread) and so ~3-4 minutes of wall time on
 the shared 2-core machine; measured with `python train_gan.py [--recipe dcgan]`, seed 0, six bundled drawings:
@@ -36,7 +36,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from minidiff.errors import ArgumentParser as Parser
+from minidiff.cli import ArgumentParser as Parser
 
 DEFAULTS = {  # per recipe; every one can be overridden on the command line
     "dcgan": dict(size=64, steps=600, batch_size=128, width=64, save_every=300, sample_every=200),
@@ -66,8 +66,9 @@ def build_parser():
 
 def resolve_args(args):
     """Fill the recipe defaults and check the numbers: MinidiffError (one line) on bad input."""
-    from minidiff import gpu
-    from minidiff.errors import MinidiffError, check_counts
+    from minidiff.train import hardware
+    from minidiff.cli import check_counts
+    from minidiff.errors import MinidiffError
 
     for key, value in DEFAULTS[args.recipe].items():
         if getattr(args, key) is None:
@@ -86,7 +87,7 @@ def resolve_args(args):
             raise MinidiffError(f"--r1 must be a number >= 0 or 'auto', got {args.r1!r}") from None
         if not args.r1 >= 0:
             raise MinidiffError(f"--r1 must be a number >= 0 or 'auto', got {args.r1}")
-    args.device = str(gpu.resolve_device(args.device))
+    args.device = str(hardware.resolve_device(args.device))
     return args
 
 
@@ -108,15 +109,18 @@ def batch_indices(n, batch_size):
 def run(args):
     from tqdm import tqdm
 
-    from minidiff import gan, gpu, metrics, training
+    from minidiff.baselines import gan
+    from minidiff.eval import metrics
+    from minidiff import io
+    from minidiff.train import hardware, state
     from minidiff.errors import TrainingError
     from minidiff.images import make_grid, save_png
 
     out = Path(args.out)
     device = torch.device(args.device)
     if device.type == "cuda":
-        gpu.check_gpu(device)
-    training.seed_all(args.seed)
+        hardware.check_gpu(device)
+    state.seed_all(args.seed)
     reals = load_training_images(args).to(device)
     n = reals.shape[0]
     batch_size = min(args.batch_size, n) if args.recipe == "dcgan" else args.batch_size  # Keras: batch <= dataset
@@ -125,18 +129,18 @@ def run(args):
     G, D = (m.to(device) for m in gan.build(cfg))
     opt_g = torch.optim.Adam(G.parameters(), cfg.lr, betas=cfg.betas)
     opt_d = torch.optim.Adam(D.parameters(), cfg.lr, betas=cfg.betas)
-    ema = training.EMA(G, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    ema = state.EMA(G, cfg.ema_decay) if cfg.ema_decay > 0 else None
     modules = {"G": G, "D": D, **({"G_ema": ema} if ema else {})}
     optimizers = {"G": opt_g, "D": opt_d}
     settings = {k: v for k, v in vars(args).items() if k not in ("resume",)} | {"batch_size": batch_size,
                                                                                 "config": asdict(cfg), "n_images": n}
     step = 0
     if args.resume:
-        step, extra = training.load_checkpoint(args.resume, modules, optimizers, out_dir=out)
+        step, extra = state.load_checkpoint(args.resume, modules, optimizers, out_dir=out)
         if extra.get("config") != json.loads(json.dumps(asdict(cfg))):
             raise TrainingError(f"checkpoint was trained with other settings ({extra.get('config')}); resume with "
                                 "the same --recipe, --size, --width, --lr and --r1")
-    log = training.LossLog(out, resume_step=step if args.resume else None)
+    log = state.LossLog(out, resume_step=step if args.resume else None)
     z_grid = torch.randn(N_GRID, cfg.latent, generator=torch.Generator().manual_seed(args.seed + GRID_SEED_OFFSET))
     z_grid = z_grid.to(device)
     sampler = ema.module if ema else G
@@ -147,14 +151,14 @@ def run(args):
                                               "generator": "EMA" if ema else "G", "settings": settings})
 
     def checkpoint(at_step):
-        training.save_checkpoint(out, at_step, modules, optimizers, extra={"config": asdict(cfg), "args": settings})
+        state.save_checkpoint(out, at_step, modules, optimizers, extra={"config": asdict(cfg), "args": settings})
 
     t0 = time.time()
     bar = tqdm(range(step + 1, args.steps + 1), initial=step, total=args.steps, desc=f"gan {args.recipe}",
                dynamic_ncols=True)
     for step in bar:
         logs = gan.train_step(G, D, opt_g, opt_d, reals[batch_indices(n, batch_size).to(device)], cfg, step, ema)
-        training.check_finite(logs["loss_d"] + logs["loss_g"], step, hint="lower --lr, or try --r1 auto")
+        state.check_finite(logs["loss_d"] + logs["loss_g"], step, hint="lower --lr, or try --r1 auto")
         log.log(step, **logs)
         if step % 10 == 0 or step == args.steps:
             bar.set_postfix({"D(x)": f"{logs['d_x']:.3f}", "D(G(z))": f"{logs['d_g_z']:.3f}",
@@ -174,7 +178,7 @@ def run(args):
     result = metrics.evaluate(samples, reals.float().cpu())
     result.update(recipe=args.recipe, steps=args.steps, size=args.size, seed=args.seed, train_seconds=train_seconds,
                   generator="EMA" if ema else "G")
-    training.atomic_write_json(result, out / "metrics.json")
+    io.write_json(result, out / "metrics.json")
     print(f"{args.recipe}: {args.steps} steps in {train_seconds:.0f}s -> {out}/grid.png; palette_distance "
           f"{result['palette_distance']:.2f}, identity {result['identity']:.2f}, nn_distance "
           f"{result['nn_distance']:.3f}, diversity {result['diversity']:.3f}")

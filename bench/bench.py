@@ -392,7 +392,7 @@ def main(argv=None):
         print(report(json.loads(Path(args.show).read_text())))
         return None
     if args.device == "cuda":
-        from minidiff.gpu import check_gpu
+        from minidiff.train.hardware import check_gpu
         check_gpu("cuda")
     tasks = [t for t in args.tasks.split(",") if t]
     bad = set(tasks) - set(TASKS)

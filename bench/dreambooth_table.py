@@ -11,7 +11,7 @@ target character, taught with finetune.py as "a picture of sks girl" (class "gir
     (c) lora + prior    LoRA with prior preservation (class images "a picture of a girl" from the base model)
     (d) full + prior    the whole UNet fine-tuned, with prior preservation
 
-Each is scored by the character classifier (minidiff/classifier.py), which judges every sample independently:
+Each is scored by the character classifier (minidiff/eval/classifier.py), which judges every sample independently:
 
     identity      share of "a picture of sks girl <action>" samples recognised as the target, for the actions of
                   the held-out poses (climbing: climb1; walking: walk1, walk2, walk4..walk7)
@@ -40,8 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from minidiff import classifier, data, metrics, tiny  # noqa: E402
-from minidiff.checkpoint import load_pipeline, load_unet  # noqa: E402
+from minidiff import data  # noqa: E402
+from minidiff.bundled import tiny  # noqa: E402
+from minidiff.eval import classifier, metrics  # noqa: E402
+from minidiff.weights.pretrained import load_pipeline, load_unet  # noqa: E402
 from minidiff.images import make_grid, save_png  # noqa: E402
 from minidiff.lora import load_lora  # noqa: E402
 
@@ -69,7 +71,7 @@ def finetune(name, args, out: Path):
             cmd += ["--lr", str(args.lora_lr), "--rank", str(args.rank)]
         print("$ " + " ".join(cmd), flush=True)
         log = open(out / f"{name}.log", "w")
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}  # one thread each: see minidiff/tiny.py --threads
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}  # one thread each: see minidiff/bundled/tiny.py --threads
         return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     return None
 

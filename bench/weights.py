@@ -8,7 +8,7 @@ diffusers' model get the same numbers although each process builds only its own 
 peak is one copy of the model). bench.py measures both implementations on these weights; the folder written by
 `write_random_sdxl` lets finetune.py and sample.py run end to end at full size where no real weights can be
 downloaded (the GPU session in bench/gpu_session.sh). The text encoders are transformers' CLIPs at SDXL's sizes with
-a small BPE tokenizer (minidiff.tiny.build_tokenizer): the token ids differ from CLIP's, the shapes and costs do not.
+a small BPE tokenizer (minidiff.bundled.tiny.build_tokenizer): the token ids differ from CLIP's, the shapes and costs do not.
 """
 from __future__ import annotations
 
@@ -143,11 +143,11 @@ def unet_inputs(cfg, batch, latent, dtype, device, seed=0):
 
 def random_pipeline(tok_dir, name="sdxl", dtype=torch.float16, device="cpu", seed=0):
     """minidiff Pipeline with the shared random weights: UNet and VAE of `name` (sdxl or tiny_sdxl), both CLIPs
-    (SDXL's sizes, or minidiff.tiny's for tiny_sdxl), tokenizers written to tok_dir, SDXL's scheduler."""
+    (SDXL's sizes, or minidiff.bundled.tiny's for tiny_sdxl), tokenizers written to tok_dir, SDXL's scheduler."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from minidiff import tiny
-    from minidiff.checkpoint import schedule_from_config
+    from minidiff.bundled import tiny
+    from minidiff.weights.pretrained import schedule_from_config
     from minidiff.pipeline import Pipeline
     from minidiff.text import TextConditioner
 
@@ -176,8 +176,8 @@ def random_pipeline(tok_dir, name="sdxl", dtype=torch.float16, device="cpu", see
 
 def write_random_sdxl(out_dir, name="sdxl", dtype=torch.float16, device="cpu", seed=0) -> Path:
     """A diffusers folder (model_index.json, unet/ vae/ text_encoder*/ tokenizer*/ scheduler/) of random weights
-    that minidiff.checkpoint.load_pipeline and diffusers' StableDiffusionXLPipeline.from_pretrained both read."""
-    from minidiff.checkpoint import save_pipeline
+    that minidiff.weights.pretrained.load_pipeline and diffusers' StableDiffusionXLPipeline.from_pretrained both read."""
+    from minidiff.weights.pretrained import save_pipeline
 
     out = Path(out_dir)
     with tempfile.TemporaryDirectory() as tok_dir:  # save_pipeline copies the tokenizers into out/

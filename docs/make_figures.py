@@ -39,7 +39,8 @@ DOCS = ROOT / "docs"
 FIGURES = DOCS / "figures"
 sys.path.insert(0, str(ROOT))
 
-from minidiff import data, gan, lora, lora_files  # noqa: E402
+from minidiff import data, io, lora  # noqa: E402
+from minidiff.baselines import gan  # noqa: E402
 from minidiff.images import make_grid, plot_curves, save_png, to_pil  # noqa: E402
 from minidiff.schedule import Schedule  # noqa: E402
 from minidiff.vae import AutoencoderKL, VAEConfig  # noqa: E402
@@ -93,19 +94,19 @@ def safetensors_size(tensors: dict, metadata: dict | None = None) -> int:
 
 
 @contextmanager
-def captured_writes(module):
-    """Replace `module.atomic_save_file` by a recorder: [(tensors, metadata)] of what would have been written."""
-    writes, real = [], module.atomic_save_file
-    module.atomic_save_file = lambda tensors, path, metadata=None: writes.append((tensors, metadata)) or Path(path)
+def captured_writes():
+    """Replace `io.save_safetensors` (every weights file goes through it) by a recorder: [(tensors, metadata)]."""
+    writes, real = [], io.save_safetensors
+    io.save_safetensors = lambda tensors, path, metadata=None: writes.append((tensors, metadata)) or Path(path)
     try:
         yield writes
     finally:
-        module.atomic_save_file = real
+        io.save_safetensors = real
 
 
 def lora_file_bytes(model, dtype=torch.float32, format="kohya") -> int:
     """Size of the file lora.save_lora(model, ..., dtype=dtype) writes (model on any device, meta included)."""
-    with captured_writes(lora_files) as writes:  # save_lora lives in lora_files.py
+    with captured_writes() as writes:
         lora.save_lora(model, "unwritten.safetensors", format=format, dtype=dtype)
     return safetensors_size(*writes[0])
 
@@ -281,7 +282,7 @@ def sdxl_components():
 def miniature_components():
     """The bundled miniature's components (`tiny.build_pipeline`: same shapes as the shipped weights; pixel space,
     so no VAE)."""
-    from minidiff import tiny
+    from minidiff.bundled import tiny
 
     with tempfile.TemporaryDirectory() as tmp:
         pipe = tiny.build_pipeline(tmp)
@@ -294,7 +295,7 @@ def what_trains_table(components, rank=4) -> tuple[str, str]:
     import argparse
 
     import finetune
-    from minidiff import audit, training
+    from minidiff.eval import audit
 
     rows, attn_table = [], ""
     for mode, flags in [("`--train lora` (default)", dict(train="lora", train_text_encoder=False)),
@@ -310,7 +311,7 @@ def what_trains_table(components, rank=4) -> tuple[str, str]:
         table = audit.trainable_table(parts)  # what finetune.py prints before training: every component
         total = table[-1]
         if flags["train"] == "full":
-            with captured_writes(training) as writes:  # save_unet imports atomic_save_file from training
+            with captured_writes() as writes:
                 with tempfile.TemporaryDirectory() as tmp:
                     finetune.save_unet(pipe.unet, tmp)
             size = safetensors_size(*writes[0])

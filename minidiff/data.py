@@ -27,10 +27,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .bundled import assets_dir
 from .errors import DataError
 from .images import from_pil
 
-KENNEY_DIR = Path(__file__).resolve().parent / "assets" / "kenney-characters"
+KENNEY_DIR = assets_dir() / "kenney-characters"
 CHARACTERS = ("female_adventurer", "female_person", "male_adventurer", "male_person", "robot", "zombie")
 POSES = ("climb0", "climb1", "fall", "idle", "jump") + tuple(f"walk{i}" for i in range(8))
 TARGET_CHARACTER = "female_adventurer"

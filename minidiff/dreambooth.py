@@ -25,7 +25,7 @@ z_0 is the image), and the text encoders encode each distinct caption once; afte
 A dropped caption (`caption_dropout`) is the all-zero embedding, the unconditional input SDXL was trained with
 (sgm's ucg_rate zeroes it) and the one our sampler's classifier-free guidance uses.
 
-Data-parallel (torchrun, minidiff/distributed.py): every process draws the same global batch of W * B instance and
+Data-parallel (torchrun, minidiff/train/ddp.py): every process draws the same global batch of W * B instance and
 W * B class rows (same seed, same RNG stream), keeps its own B + B (`rows_of_rank`), and the LoRA gradients are
 averaged before the optimizer step. L is a mean over equal-sized halves, so the average of the W per-process losses
 is the loss of the global batch: W processes at --batch-size B train like one process at --batch-size W * B.
@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import distributed, training
+from .train import ddp, state
 from .data import IMAGE_EXTS, ImageFolder, load_image
 from .errors import DataError, MinidiffError, TrainingError
 from .text import time_ids as text_time_ids
@@ -350,29 +350,29 @@ def train(unet, params, schedule, instance, klass, embed, cfg: TrainConfig, out_
           resume=None, on_save=None, on_validate=None, progress=True, ctx=None):
     """The DreamBooth loop: AdamW on `params`, lr warm-up/decay, gradient accumulation, clipping at 1, an fp16
     GradScaler when `precision` asks for one, a loss log, checkpoints every `save_every` steps (`modules`:
-    {name: module or training.Trainable} to store, with optimizer, lr schedule, step and RNG) and `resume`
+    {name: module or state.Trainable} to store, with optimizer, lr schedule, step and RNG) and `resume`
     (a checkpoint file, out dir or "latest"). on_save(step) / on_validate(step) are called after those steps;
     validation runs under torch.random.fork_rng, so it cannot change what training draws next.
-    `ctx` (minidiff.distributed.Context): data-parallel over W processes (module docstring); every process
+    `ctx` (minidiff.train.ddp.Context): data-parallel over W processes (module docstring); every process
     resumes from the same checkpoint, and only process 0 logs, saves, and calls on_save / on_validate.
     Returns {"steps", "resumed_from", "seconds", "s_per_step" (optimizer steps only), "loss" (the last)}."""
     autocast_dtype, use_scaler = precision
     device = instance.mean.device
-    ctx = ctx or distributed.Context(device=device)
+    ctx = ctx or ddp.Context(device=device)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup, cfg.lr_schedule))
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
     start = 0
     if resume is not None:
-        start, extra = training.load_checkpoint(resume, modules, {"optimizer": optimizer}, {"lr": lr_sched},
+        start, extra = state.load_checkpoint(resume, modules, {"optimizer": optimizer}, {"lr": lr_sched},
                                                 out_dir=out_dir)
         if scaler is not None and extra.get("scaler"):
             scaler.load_state_dict(extra["scaler"])
         if start >= cfg.steps:
             raise TrainingError(f"the checkpoint is at step {start}, nothing left to do for --steps {cfg.steps}")
         _share_device_rng(ctx, device)
-    log = training.LossLog(out_dir, resume_step=start if resume is not None else None) if ctx.is_main else None
+    log = state.LossLog(out_dir, resume_step=start if resume is not None else None) if ctx.is_main else None
     unet.train()
     t0, aside, loss_value = time.perf_counter(), 0.0, float("nan")  # aside: time in checkpoints and validation
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="training",
@@ -385,11 +385,11 @@ def train(unet, params, schedule, instance, klass, embed, cfg: TrainConfig, out_
             batch = rows_of_rank(batch, ctx)
             terms = compute_loss(unet, batch, schedule, embed, cfg.prediction_type, cfg.prior_weight,
                                  cfg.min_snr_gamma, autocast_dtype)
-            training.check_finite(terms[0], step)
+            state.check_finite(terms[0], step)
             loss = terms[0] / cfg.grad_accum
             (scaler.scale(loss) if scaler is not None else loss).backward()
             sums += torch.stack([x.detach() for x in terms]) / cfg.grad_accum
-        distributed.average_gradients(params, ctx)  # before unscaling: every process sees the same inf/NaN
+        ddp.average_gradients(params, ctx)  # before unscaling: every process sees the same inf/NaN
         if ctx.world_size > 1:  # log the global batch's loss
             torch.distributed.all_reduce(sums)
             sums /= ctx.world_size
@@ -416,7 +416,7 @@ def train(unet, params, schedule, instance, klass, embed, cfg: TrainConfig, out_
         log.log(step, **values)
         if cfg.save_every and step % cfg.save_every == 0:
             extra = {"scaler": scaler.state_dict()} if scaler is not None else {}
-            training.save_checkpoint(out_dir, step, modules, {"optimizer": optimizer}, {"lr": lr_sched}, extra)
+            state.save_checkpoint(out_dir, step, modules, {"optimizer": optimizer}, {"lr": lr_sched}, extra)
             if on_save is not None:
                 on_save(step)
         if on_validate is not None and cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.steps:

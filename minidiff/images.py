@@ -12,7 +12,6 @@ JSON-encoded, so `read_png_metadata` gives back the same dict. Every write is at
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
+from . import io
 from .errors import DataError
 
 WHITE = (255, 255, 255)
@@ -67,18 +67,6 @@ def make_grid(x, nrow=None, pad=2):
 
 
 # ----------------------------------------------------------------------------------------------- PNG files
-def _atomic_pil_save(img, path, **kwargs):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        img.save(tmp, format="PNG", **kwargs)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_png(img, path, metadata=None):
     """Write `img` (PIL, or a [C,H,W] / [N,C,H,W] tensor in [-1, 1]) as a PNG with `metadata` in text chunks.
 
@@ -89,7 +77,7 @@ def save_png(img, path, metadata=None):
     info = PngImagePlugin.PngInfo()
     for key, value in (metadata or {}).items():
         info.add_text(str(key), json.dumps(value, ensure_ascii=True, default=str))
-    _atomic_pil_save(img, path, pnginfo=info)
+    io.save_image(img, path, pnginfo=info)
     return Path(path)
 
 
@@ -195,7 +183,7 @@ def plot_curves(series, path, title="", log_y=None, xlabel="step", ylabel="", si
     d.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
     if not all_y:
         _text(d, ((x0 + x1) // 2, (y0 + y1) // 2), "no data yet", font, "mm", fill=(120, 120, 120))
-        _atomic_pil_save(img, path)
+        io.save_image(img, path)
         return Path(path)
 
     fy = (lambda v: math.log10(v)) if log_y else (lambda v: v)
@@ -263,7 +251,7 @@ def plot_curves(series, path, title="", log_y=None, xlabel="step", ylabel="", si
         yy = ly + 13 + 20 * i
         d.line([lx + 6, yy, lx + 28, yy], fill=COLORS[i % len(COLORS)], width=3)
         _text(d, (lx + 34, yy), name, font, "lm")
-    _atomic_pil_save(img, path)
+    io.save_image(img, path)
     return Path(path)
 
 

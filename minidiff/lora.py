@@ -1,5 +1,5 @@
 """LoRA: low-rank adapters on frozen Linear / Conv2d layers: the layers, the target presets and the model surgery
-(inject, merge / unmerge, multiplier, enable / disable). The three file namings live in lora_files.py.
+(inject, merge / unmerge, multiplier, enable / disable). The three file namings live in weights/lora_files.py.
 
 Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", eq. 3, with one term per named adapter n:
 
@@ -21,9 +21,11 @@ State-dict keys of the model do not change: a wrapped `to_q` keeps its own `weig
 same names, and adds `lora_A.<adapter>` / `lora_B.<adapter>`. A plain base checkpoint therefore still loads with
 `model.load_state_dict(sd)` (strict) after injection: adapter tensors a checkpoint lacks entirely are left as they are.
 
-save_lora, load_lora, read_lora, parse_lora and lora_state_dict live in lora_files.py and are reachable from here
-(`__getattr__` at the bottom): `minidiff.lora.save_lora(model, path, format="kohya")`, `minidiff.lora.load_lora(model,
-path, scale=1.0)`, `from minidiff.lora import save_lora`.
+LoRA files (save_lora, load_lora, read_lora, parse_lora, lora_state_dict: kohya / diffusers / peft naming) are
+weights/lora_files.py's, which imports this file, never the reverse. The spellings earlier issues promised,
+`minidiff.lora.save_lora(model, path, format="kohya")`, `minidiff.lora.load_lora(model, path, scale=1.0)` and
+`from minidiff.lora import save_lora`, keep working: minidiff/__init__.py, which runs before any submodule, attaches
+those five names here as aliases.
 """
 
 import math
@@ -192,7 +194,7 @@ def find_targets(model: nn.Module, targets="attn") -> list:
     return names
 
 
-def _wrap(model: nn.Module, name: str) -> LoRALinear:
+def wrap(model: nn.Module, name: str) -> LoRALinear:
     """Replaces module `name` by its LoRA wrapper (once) and returns the wrapper."""
     module = model.get_submodule(name)
     if isinstance(module, LoRALinear):
@@ -203,7 +205,7 @@ def _wrap(model: nn.Module, name: str) -> LoRALinear:
     return layer
 
 
-def _check_name(name):
+def check_name(name):
     if not re.fullmatch(r"[A-Za-z0-9_-]+", str(name)):
         raise LoRAError(f"adapter name must be letters, digits, '_' or '-' (no dots), got {name!r}")
 
@@ -213,7 +215,7 @@ def _check_settings(rank, alpha, name, init, dropout):
         raise LoRAError(f"LoRA rank must be a positive integer, got {rank!r}")
     if alpha is not None and not alpha > 0:
         raise LoRAError(f"LoRA alpha must be positive, got {alpha!r}")
-    _check_name(name)
+    check_name(name)
     if init not in ("gaussian", "kaiming"):
         raise LoRAError(f"LoRA init must be 'gaussian' or 'kaiming', got {init!r}")
     if not 0.0 <= dropout < 1.0:
@@ -235,19 +237,19 @@ def inject_lora(model, targets="attn", rank=4, alpha=None, name="default", init=
             p.requires_grad_(False)
     label = targets if isinstance(targets, str) else ",".join(targets)
     for n in names:
-        _wrap(model, n).add_adapter(name, rank, alpha or rank, init=init, dropout=dropout, targets=label)
+        wrap(model, n).add_adapter(name, rank, alpha or rank, init=init, dropout=dropout, targets=label)
     return names
 
 
-def _components(model, prefix):
+def components(model, prefix):
     """{component: module}: a dict as given (None entries dropped, e.g. no text encoder), or {prefix: model}."""
     return {c: m for c, m in model.items() if m is not None} if isinstance(model, dict) else {prefix: model}
 
 
-def _adapters_of(models, name=None):
+def adapters_of(models, name=None):
     """[(layer, adapter name)] over one model or a dict of models; name=None means every adapter."""
     pairs = []
-    for model in _components(models, None).values():
+    for model in components(models, None).values():
         for layer in lora_layers(model).values():
             pairs += [(layer, n) for n in layer.adapters if name is None or n == name]
     if name is not None and not pairs:
@@ -257,11 +259,11 @@ def _adapters_of(models, name=None):
 
 def lora_parameters(model, name=None) -> list:
     """The A and B tensors (of adapter `name`, or of all): what the optimizer gets."""
-    return [p for layer, n in _adapters_of(model, name) for p in (layer.lora_A[n], layer.lora_B[n])]
+    return [p for layer, n in adapters_of(model, name) for p in (layer.lora_A[n], layer.lora_B[n])]
 
 
 def _set(model, name, **values):
-    for layer, n in _adapters_of(model, name):
+    for layer, n in adapters_of(model, name):
         if layer.adapters[n].merged:
             raise LoRAError(f"adapter {n!r} is merged into the weights: call unmerge_lora first")
         for k, v in values.items():
@@ -284,25 +286,11 @@ def disable_lora(model, name=None):
 
 def merge_lora(model, name=None):
     """Folds the enabled adapters (or just `name`) into W0 for inference speed: W0 += m (alpha/r) B A."""
-    for layer in {id(layer): layer for layer, _ in _adapters_of(model, name)}.values():
+    for layer in {id(layer): layer for layer, _ in adapters_of(model, name)}.values():
         layer.merge(None if name is None else {name})
 
 
 def unmerge_lora(model):
     """Undoes merge_lora: W0 -= m (alpha/r) B A for every merged adapter."""
-    for layer in {id(layer): layer for layer, _ in _adapters_of(model)}.values():
+    for layer in {id(layer): layer for layer, _ in adapters_of(model)}.values():
         layer.unmerge()
-
-
-# ---------------------------------------------------------------------------------------------------- file formats
-FILE_API = ("save_lora", "load_lora", "lora_state_dict", "read_lora", "parse_lora")
-
-
-def __getattr__(name):
-    """minidiff.lora.save_lora etc. are lora_files.py's. lora_files imports this module, so a plain import here
-    would be circular (and fail when lora_files is imported first); Python calls this for names not found above."""
-    if name in FILE_API:
-        from . import lora_files
-
-        return getattr(lora_files, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from minidiff.audit import audit_lora, block_of, delta_norm, format_table, main, trainable_table
+from minidiff.eval.audit import audit_lora, block_of, delta_norm, format_table, main, trainable_table
 from minidiff.images import read_png_metadata
 from minidiff.lora import inject_lora
 
@@ -61,7 +61,7 @@ def test_block_of_reads_both_namings():
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "minidiff.audit", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "minidiff.eval.audit", *map(str, args)], capture_output=True, text=True)
 
 
 def test_cli_lists_file_and_writes_png(tmp_path):

@@ -103,7 +103,7 @@ def test_random_folder_reads_the_same_in_minidiff_and_diffusers(tmp_path):
     StableDiffusionXLPipeline.from_pretrained reads the same tensors and encodes a prompt the same way as ours."""
     from diffusers import StableDiffusionXLPipeline
 
-    from minidiff.checkpoint import load_pipeline
+    from minidiff.weights.pretrained import load_pipeline
 
     folder = weights.write_random_sdxl(tmp_path / "model", "tiny_sdxl", torch.float32)
     ours = load_pipeline(folder)

@@ -124,7 +124,7 @@ def test_optimal_bce_discriminator_and_the_jensen_shannon_divergence():
     """Goodfellow et al. 2014, Prop. 1 and Thm. 1, on a 4-point space: minimising gan.d_loss_bce over one logit a_k
     per point gives sigmoid(a_k) = p_k / (p_k + q_k), and the minimum is 2 log 2 - 2 JSD(p || q). Real and fake
     scores are weighted by repeating points in proportion to p (data) and q (generator)."""
-    from minidiff import gan
+    from minidiff.baselines import gan
 
     p_counts, q_counts = torch.tensor([3, 2, 1, 0]), torch.tensor([0, 1, 2, 3])  # data: 6 "images"
     p, q = p_counts / p_counts.sum(), q_counts / q_counts.sum()

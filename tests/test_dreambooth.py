@@ -293,7 +293,7 @@ def test_training_changes_only_the_adapters(pipe, tmp_path):
     instance = _examples(3, "a picture of sks girl", [96, 128, 0, 0, SIZE, SIZE], 1)
     klass = _examples(3, "a picture of a girl", [SIZE, SIZE, 0, 0, SIZE, SIZE], 2)
     cache = db.PromptCache(text, ["a picture of sks girl", "a picture of a girl"])
-    from minidiff.training import Trainable
+    from minidiff.train.state import Trainable
 
     cfg = db.TrainConfig(steps=3, lr=1e-2, batch_size=1, min_snr_gamma=5.0, noise_offset=0.1, warmup=2)
     result = db.train(unet, lora_parameters(unet), pipe.schedule, instance, klass, cache, cfg, tmp_path,

@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors import safe_open
 
 import finetune
-from minidiff.checkpoint import load_pipeline, load_unet, save_pipeline
+from minidiff.weights.pretrained import load_pipeline, load_unet, save_pipeline
 from minidiff.lora import find_targets, load_lora
 from test_dreambooth import tiny_pipeline
 

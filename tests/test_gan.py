@@ -1,4 +1,4 @@
-"""minidiff.gan: DiffAugment, losses, spectral norm, R1 and the two recipes' networks, against hand computations,
+"""minidiff.baselines.gan: DiffAugment, losses, spectral norm, R1 and the two recipes' networks, against hand computations,
 closed forms (SVD, autograd of a quadratic) and torch's own BCELoss."""
 
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from minidiff import gan
+from minidiff.baselines import gan
 from minidiff.errors import TrainingError
 
 

@@ -1,4 +1,4 @@
-"""minidiff/gpu.py, and what only a CUDA GPU can show.
+"""minidiff/train/hardware.py, and what only a CUDA GPU can show.
 
 On any machine (the CUDA calls faked where needed): the arch check names both fixes for a P100 on a torch without
 sm_60, the precision each GPU gets, --device errors, and the peak memory of each phase. On a CUDA GPU only (marked
@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 import finetune
-from minidiff import gpu
-from minidiff.checkpoint import save_pipeline
+from minidiff.train import hardware
+from minidiff.weights.pretrained import save_pipeline
 from minidiff.errors import MinidiffError, TrainingError
 from test_dreambooth import tiny_pipeline
 
@@ -42,34 +42,34 @@ KAGGLE_CU128 = ["sm_70", "sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
 def test_check_gpu_names_both_fixes(monkeypatch):
     _fake_gpu(monkeypatch, (6, 0), KAGGLE_CU128)
     with pytest.raises(TrainingError) as e:
-        gpu.check_gpu()
+        hardware.check_gpu()
     msg = str(e.value)
     assert "sm_60" in msg and "P100" in msg and "cu126" in msg and "T4" in msg and "\n" not in msg
     for cap, archs in [((6, 0), ["sm_50", "sm_60", "sm_70"]), ((6, 1), ["sm_60"]), ((6, 0), ["sm_50", "compute_50"]),
                        ((7, 5), KAGGLE_CU128), ((9, 0), ["sm_80", "sm_90a"])]:
         _fake_gpu(monkeypatch, cap, archs)
-        gpu.check_gpu()  # a cubin of the same major and lower minor, older PTX, or the exact sm_90a
+        hardware.check_gpu()  # a cubin of the same major and lower minor, older PTX, or the exact sm_90a
     for cap, archs in [((10, 0), ["sm_90a"]), ((6, 0), ["sm_61", "compute_70"]), ((8, 6), ["sm_90"])]:
         _fake_gpu(monkeypatch, cap, archs)
         with pytest.raises(TrainingError, match=f"sm_{cap[0]}{cap[1]}"):
-            gpu.check_gpu()
+            hardware.check_gpu()
 
 
 def test_resolve_precision(monkeypatch):
-    assert gpu.resolve_precision("auto", "cpu") == (None, False)
-    assert gpu.resolve_precision("no", "cpu") == (None, False)
-    assert gpu.resolve_precision("bf16", "cpu") == (torch.bfloat16, False)
+    assert hardware.resolve_precision("auto", "cpu") == (None, False)
+    assert hardware.resolve_precision("no", "cpu") == (None, False)
+    assert hardware.resolve_precision("bf16", "cpu") == (torch.bfloat16, False)
     with pytest.raises(TrainingError, match="needs a CUDA GPU"):
-        gpu.resolve_precision("fp16", "cpu")
+        hardware.resolve_precision("fp16", "cpu")
     with pytest.raises(TrainingError, match="auto, bf16, fp16 or no"):
-        gpu.resolve_precision("fp8", "cpu")
+        hardware.resolve_precision("fp8", "cpu")
     _fake_gpu(monkeypatch, (7, 5), KAGGLE_CU128)  # T4: bf16 only emulated -> fp16 + GradScaler
-    assert gpu.resolve_precision("auto", "cuda") == (torch.float16, True)
+    assert hardware.resolve_precision("auto", "cuda") == (torch.float16, True)
     with pytest.raises(TrainingError, match="no native bf16"):
-        gpu.resolve_precision("bf16", "cuda")
+        hardware.resolve_precision("bf16", "cuda")
     _fake_gpu(monkeypatch, (8, 0), KAGGLE_CU128)  # A100
-    assert gpu.resolve_precision("auto", "cuda") == (torch.bfloat16, False)
-    assert gpu.resolve_precision("fp16", "cuda:0") == (torch.float16, True)
+    assert hardware.resolve_precision("auto", "cuda") == (torch.bfloat16, False)
+    assert hardware.resolve_precision("fp16", "cuda:0") == (torch.float16, True)
 
 
 
@@ -84,7 +84,7 @@ def test_peak_memory_gives_each_phase_its_own_peak(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: mem["peak"])
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: mem.update(peak=mem["now"]))
-    peaks = gpu.PeakMemory("cuda")
+    peaks = hardware.PeakMemory("cuda")
     mem["now"] = mem["peak"] = GiB  # the weights, held from here on
     peaks.end("load")
     save = peaks.around("save", lambda: use(GiB // 2))
@@ -98,7 +98,7 @@ def test_peak_memory_gives_each_phase_its_own_peak(monkeypatch):
 def test_peak_memory_on_the_cpu_is_the_resident_set_of_each_phase():
     """A 512 MiB array allocated and touched during phase "big" only: its peak shows there and not in the phases
     before and after it (VmHWM, reset through /proc/self/clear_refs)."""
-    peaks = gpu.PeakMemory("cpu")
+    peaks = hardware.PeakMemory("cpu")
     if peaks.what is None:
         pytest.skip("this kernel lets no process reset its peak RSS (/proc/self/clear_refs)")
     peaks.end("before")
@@ -111,13 +111,13 @@ def test_peak_memory_on_the_cpu_is_the_resident_set_of_each_phase():
 
 
 def test_resolve_device_names_what_it_expects():
-    assert gpu.resolve_device("cpu") == torch.device("cpu")
-    assert gpu.resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert hardware.resolve_device("cpu") == torch.device("cpu")
+    assert hardware.resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(MinidiffError, match=r"--device must be cpu, cuda or cuda:N, got 'gpu'"):
-        gpu.resolve_device("gpu")
+        hardware.resolve_device("gpu")
     if not torch.cuda.is_available():
         with pytest.raises(MinidiffError, match="sees no CUDA GPU; use --device cpu"):
-            gpu.resolve_device("cuda:1")
+            hardware.resolve_device("cuda:1")
 
 
 # ------------------------------------------------------------------------------------- on a CUDA GPU
@@ -188,7 +188,7 @@ def test_every_attention_runs_on_the_memory_efficient_kernel():
 
 @pytest.mark.gpu
 def test_arch_check_and_precision_on_this_gpu():
-    gpu.check_gpu("cuda")  # this torch has kernels for this GPU: no error
-    dtype, scaler = gpu.resolve_precision("auto", "cuda")
+    hardware.check_gpu("cuda")  # this torch has kernels for this GPU: no error
+    dtype, scaler = hardware.resolve_precision("auto", "cuda")
     major, _ = torch.cuda.get_device_capability()
     assert (dtype, scaler) == ((torch.bfloat16, False) if major >= 8 else (torch.float16, True))

@@ -1,4 +1,4 @@
-"""minidiff.lora_files: LoRA files in the kohya, diffusers and peft layouts, both ways, against diffusers' and
+"""minidiff.weights.lora_files: LoRA files in the kohya, diffusers and peft layouts, both ways, against diffusers' and
 peft's own loaders and savers on identical weights (text encoders and UNet), and one-line errors for bad files.
 """
 
@@ -229,8 +229,8 @@ def test_kohya_and_diffusers_naming_round_trip_exactly(tmp_path):
     c, _ = tiny_unets()
     load_lora(c, {k: v * 0.5 if ".up." in k else v for k, v in raw.items()}, name="old")
     torch.testing.assert_close(run_ours(c), run_ours(ours), rtol=1e-5, atol=1e-5)
-    # ComfyUI's generic names: diffusion_model.<ldm path with dots>.lora_A/B.weight (ldm paths from checkpoint.py)
-    from minidiff.layouts import diffusers_to_ldm_unet_key
+    # ComfyUI's generic names: diffusion_model.<ldm path with dots>.lora_A/B.weight (ldm paths from weights/layouts.py)
+    from minidiff.weights.layouts import diffusers_to_ldm_unet_key
 
     generic = {}
     for path, layer in lora_layers(ours).items():

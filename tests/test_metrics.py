@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from minidiff import metrics
+from minidiff.eval import metrics
 from minidiff.errors import DataError
 
 

@@ -5,10 +5,10 @@ output_type="latent", and the seed rules (image i = seed + i, whatever the batch
 import pytest
 import torch
 
-from minidiff.checkpoint import load_pipeline, save_pipeline
+from minidiff.weights.pretrained import load_pipeline, save_pipeline
 from minidiff.errors import MinidiffError
 from minidiff.pipeline import Pipeline, generate
-from test_checkpoint import saved_diffusers_pipeline, tiny_diffusers_pipeline
+from test_pretrained import saved_diffusers_pipeline, tiny_diffusers_pipeline
 
 PROMPTS = ["a cat", "a robot and a dog"]
 
@@ -87,9 +87,9 @@ def test_pixel_space_pipeline_matches_diffusers_latent_output(tmp_path):
     """vae=None: the UNet denoises RGB directly; diffusers with output_type="latent" returns the same x_0."""
     from diffusers import UNet2DConditionModel
 
-    from minidiff.checkpoint import schedule_from_config
+    from minidiff.weights.pretrained import schedule_from_config
     from minidiff.unet import UNet, UNetConfig
-    from test_checkpoint import UNET_KW
+    from test_pretrained import UNET_KW
 
     ref = tiny_diffusers_pipeline(tmp_path)
     ref.unet = UNet2DConditionModel(**{**UNET_KW, "in_channels": 3, "out_channels": 3}).eval()

@@ -8,7 +8,7 @@ import torch
 
 import sample
 from minidiff.images import from_pil, read_png_metadata
-from test_checkpoint import saved_diffusers_pipeline
+from test_pretrained import saved_diffusers_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--steps", "2", "--width", "64", "--height", "64", "--device", "cpu"]
@@ -53,7 +53,7 @@ def test_writes_pngs_with_metadata_and_same_seed_same_image(model, tmp_path):
 
 
 def test_lora_changes_the_image_and_is_recorded(model, tmp_path):
-    from minidiff.checkpoint import load_unet
+    from minidiff.weights.pretrained import load_unet
     from minidiff.lora import inject_lora, save_lora
 
     unet = load_unet(model)

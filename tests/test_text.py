@@ -1,6 +1,6 @@
 """text.py against diffusers' StableDiffusionXLPipeline.encode_prompt on the same tiny random CLIPs.
 
-Also home of the tiny-CLIP builders the other test files of the loading stack import (test_checkpoint,
+Also home of the tiny-CLIP builders the other test files of the loading stack import (test_pretrained,
 test_pipeline, test_sample): a byte-level BPE tokenizer written as hub-style files (vocab.json, merges.txt,
 special_tokens_map.json, tokenizer_config.json) and two tiny CLIP text configs.
 """

@@ -1,4 +1,4 @@
-"""The bundled miniature SDXL (minidiff/tiny.py, minidiff/assets/tiny-sdxl): captions, tokenizer, shipped weights,
+"""The bundled miniature SDXL (minidiff/bundled/tiny.py, minidiff/assets/tiny-sdxl): captions, tokenizer, shipped weights,
 and the default finetune.py / sample.py path that runs on them."""
 import json
 import subprocess
@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from minidiff import data, tiny
-from minidiff.checkpoint import load_pipeline, load_tokenizer
+from minidiff import data
+from minidiff.bundled import tiny
+from minidiff.weights.pretrained import load_pipeline, load_tokenizer
 from minidiff.pipeline import generate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_ddpm
-from minidiff import classifier, metrics
+from minidiff.eval import classifier, metrics
 from minidiff.images import read_png_metadata
 from minidiff.schedule import Schedule
 

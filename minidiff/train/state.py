@@ -1,5 +1,5 @@
 """What every training loop shares: seeds, EMA, atomic checkpoints and resume, the NaN check, the loss log.
-(Devices, precision and GPU checks: minidiff/gpu.py.)
+(Devices, precision and GPU checks: minidiff/train/hardware.py.)
 
 A checkpoint is ONE safetensors file, `<out>/checkpoints/step-000500.safetensors`, holding everything needed to
 continue bit for bit as if the run had never stopped:
@@ -18,51 +18,19 @@ import copy
 import csv
 import json
 import math
-import os
 import random
 import re
 from pathlib import Path
 
 import numpy as np
-import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from .errors import TrainingError
+from .. import io
+from ..errors import TrainingError
 
 FORMAT = "minidiff-checkpoint"
 NAN_HINT = "fp16 overflow? try --mixed-precision bf16/no or a lower lr"
-
-
-# ----------------------------------------------------------------------------------------------- atomic files
-def atomic_write_json(obj, path):
-    """Write obj as indented JSON to path atomically (a .tmp file, then os.replace)."""
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def atomic_save_file(tensors, path, metadata=None):
-    """safetensors.torch.save_file to `path.tmp`, fsync, then os.replace onto `path` (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def _atomic_write_text(path, text):
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def seed_all(seed):
@@ -224,8 +192,8 @@ def save_checkpoint(out_dir, step, modules, optimizers, schedulers=None, extra=N
     metadata = {"format": FORMAT, "step": str(int(step)), "modules": json.dumps(sorted(modules)),
                 "state": json.dumps(state), "extra": extra_json}
     ckpt_dir = Path(out_dir) / "checkpoints"
-    path = atomic_save_file(tensors, ckpt_dir / f"step-{int(step):06d}.safetensors", metadata)
-    _atomic_write_text(ckpt_dir / "latest.txt", path.name + "\n")
+    path = io.save_safetensors(tensors, ckpt_dir / f"step-{int(step):06d}.safetensors", metadata)
+    io.write_text(path.name + "\n", ckpt_dir / "latest.txt")
     if keep_last:
         for old in sorted(ckpt_dir.glob("step-*.safetensors"), key=_step_of)[: -int(keep_last)]:
             if old != path:
@@ -327,7 +295,7 @@ class LossLog:
     def _rewrite(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         text = ",".join(["step"] + self.names) + "\n" + "".join(self._line(s, v) for s, v in self.rows)
-        _atomic_write_text(self.path, text)
+        io.write_text(text, self.path)
 
     def log(self, step, **values):
         """Append one row, e.g. log(100, loss=0.12, lr=1e-4); values may be 0-dim tensors."""
@@ -347,7 +315,7 @@ class LossLog:
 
     def plot(self, title="training loss", path=None, names=None):
         """Draw loss.png: the columns in `names`, default all but learning rates (lr*), which have another scale."""
-        from .images import plot_curves
+        from ..images import plot_curves
 
         series = {n: v for n, v in self.series().items() if (n in names if names else not n.startswith("lr"))}
         return plot_curves(series, path or self.png, title=title)

@@ -1,5 +1,6 @@
 """Key layouts: the names SDXL's weights go by in a diffusers folder and in the original single file, and the rules
-between them (checkpoint.py reads the files and fills the modules; this file only renames keys and reads sizes).
+between them (pretrained.py reads the files and fills the modules; this file only renames keys, reads tensors through
+the renaming rules and reads sizes; it imports nothing from pretrained.py).
 
 Two layouts hold the same SDXL weights (reference notes `sdxl.md` sec. 2):
 
@@ -23,7 +24,7 @@ Our modules use diffusers' names, so the folder loads by name and the single fil
     bigG text_projection.weight <-> text_projection.T (open_clip computes x @ P, nn.Linear x @ W.T)
 
 The single file carries no config.json: sizes are read off the tensor shapes (head width 64, GroupNorm 32, as in
-SDXL), by the `_infer_*_config` functions at the end.
+SDXL), by the `infer_*_config` functions at the end.
 """
 
 from __future__ import annotations
@@ -206,24 +207,49 @@ def convert_keys(keys, layout, config=None, n_levels=None) -> tuple[dict, list]:
     return plan, unknown
 
 
-def _text_model_level(key, bare):
+def text_model_level(key, bare):
     """transformers >= 5 dropped CLIPTextModel's `text_model.` level; files are written with and without it."""
     if bare:
         return key.removeprefix("text_model.")
     return key if key.startswith(("text_model.", "text_projection")) else "text_model." + key
 
 
+# ------------------------------------------------------------------------------------ reading through the rules
+class View:
+    """One component of a file (`tensors`: pretrained.Tensors, or anything with keys / shape / get) seen without the
+    component's key prefix, and read through the reshape tags of `convert_keys` (None, 'T', '1x1', ('rows', i))."""
+
+    def __init__(self, tensors, prefix=""):
+        self.tensors, self.prefix = tensors, prefix
+
+    def keys(self):
+        return [k[len(self.prefix):] for k in self.tensors.keys() if k.startswith(self.prefix)]
+
+    def shape(self, key, how=None) -> list[int]:
+        """The tensor's shape after its reshape rule ('T', '1x1', ('rows', i))."""
+        s = list(self.tensors.shape(self.prefix + key))
+        return s[::-1] if how == "T" else s[:2] if how == "1x1" else [s[0] // 3, *s[1:]] if how else s
+
+    def get(self, key, how=None):
+        key = self.prefix + key
+        if isinstance(how, tuple):  # ('rows', i): the i-th third of a fused q,k,v tensor, read alone
+            n = self.tensors.shape(key)[0] // 3
+            return self.tensors.get(key, (how[1] * n, (how[1] + 1) * n))
+        t = self.tensors.get(key)
+        return t.T.contiguous() if how == "T" else t[:, :, 0, 0] if how == "1x1" and t.ndim == 4 else t
+
+
 # ------------------------------------------------------------------------------------------- config from shapes
-# `view` below: the tensors of one component, with keys() and shape(key, reshape) (checkpoint._View).
+# `view` below: the tensors of one component, with keys() and shape(key, reshape) (View above).
 def _count(keys, pattern) -> int:
     """How many distinct values the group in `pattern` takes over `keys` (levels, layers, blocks)."""
     return len({m[1] for k in keys if (m := re.match(pattern, k))})
 
 
-def _infer_unet_config(view, pooled_dim=None):
+def infer_unet_config(view, pooled_dim=None):
     """The original file has no config.json: read the SDXL-family sizes off the tensor shapes (head width 64,
     GroupNorm 32, the rest as in SDXL)."""
-    from .unet import UNetConfig
+    from ..unet import UNetConfig
 
     keys, shape = view.keys(), view.shape
     levels = _count(keys, r"input_blocks\.(\d+)\.0\.op\.") + 1
@@ -244,9 +270,9 @@ def _infer_unet_config(view, pooled_dim=None):
         projection_class_embeddings_input_dim=adm or 2816)
 
 
-def _infer_vae_config(view):
+def infer_vae_config(view):
     """Sizes of an ldm-layout VAE read off its shapes; scaling factor and upcasting as SDXL's."""
-    from .vae import VAEConfig
+    from ..vae import VAEConfig
 
     keys, shape = view.keys(), view.shape
     levels = _count(keys, r"encoder\.down\.(\d+)\.")
@@ -259,7 +285,7 @@ def _infer_vae_config(view):
     return VAEConfig.from_diffusers(d)
 
 
-def _infer_clip_config(plan, view, hidden_act: str):
+def infer_clip_config(plan, view, hidden_act: str):
     """A CLIPTextConfig read off the (converted) shapes; head width 64 as in CLIP-L and bigG."""
     from transformers import CLIPTextConfig
 

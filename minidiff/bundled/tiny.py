@@ -30,7 +30,6 @@ L = || eps - unet(x_t, t, context, pooled, time_ids) ||^2, with the UNet and bot
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import shlex
@@ -42,10 +41,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import data
-from .errors import exit_code
+from .. import data
+from ..cli import ArgumentParser, exit_code
+from . import assets_dir
 
-TINY_DIR = Path(__file__).resolve().parent / "assets" / "tiny-sdxl"
+TINY_DIR = assets_dir() / "tiny-sdxl"
 SIZE = 32
 TRAIN_COMMAND = "python train_ddpm.py --preset tiny-sdxl --out minidiff/assets/tiny-sdxl"
 SCHEDULER = {"_class_name": "EulerAncestralDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
@@ -191,7 +191,7 @@ def unet_config():
     """UNetConfig.tiny_sdxl in pixel space: 3 channels at 32 x 32, levels 32 -> 16 -> 8 with 16, 32, 64 channels,
     one ResBlock per level (SDXL: 2), cross-attention at 8 x 8 and in the middle (SDXL: none at its top level
     either). Sized for the CPU budget: ~1 M parameters, 0.24 GFLOP per image."""
-    from .unet import UNetConfig
+    from ..unet import UNetConfig
 
     return UNetConfig.tiny_sdxl(block_out_channels=(16, 32, 64), layers_per_block=1, transformer_depth=(0, 0, 1),
                                 head_dim=16, cross_attention_dim=96, pooled_dim=64, in_channels=3, sample_size=SIZE,
@@ -202,10 +202,10 @@ def build_pipeline(tok_dir, seed=0):
     """A randomly initialised miniature Pipeline (tokenizers written to tok_dir/tokenizer, tok_dir/tokenizer_2)."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from .checkpoint import schedule_from_config
-    from .pipeline import Pipeline
-    from .text import TextConditioner
-    from .unet import UNet2DConditionModel
+    from ..weights.pretrained import schedule_from_config
+    from ..pipeline import Pipeline
+    from ..text import TextConditioner
+    from ..unet import UNet2DConditionModel
 
     torch.manual_seed(seed)
     tok = build_tokenizer(Path(tok_dir) / "tokenizer", "<|endoftext|>")
@@ -249,9 +249,9 @@ def preview_prompts() -> list[str]:
 
 def save_snapshot(nets, pipe, out: Path, step: int, info: dict, preview=True):
     """Write the EMA weights as a diffusers folder (checkpoint.save_pipeline), train.json and a preview grid."""
-    from .checkpoint import save_pipeline
-    from .pipeline import Pipeline
-    from .text import TextConditioner
+    from ..weights.pretrained import save_pipeline
+    from ..pipeline import Pipeline
+    from ..text import TextConditioner
 
     text = TextConditioner(pipe.text.tokenizer, nets["text_encoder"], pipe.text.tokenizer_2, nets["text_encoder_2"])
     snap = Pipeline(unet=nets["unet"], vae=None, text=text, schedule=pipe.schedule, name="tiny-sdxl",
@@ -265,8 +265,8 @@ def save_snapshot(nets, pipe, out: Path, step: int, info: dict, preview=True):
 
 def write_preview(pipe, path, step=None):
     """samples.png: one image per preview prompt (rows: characters, columns: actions), settings in its metadata."""
-    from .images import make_grid, save_png
-    from .pipeline import generate
+    from ..images import make_grid, save_png
+    from ..pipeline import generate
 
     prompts = preview_prompts()
     settings = {"steps": 30, "cfg": 5.0, "sampler": "euler_a", "seed": 0, "width": SIZE, "height": SIZE}
@@ -280,7 +280,7 @@ def pretrain(out_dir, steps=3000, batch_size=16, lr=1e-3, warmup=200, ema_decay=
              seed=0, device="cpu", save_every=200, progress=True, command=None) -> Path:
     """Train the miniature from scratch on the 65 non-target drawings (module docstring) and write it to out_dir,
     every `save_every` steps and at the end (so a run cut short still leaves a usable model)."""
-    from .training import EMA, LossLog, check_finite
+    from ..train.state import EMA, LossLog, check_finite
 
     out, rng, gen = Path(out_dir), random.Random(seed), torch.Generator().manual_seed(seed)
     pipe = build_pipeline(out, seed)
@@ -327,8 +327,8 @@ def pretrain(out_dir, steps=3000, batch_size=16, lr=1e-3, warmup=200, ema_decay=
 
 
 def main(argv=None):
-    """`python train_ddpm.py --preset tiny-sdxl [flags]` (or `python -m minidiff.tiny [flags]`)."""
-    p = argparse.ArgumentParser(prog="train_ddpm.py --preset tiny-sdxl",
+    """`python train_ddpm.py --preset tiny-sdxl [flags]` (or `python -m minidiff.bundled.tiny [flags]`)."""
+    p = ArgumentParser(prog="train_ddpm.py --preset tiny-sdxl",
                                 description="Pretrain the bundled miniature SDXL (minidiff/assets/tiny-sdxl).")
     p.add_argument("--out", default=str(TINY_DIR))
     p.add_argument("--steps", type=int, default=3000)

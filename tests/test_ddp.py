@@ -1,4 +1,4 @@
-"""minidiff.distributed on CPU: two gloo processes, each with half the rows, train a LoRA exactly like one process
+"""minidiff.train.ddp on CPU: two gloo processes, each with half the rows, train a LoRA exactly like one process
 with all the rows (the gradient of the mean loss is the mean of the per-process gradients), and only rank 0 writes.
 
 The second half runs finetune.py itself as torchrun would (RANK / WORLD_SIZE / MASTER_* in the environment, two
@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from minidiff import distributed
+from minidiff.train import ddp
 from minidiff.lora import inject_lora, lora_parameters
 
 ROWS, STEPS = 8, 3
@@ -32,12 +32,12 @@ def model_and_data():
 
 def train(model, x, y, ctx):
     params = lora_parameters(model)
-    distributed.broadcast_parameters(params, ctx)
+    ddp.broadcast_parameters(params, ctx)
     opt = torch.optim.AdamW(params, lr=1e-2)
     for _ in range(STEPS):
         loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
-        distributed.average_gradients(params, ctx)
+        ddp.average_gradients(params, ctx)
         opt.step()
         opt.zero_grad()
     return {f"p{i}": p.detach().clone() for i, p in enumerate(params)}
@@ -47,16 +47,16 @@ def worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    ctx = distributed.init(device="cpu")
+    ctx = ddp.init(device="cpu")
     model, x, y = model_and_data()
-    rows = distributed.shard(list(range(ROWS)), ctx)
+    rows = ddp.shard(list(range(ROWS)), ctx)
     result = train(model, x[rows], y[rows], ctx)
     save_file(result, os.path.join(out, f"rank{rank}.safetensors"))
     if ctx.is_main:
         with open(os.path.join(out, "written-by-main.txt"), "a") as f:
             f.write(f"{rank}\n")
-    distributed.barrier(ctx)
-    distributed.cleanup()
+    ddp.barrier(ctx)
+    ddp.cleanup()
 
 
 def free_port():
@@ -69,7 +69,7 @@ def test_two_processes_train_like_one_with_all_rows(tmp_path):
     mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
     model, x, y = model_and_data()
-    single = train(model, x, y, distributed.Context())
+    single = train(model, x, y, ddp.Context())
     for k in single:
         assert torch.equal(r0[k], r1[k])  # the ranks never drift apart
         torch.testing.assert_close(r0[k], single[k], rtol=1e-5, atol=1e-6)
@@ -78,9 +78,9 @@ def test_two_processes_train_like_one_with_all_rows(tmp_path):
 
 
 def test_shard_splits_class_images_round_robin():
-    ctx = distributed.Context(rank=1, world_size=2)
-    assert distributed.shard(["a", "b", "c", "d", "e"], ctx) == ["b", "d"]
-    assert distributed.shard(["a", "b"], distributed.Context()) == ["a", "b"]
+    ctx = ddp.Context(rank=1, world_size=2)
+    assert ddp.shard(["a", "b", "c", "d", "e"], ctx) == ["b", "d"]
+    assert ddp.shard(["a", "b"], ddp.Context()) == ["a", "b"]
 
 
 # ----------------------------------------------------------------------------------------------- finetune.py, 2 ranks
@@ -117,7 +117,7 @@ def _lora(path):
 
 def test_torchrun_finetune_trains_like_one_process_and_only_rank0_writes(tmp_path):
     import finetune
-    from minidiff.checkpoint import save_pipeline
+    from minidiff.weights.pretrained import save_pipeline
     from test_dreambooth import tiny_pipeline
 
     threads = torch.get_num_threads()

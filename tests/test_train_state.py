@@ -1,4 +1,4 @@
-"""training.py: resume is bit-exact, saves are atomic, GPU/precision checks say what to do, EMA is the formula."""
+"""state.py: resume is bit-exact, saves are atomic, GPU/precision checks say what to do, EMA is the formula."""
 
 import random
 
@@ -8,7 +8,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from minidiff import images, training
+from minidiff import images
+from minidiff.train import state
 from minidiff.errors import TrainingError
 
 
@@ -31,7 +32,7 @@ def _make(seed):
     model = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.3), nn.ReLU(), RunningMean(16), nn.Linear(16, 1))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4))  # warmup: lr changes per step
-    return model, opt, sched, training.EMA(model, decay=0.9)
+    return model, opt, sched, state.EMA(model, decay=0.9)
 
 
 def _train(model, opt, sched, ema, steps):
@@ -57,13 +58,13 @@ def _state(model, opt, sched, ema):
 
 def _resumed(tmp_path, restore_rng=True):
     model, opt, sched, ema = _make(123)
-    training.seed_all(0)
+    state.seed_all(0)
     _train(model, opt, sched, ema, 5)
-    training.save_checkpoint(tmp_path, 5, {"model": model, "ema": ema}, {"adam": opt}, {"warmup": sched},
+    state.save_checkpoint(tmp_path, 5, {"model": model, "ema": ema}, {"adam": opt}, {"warmup": sched},
                              extra={"epoch": 2})
     model, opt, sched, ema = _make(7)  # fresh objects, different weights and RNG state
-    training.seed_all(999)
-    step, extra = training.load_checkpoint(tmp_path, {"model": model, "ema": ema}, {"adam": opt},
+    state.seed_all(999)
+    step, extra = state.load_checkpoint(tmp_path, {"model": model, "ema": ema}, {"adam": opt},
                                            {"warmup": sched}, restore_rng=restore_rng)
     assert (step, extra) == (5, {"epoch": 2})
     _train(model, opt, sched, ema, 5)
@@ -72,7 +73,7 @@ def _resumed(tmp_path, restore_rng=True):
 
 def test_checkpoint_resume_is_bitwise_identical(tmp_path):
     model, opt, sched, ema = _make(123)
-    training.seed_all(0)
+    state.seed_all(0)
     _train(model, opt, sched, ema, 10)
     straight = _state(model, opt, sched, ema)
     resumed = _resumed(tmp_path)
@@ -86,7 +87,7 @@ def test_checkpoint_resume_is_bitwise_identical(tmp_path):
 def test_checkpoint_file_layout_is_plain_safetensors(tmp_path):
     model, opt, sched, ema = _make(0)
     _train(model, opt, sched, ema, 1)
-    path = training.save_checkpoint(tmp_path, 1, {"model": model}, {"adam": opt}, {"warmup": sched})
+    path = state.save_checkpoint(tmp_path, 1, {"model": model}, {"adam": opt}, {"warmup": sched})
     assert path == tmp_path / "checkpoints" / "step-000001.safetensors"
     assert (tmp_path / "checkpoints" / "latest.txt").read_text().strip() == path.name
     t = safetensors.torch.load_file(path)  # no pickle anywhere: a plain safetensors file
@@ -101,78 +102,58 @@ def test_latest_keep_last_and_bad_input(tmp_path):
     model, opt, _, _ = _make(0)
     for step in (10, 20, 30):
         model[0].bias.data.fill_(step)
-        training.save_checkpoint(tmp_path, step, {"m": model}, {"o": opt}, keep_last=2)
+        state.save_checkpoint(tmp_path, step, {"m": model}, {"o": opt}, keep_last=2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.safetensors")) == [
         "step-000020.safetensors", "step-000030.safetensors"]
     last = tmp_path / "checkpoints" / "step-000030.safetensors"
     for where in (tmp_path, tmp_path / "checkpoints", tmp_path / "latest", last):
-        assert training.load_checkpoint(where, {"m": model}, {"o": opt})[0] == 30
-    assert training.load_checkpoint("latest", {"m": model}, out_dir=tmp_path)[0] == 30
-    assert training.load_checkpoint(tmp_path / "checkpoints" / "step-000020.safetensors", {"m": model})[0] == 20
+        assert state.load_checkpoint(where, {"m": model}, {"o": opt})[0] == 30
+    assert state.load_checkpoint("latest", {"m": model}, out_dir=tmp_path)[0] == 30
+    assert state.load_checkpoint(tmp_path / "checkpoints" / "step-000020.safetensors", {"m": model})[0] == 20
     assert (model[0].bias == 20).all()
 
     (tmp_path / "e").mkdir()
     with pytest.raises(TrainingError, match="nothing to resume from"):
-        training.load_checkpoint(tmp_path / "e", {"m": model})
+        state.load_checkpoint(tmp_path / "e", {"m": model})
     with pytest.raises(TrainingError, match="not found"):
-        training.load_checkpoint(tmp_path / "nope.safetensors", {"m": model})
+        state.load_checkpoint(tmp_path / "nope.safetensors", {"m": model})
     with pytest.raises(TrainingError, match="does not match module .m.: 0 keys missing.*unexpected"):
-        training.load_checkpoint(tmp_path, {"m": nn.Sequential(nn.Linear(4, 16))})
+        state.load_checkpoint(tmp_path, {"m": nn.Sequential(nn.Linear(4, 16))})
     with pytest.raises(TrainingError, match="no module 'ema'"):
-        training.load_checkpoint(tmp_path, {"ema": model})
+        state.load_checkpoint(tmp_path, {"ema": model})
     with pytest.raises(TrainingError, match="does not fit module"):
         bigger = nn.Sequential(nn.Linear(4, 32), nn.Dropout(), nn.ReLU(), RunningMean(32), nn.Linear(32, 1))
-        training.load_checkpoint(tmp_path, {"m": bigger})
+        state.load_checkpoint(tmp_path, {"m": bigger})
     safetensors.torch.save_file({"w": torch.zeros(1)}, tmp_path / "foreign.safetensors")
     with pytest.raises(TrainingError, match="not a minidiff training checkpoint"):
-        training.load_checkpoint(tmp_path / "foreign.safetensors", {"m": model})
+        state.load_checkpoint(tmp_path / "foreign.safetensors", {"m": model})
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 20)
     with pytest.raises(TrainingError, match="cannot read checkpoint"):
-        training.load_checkpoint(tmp_path / "junk.safetensors", {"m": model})
+        state.load_checkpoint(tmp_path / "junk.safetensors", {"m": model})
 
 
 def test_trainable_saves_only_trainable_params(tmp_path):
     model, opt, _, _ = _make(0)
     model[0].requires_grad_(False)  # frozen "base model"
-    training.save_checkpoint(tmp_path, 1, {"lora": training.Trainable(model)}, {})
+    state.save_checkpoint(tmp_path, 1, {"lora": state.Trainable(model)}, {})
     keys = safetensors.torch.load_file(tmp_path / "checkpoints" / "step-000001.safetensors").keys()
     assert sorted(k for k in keys if k.startswith("module.")) == [
         "module.lora.4.bias", "module.lora.4.weight"]
     saved = model[4].weight.clone()
     model[4].weight.data.zero_()
-    training.load_checkpoint(tmp_path, {"lora": training.Trainable(model)})
+    state.load_checkpoint(tmp_path, {"lora": state.Trainable(model)})
     assert torch.equal(model[4].weight, saved)
-
-
-# ----------------------------------------------------------------------------------------------- atomic writes
-def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
-    path = tmp_path / "w.safetensors"
-    training.atomic_save_file({"w": torch.ones(3)}, path)
-    real = safetensors.torch.save_file
-
-    def crash_midway(tensors, filename, metadata=None):
-        real(tensors, filename, metadata)  # the bytes are on disk...
-        with open(filename, "r+b") as f:
-            f.truncate(10)  # ...partly, then the process dies
-        raise OSError("No space left on device")
-
-    monkeypatch.setattr(safetensors.torch, "save_file", crash_midway)
-    with pytest.raises(OSError, match="No space"):
-        training.atomic_save_file({"w": torch.zeros(3)}, path)
-    monkeypatch.undo()
-    assert torch.equal(safetensors.torch.load_file(path)["w"], torch.ones(3))
-    assert not (tmp_path / "w.safetensors.tmp").exists()
 
 
 # ----------------------------------------------------------------------------------------------- loss log
 def test_loss_log_truncates_on_resume(tmp_path, monkeypatch):
-    log = training.LossLog(tmp_path)
+    log = state.LossLog(tmp_path)
     for s in range(1, 11):
         log.log(s, loss=s / 10, lr=torch.tensor(1e-4))
     log.log(11, loss=1.1, lr=1e-4, val=0.5)  # a new column: the header is rewritten
     lines = (tmp_path / "loss.csv").read_text().splitlines()
     assert lines[0] == "step,loss,lr,val" and lines[1] == "1,0.1,0.0001," and lines[-1] == "11,1.1,0.0001,0.5"
-    resumed = training.LossLog(tmp_path, resume_step=5)
+    resumed = state.LossLog(tmp_path, resume_step=5)
     resumed.log(6, loss=9.0, lr=1e-4)
     lines = (tmp_path / "loss.csv").read_text().splitlines()
     assert [ln.split(",")[0] for ln in lines] == ["step", "1", "2", "3", "4", "5", "6"]
@@ -183,18 +164,18 @@ def test_loss_log_truncates_on_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(images, "plot_curves", lambda series, path, title="": drawn.update(series))
     resumed.plot()
     assert sorted(drawn) == ["loss", "val"]  # learning rates live on another scale: not in loss.png
-    training.LossLog(tmp_path)  # a fresh run in the same folder starts a new log
+    state.LossLog(tmp_path)  # a fresh run in the same folder starts a new log
     assert (tmp_path / "loss.csv").read_text() == "step\n"
 
 
 # ----------------------------------------------------------------------------------------------- NaN
 def test_check_finite():
-    training.check_finite(torch.tensor(0.5), 3)
+    state.check_finite(torch.tensor(0.5), 3)
     with pytest.raises(TrainingError) as e:
-        training.check_finite(torch.tensor(float("nan")), 7)
+        state.check_finite(torch.tensor(float("nan")), 7)
     assert str(e.value) == "loss became NaN at step 7 (fp16 overflow? try --mixed-precision bf16/no or a lower lr)"
     with pytest.raises(TrainingError, match="inf at step 2 \\(lower the lr\\)"):
-        training.check_finite(float("inf"), 2, hint="lower the lr")
+        state.check_finite(float("inf"), 2, hint="lower the lr")
 
 
 # ----------------------------------------------------------------------------------------------- EMA
@@ -202,7 +183,7 @@ def test_ema_matches_hand_computation():
     model = nn.BatchNorm1d(2)  # weight, bias + running-stat buffers
     with torch.no_grad():
         model.weight.copy_(torch.tensor([1.0, 2.0]))
-    ema = training.EMA(model, decay=0.9)
+    ema = state.EMA(model, decay=0.9)
     with torch.no_grad():
         model.weight.copy_(torch.tensor([3.0, 4.0]))
         model.running_mean.copy_(torch.tensor([7.0, 8.0]))

@@ -8,7 +8,7 @@ backward the LoRA gradients are averaged over processes before the optimizer ste
     g = (1 / W) * sum_w g_w        (g_w: the gradient of process w's mean loss over its rows)
 
 With equal row counts per process that is exactly the gradient of the mean loss over all W * B rows, so W
-processes at batch B train like one process at batch W * B (tests/test_distributed.py checks this). Only the LoRA
+processes at batch B train like one process at batch W * B (tests/test_ddp.py checks this). Only the LoRA
 gradients travel (5.8 M floats = 23 MB per step for rank 4), in one flat all-reduce. This is what
 torch.nn.parallel.DistributedDataParallel does for the trainable parameters, written out: DDP's bucketing overlaps
 communication with backward, which matters little for 23 MB, and its hooks interact badly with gradient
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import TrainingError
-from .gpu import resolve_device
+from ..errors import TrainingError
+from .hardware import resolve_device
 
 
 @dataclass

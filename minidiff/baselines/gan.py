@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import TrainingError
+from ..errors import TrainingError
 
 RECIPES = ("dcgan", "data-efficient")
 

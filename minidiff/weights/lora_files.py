@@ -1,6 +1,6 @@
 """LoRA files: the three namings people exchange adapters in, and save / read / load. The adapters themselves
-(LoRALinear, inject_lora, merge, ...) are in lora.py, through which save_lora, load_lora, read_lora, parse_lora and
-lora_state_dict are also reachable: `minidiff.lora.save_lora` / `minidiff.lora.load_lora` are the usual spellings.
+(LoRALinear, inject_lora, merge, ...) are in lora.py, which this file imports and which never imports it back;
+`minidiff.lora.save_lora` / `minidiff.lora.load_lora` (the usual spellings) are aliases minidiff/__init__.py attaches.
 
 File namings (trainers.md §3; which tools read which: §3.4):
     kohya      lora_unet_<original sgm module path, . -> _>.lora_down.weight / .lora_up.weight / .alpha
@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import LoRAError
+from .. import io
+from ..errors import LoRAError
 from .layouts import diffusers_to_ldm_unet_key
-from .lora import LoRAConv2d, LoRALinear, _adapters_of, _check_name, _components, _wrap, lora_layers, lora_shapes
-from .training import atomic_save_file
+from ..lora import LoRAConv2d, LoRALinear, adapters_of, check_name, components, lora_layers, lora_shapes, wrap
 
 FORMATS = ("kohya", "diffusers", "peft")
 KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
@@ -38,7 +38,7 @@ def _file_path(component, model, path):
 
 
 def _ldm_path(model, path):
-    """The original sgm/ldm module path of a diffusers UNet module path, or None (checkpoint.py owns the rules)."""
+    """The original sgm/ldm module path of a diffusers UNet module path, or None (layouts.py owns the rules)."""
     key = diffusers_to_ldm_unet_key(path + ".weight", model.config)
     return key and key.removeprefix("model.diffusion_model.").removesuffix(".weight")
 
@@ -62,7 +62,7 @@ def _file_names(component, model):
 def _one_adapter(model, name):
     """`name`, or the model's only adapter when None."""
     if name is None:
-        found = sorted({n for _, n in _adapters_of(model)})
+        found = sorted({n for _, n in adapters_of(model)})
         if len(found) != 1:
             raise LoRAError(f"pass name=, the model has adapters {found}" if found
                             else "the model has no LoRA: call inject_lora or load_lora first")
@@ -76,7 +76,7 @@ def lora_state_dict(model, format="kohya", prefix="unet", name=None, dtype=torch
         raise LoRAError(f"unknown LoRA format {format!r}: expected one of {FORMATS}")
     name = _one_adapter(model, name)
     out = {}
-    for component, m in _components(model, prefix).items():
+    for component, m in components(model, prefix).items():
         for path, layer in lora_layers(m).items():
             if name not in layer.adapters:
                 continue
@@ -109,7 +109,7 @@ def save_lora(model, path, format="kohya", metadata=None, prefix="unet", name=No
     safetensors file, atomically. `metadata` (strings) is kept; we add minidiff.* and kohya's ss_* keys."""
     name = _one_adapter(model, name)
     tensors = lora_state_dict(model, format, prefix=prefix, name=name, dtype=dtype)
-    pairs = _adapters_of(_components(model, prefix), name)
+    pairs = adapters_of(components(model, prefix), name)
     linear = [layer.adapters[n] for layer, n in pairs if not isinstance(layer, LoRAConv2d)]
     conv = [layer.adapters[n] for layer, n in pairs if isinstance(layer, LoRAConv2d)]
     first = (linear or conv)[0]
@@ -125,7 +125,7 @@ def save_lora(model, path, format="kohya", metadata=None, prefix="unet", name=No
     elif any(a.alpha != a.rank for a in linear + conv):
         meta["minidiff.note"] = "alpha/rank is folded into the up/B tensors: load with alpha = rank"
     meta.update({str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
-    return atomic_save_file(tensors, path, metadata=meta)
+    return io.save_safetensors(tensors, path, metadata=meta)
 
 
 # ------------------------------------------------------------------------------------------------------- reading
@@ -253,14 +253,14 @@ def load_lora(model, path, scale=1.0, name=None, prefix="unet", trainable=False)
         (entries, _), source = parse_lora(path, None, prefix), "default"
     else:
         (entries, _, _), source = read_lora(path, prefix), Path(path).stem
-    models = _components(model, prefix)
+    models = components(model, prefix)
     if name is None:  # the file's stem; a second lora.safetensors becomes lora_2
-        taken, stem = {n for _, n in _adapters_of(models)}, re.sub(r"\W", "_", source)
+        taken, stem = {n for _, n in adapters_of(models)}, re.sub(r"\W", "_", source)
         name, i = stem, 1
         while name in taken:
             i += 1
             name = f"{stem}_{i}"
-    _check_name(name)
+    check_name(name)
     lookup = {c: _file_names(c, m) for c, m in models.items()}
     plan, unmatched = [], []
     for e in entries:
@@ -282,7 +282,7 @@ def load_lora(model, path, scale=1.0, name=None, prefix="unet", trainable=False)
                 raise LoRAError(f"{key}: LoRA tensor has shape {list(t.shape)} but {p} needs {list(want)} "
                                 "(a LoRA for another model or architecture?)")
     for m, p, e in plan:
-        layer = _wrap(m, p)
+        layer = wrap(m, p)
         layer.add_adapter(name, e.rank, e.alpha, A=e.down, B=e.up, targets=f"file:{source}")
         layer.adapters[name].multiplier = float(scale)
         layer.lora_A[name].requires_grad_(trainable)

@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from .errors import CheckpointError
-from .layouts import (CLIP_G_PREFIX, PREFIX, _infer_clip_config, _infer_unet_config, _infer_vae_config,
-                      _text_model_level, convert_keys, detect_layout)
-from .pipeline import SDXL_SCHEDULER
+from .. import io
+from ..errors import CheckpointError
+from .layouts import (CLIP_G_PREFIX, PREFIX, View, convert_keys, detect_layout, infer_clip_config, infer_unet_config,
+                      infer_vae_config, text_model_level)
+from ..pipeline import SDXL_SCHEDULER
 
 
 def file_hash(path) -> str:
@@ -87,36 +87,13 @@ class Tensors:
 
 
 # --------------------------------------------------------------------------------------------- building modules
-class _View:
-    """One component of a file: its tensors seen without the component's key prefix."""
-
-    def __init__(self, tensors: Tensors, prefix=""):
-        self.tensors, self.prefix = tensors, prefix
-
-    def keys(self):
-        return [k[len(self.prefix):] for k in self.tensors.keys() if k.startswith(self.prefix)]
-
-    def shape(self, key, how=None) -> list[int]:
-        """The tensor's shape after its reshape rule ('T', '1x1', ('rows', i))."""
-        s = list(self.tensors.shape(self.prefix + key))
-        return s[::-1] if how == "T" else s[:2] if how == "1x1" else [s[0] // 3, *s[1:]] if how else s
-
-    def get(self, key, how=None) -> torch.Tensor:
-        key = self.prefix + key
-        if isinstance(how, tuple):  # ('rows', i): the i-th third of a fused q,k,v tensor, read alone
-            n = self.tensors.shape(key)[0] // 3
-            return self.tensors.get(key, (how[1] * n, (how[1] + 1) * n))
-        t = self.tensors.get(key)
-        return t.T.contiguous() if how == "T" else t[:, :, 0, 0] if how == "1x1" and t.ndim == 4 else t
-
-
 def _on_meta(make):
     """Build a module without allocating or initialising its weights (`fill` assigns them)."""
     with torch.device("meta"):
         return make()
 
 
-def fill(module, plan, view: _View, dtype=None, device="cpu", what="model", unknown=()):
+def fill(module, plan, view: View, dtype=None, device="cpu", what="model", unknown=()):
     """Fill `module` (built on the meta device) from plan {module key: (file key, reshape)}. Every key and shape
     is checked first; then each tensor is read, cast to `dtype` (None: as stored), moved to `device`, assigned."""
     want = module.state_dict()
@@ -183,7 +160,7 @@ def _locate(path, component: str, dtype=None):
         found = config.get("_class_name") or (config.get("architectures") or [""])[0]
         if found and not found.startswith(KIND[component][1]):
             raise CheckpointError(f"{folder} holds {found} weights, not {KIND[component][1]} ones")
-        return _View(_weights_in(folder, STEM[component], dtype)), config, "diffusers"
+        return View(_weights_in(folder, STEM[component], dtype)), config, "diffusers"
     if not path.exists():
         raise CheckpointError(f"no such file or folder: {path} (expected a diffusers folder or a .safetensors file)")
     tensors = Tensors(path)
@@ -195,8 +172,8 @@ def _locate(path, component: str, dtype=None):
     if layout.startswith("diffusers"):
         if layout != KIND[component][0]:
             raise CheckpointError(f"{path}: expected {component} weights, found {layout} keys")
-        return _View(tensors), _read_json(path.parent / "config.json"), "diffusers"
-    view = _View(tensors, PREFIX[component] if layout == "sdxl-single-file" else "")
+        return View(tensors), _read_json(path.parent / "config.json"), "diffusers"
+    view = View(tensors, PREFIX[component] if layout == "sdxl-single-file" else "")
     if not view.keys():
         raise CheckpointError(f"{path} holds no {component} (its keys look like {layout})")
     return view, None, layout
@@ -206,7 +183,7 @@ def _locate(path, component: str, dtype=None):
 # ---------------------------------------------------------------------------------------------------- loaders
 def load_unet(path, dtype=None, device="cpu"):
     """The UNet of a diffusers folder (pipeline or unet/), a diffusers unet file, or an original single file."""
-    from .unet import UNet, UNetConfig
+    from ..unet import UNet, UNetConfig
 
     view, config, layout = _locate(path, "unet", dtype)
     if layout == "diffusers":
@@ -214,7 +191,7 @@ def load_unet(path, dtype=None, device="cpu"):
     elif layout in ("sdxl-single-file", "ldm-unet"):
         proj = CLIP_G_PREFIX + "text_projection"
         pooled = view.tensors.shape(proj)[1] if proj in view.tensors.where else None
-        config = _infer_unet_config(view, pooled)
+        config = infer_unet_config(view, pooled)
         plan, unknown = convert_keys(view.keys(), "ldm-unet", config)
     else:
         raise CheckpointError(f"{path}: expected UNet weights, found a {layout} layout")
@@ -224,13 +201,13 @@ def load_unet(path, dtype=None, device="cpu"):
 def load_vae(path, dtype=None, device="cpu"):
     """The AutoencoderKL of a diffusers folder (pipeline or vae/), a diffusers vae file, an ldm-layout VAE file
     (e.g. sdxl_vae.safetensors) or an original single file."""
-    from .vae import AutoencoderKL, VAEConfig
+    from ..vae import AutoencoderKL, VAEConfig
 
     view, config, layout = _locate(path, "vae", dtype)
     if layout == "diffusers":
         config, (plan, unknown) = VAEConfig.from_diffusers(config), convert_keys(view.keys(), "diffusers")
     elif layout in ("sdxl-single-file", "ldm-vae"):
-        config = _infer_vae_config(view)
+        config = infer_vae_config(view)
         plan, unknown = convert_keys(view.keys(), "ldm-vae", n_levels=len(config.block_out_channels))
     else:
         raise CheckpointError(f"{path}: expected VAE weights, found a {layout} layout")
@@ -248,9 +225,9 @@ def load_text_encoder(path, component="text_encoder", dtype=None, device="cpu"):
         config = CLIPTextConfig.from_dict(config)
     else:
         plan, unknown = convert_keys(view.keys(), "open-clip" if component == "text_encoder_2" else "diffusers")
-        config = _infer_clip_config(plan, view, "gelu" if component == "text_encoder_2" else "quick_gelu")
+        config = infer_clip_config(plan, view, "gelu" if component == "text_encoder_2" else "quick_gelu")
     model = _on_meta(lambda: cls(config))
-    plan = {_text_model_level(k, bare=not hasattr(model, "text_model")): v for k, v in plan.items()}
+    plan = {text_model_level(k, bare=not hasattr(model, "text_model")): v for k, v in plan.items()}
     return fill(model, plan, view, dtype, device, f"{component} ({path})", unknown)
 
 
@@ -270,7 +247,7 @@ def load_tokenizer(folder):
 def load_text(path, dtype=None, device="cpu", tokenizers=None):
     """TextConditioner: both encoders from `path`, tokenizers from `tokenizers` (a folder holding tokenizer/ and
     tokenizer_2/) or from `path` when it is a diffusers folder."""
-    from .text import TextConditioner
+    from ..text import TextConditioner
 
     tok_dir = Path(tokenizers) if tokenizers else Path(path)
     if not (tok_dir / "tokenizer").is_dir() or not (tok_dir / "tokenizer_2").is_dir():
@@ -286,7 +263,7 @@ def load_text(path, dtype=None, device="cpu", tokenizers=None):
 
 def schedule_from_config(config: dict):
     """The training noise schedule of `scheduler/scheduler_config.json` (diffusers keys; missing ones = SDXL's)."""
-    from .schedule import Schedule
+    from ..schedule import Schedule
 
     c = {**SDXL_SCHEDULER, **config}
     if c["prediction_type"] != "epsilon":
@@ -303,7 +280,7 @@ def load_pipeline(path, dtype=None, device="cpu", vae=None, tokenizers=None):
     """A whole Pipeline from a diffusers folder or an original single file (+ tokenizers=DIR). `vae` replaces the
     VAE (a folder or file, e.g. the fp16-fix VAE). The VAE runs in float32 unless its config says it is fp16-safe
     (force_upcast false) or dtype is bfloat16. A folder without vae/ whose UNet takes RGB is pixel space."""
-    from .pipeline import Pipeline
+    from ..pipeline import Pipeline
 
     path = Path(path)
     if not path.exists():
@@ -323,19 +300,10 @@ def load_pipeline(path, dtype=None, device="cpu", vae=None, tokenizers=None):
 
 
 # ------------------------------------------------------------------------------------------------------ saving
-def _write_json(path: Path, obj):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
-
-
 def save_pipeline(pipe, out_dir) -> Path:
     """Write `pipe` as a diffusers folder (model_index.json, unet/ vae/ text_encoder/ text_encoder_2/ tokenizer/
     tokenizer_2/ scheduler/ with their configs; safetensors, each file atomic) that load_pipeline and diffusers'
     StableDiffusionXLPipeline.from_pretrained both read. A pixel-space pipeline (vae None) writes no vae/."""
-    from .training import atomic_save_file
-
     out = Path(out_dir)
     index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.30.0",
              "force_zeros_for_empty_prompt": True, "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
@@ -343,21 +311,18 @@ def save_pipeline(pipe, out_dir) -> Path:
         cls = "UNet2DConditionModel" if name == "unet" else "AutoencoderKL"
         index[name] = ["diffusers", cls] if module is not None else [None, None]
         if module is not None:
-            _write_json(out / name / "config.json", {**module.config.to_diffusers(), "_class_name": cls})
-            atomic_save_file(module.state_dict(), out / name / "diffusion_pytorch_model.safetensors")
+            io.write_json({**module.config.to_diffusers(), "_class_name": cls}, out / name / "config.json")
+            io.save_safetensors(module.state_dict(), out / name / "diffusion_pytorch_model.safetensors")
     text = pipe.text
     for suffix, tok, te in (("", text.tokenizer, text.text_encoder), ("_2", text.tokenizer_2, text.text_encoder_2)):
-        state = {_text_model_level(k, bare=False): v for k, v in te.state_dict().items()}  # files keep `text_model.`
-        _write_json(out / f"text_encoder{suffix}" / "config.json",
-                    {**te.config.to_dict(), "architectures": [type(te).__name__]})
-        atomic_save_file(state, out / f"text_encoder{suffix}" / "model.safetensors")
-        folder, tmp = out / f"tokenizer{suffix}", out / f"tokenizer{suffix}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tok.save_pretrained(str(tmp))
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.replace(folder)
+        state = {text_model_level(k, bare=False): v for k, v in te.state_dict().items()}  # files keep `text_model.`
+        io.write_json({**te.config.to_dict(), "architectures": [type(te).__name__]},
+                      out / f"text_encoder{suffix}" / "config.json")
+        io.save_safetensors(state, out / f"text_encoder{suffix}" / "model.safetensors")
+        with io.atomic(out / f"tokenizer{suffix}") as tmp:
+            tok.save_pretrained(str(tmp))
         index[f"text_encoder{suffix}"] = ["transformers", type(te).__name__]
         index[f"tokenizer{suffix}"] = ["transformers", "CLIPTokenizer"]
-    _write_json(out / "scheduler" / "scheduler_config.json", {**SDXL_SCHEDULER, **pipe.scheduler_config})
-    _write_json(out / "model_index.json", index)
+    io.write_json({**SDXL_SCHEDULER, **pipe.scheduler_config}, out / "scheduler" / "scheduler_config.json")
+    io.write_json(index, out / "model_index.json")
     return out

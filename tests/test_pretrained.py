@@ -1,6 +1,7 @@
-"""checkpoint.py: folders written by diffusers itself, fp16 variants, shards, the original single file (made here by
-an independent converter: the explicit tables of diffusers' scripts/convert_diffusers_to_original_sdxl.py), the key
-rules on the full-size SDXL key set, config inference from shapes, and every error a user can cause.
+"""weights/pretrained.py and weights/layouts.py: folders written by diffusers itself, fp16 variants, shards, the
+original single file (made here by an independent converter: the explicit tables of diffusers'
+scripts/convert_diffusers_to_original_sdxl.py), the key rules on the full-size SDXL key set, config inference from
+shapes, and every error a user can cause.
 
 Also home of the tiny SDXL-shaped diffusers pipeline the other test files import (3 UNet levels, 2 layers per block,
 attention on levels 1-2 as in SDXL; a 4-level VAE; head width 64 so the single file's inferred config fits).
@@ -16,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from minidiff.checkpoint import Tensors, _View, file_hash, load_pipeline, load_text, load_unet, load_vae, save_pipeline
-from minidiff.layouts import (_infer_unet_config, _infer_vae_config, detect_layout, diffusers_to_ldm_unet_key,
-                              ldm_to_diffusers_unet_key)
+from minidiff.weights.pretrained import Tensors, file_hash, load_pipeline, load_text, load_unet, load_vae, save_pipeline
+from minidiff.weights.layouts import (View, detect_layout, diffusers_to_ldm_unet_key, infer_unet_config, infer_vae_config,
+                                      ldm_to_diffusers_unet_key)
 from minidiff.errors import CheckpointError
 from test_text import diffusers_sdxl, tiny_text_parts
 
@@ -305,21 +306,21 @@ def full_size_original():
 
 def test_config_inference_recovers_full_size_sdxl():
     """The single file has no configs: every size is read off the shapes of the real layout (1680 UNet tensors)."""
-    from minidiff.layouts import CLIP_G_PREFIX, CLIP_L_PREFIX, _infer_clip_config, convert_keys
+    from minidiff.weights.layouts import CLIP_G_PREFIX, CLIP_L_PREFIX, infer_clip_config, convert_keys
     from minidiff.unet import UNetConfig
     from minidiff.vae import VAEConfig
 
     tensors = _Shapes(full_size_original())
     assert detect_layout(tensors.keys()) == "sdxl-single-file"
-    unet = _View(tensors, "model.diffusion_model.")
+    unet = View(tensors, "model.diffusion_model.")
     assert len(unet.keys()) == 1680
-    assert _infer_unet_config(unet, pooled_dim=1280) == UNetConfig.sdxl()
-    assert _infer_vae_config(_View(tensors, "first_stage_model.")) == VAEConfig.sdxl()
+    assert infer_unet_config(unet, pooled_dim=1280) == UNetConfig.sdxl()
+    assert infer_vae_config(View(tensors, "first_stage_model.")) == VAEConfig.sdxl()
     for prefix, layout, act, want in ((CLIP_L_PREFIX, "diffusers", "quick_gelu", CLIP_L),
                                       (CLIP_G_PREFIX, "open-clip", "gelu", BIG_G)):
-        view = _View(tensors, prefix)
+        view = View(tensors, prefix)
         plan, unknown = convert_keys(view.keys(), layout)
-        got = _infer_clip_config(plan, view, act).to_dict()
+        got = infer_clip_config(plan, view, act).to_dict()
         assert not unknown and {k: got[k] for k in want} == want
 
 
@@ -343,7 +344,7 @@ def write_zero_safetensors(state, path, dtype="F16"):
 
 LOAD_AND_MEASURE = """
 import json, sys, time, torch
-from minidiff.checkpoint import load_pipeline
+from minidiff.weights.pretrained import load_pipeline
 from minidiff.unet import UNetConfig
 def status(key):  # resident memory in bytes: VmRSS now, VmHWM its peak (anonymous + file-backed pages)
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))

@@ -30,12 +30,11 @@ Measured accuracy (written into the file's metadata by --train; print it with --
 Reproduce the shipped weights (CPU, one thread by design; 2.6 min of CPU, 6.6 min wall on the shared busy machine;
 the held-out model is trained first, then the shipped one, 600 steps of batch 64 each):
 
-    python -m minidiff.classifier --train --out minidiff/assets/classifier.safetensors --seed 0 --steps 600
+    python -m minidiff.eval.classifier --train --out minidiff/assets/classifier.safetensors --seed 0 --steps 600
 
 Identity rule used by `metrics.evaluate`: a sample shows the target character iff argmax p_char == target.
 """
 
-import argparse
 import json
 import sys
 import time
@@ -46,14 +45,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import data
-from .errors import CheckpointError, DataError, MinidiffError
-from .images import square
+from .. import data, io
+from ..bundled import assets_dir
+from ..cli import ArgumentParser, exit_code
+from ..errors import CheckpointError, DataError
+from ..images import square
 
-CLASSIFIER_PATH = Path(__file__).resolve().parent / "assets" / "classifier.safetensors"
+CLASSIFIER_PATH = assets_dir() / "classifier.safetensors"
 INPUT_SIZE = 64
 FORMAT = "minidiff-classifier-v1"
-TRAIN_COMMAND = ("python -m minidiff.classifier --train --out minidiff/assets/classifier.safetensors "
+TRAIN_COMMAND = ("python -m minidiff.eval.classifier --train --out minidiff/assets/classifier.safetensors "
                  "--seed 0 --steps 600")
 FAMILIES = ("climb", "fall", "idle", "jump", "walk")
 
@@ -278,20 +279,24 @@ def predict(images: torch.Tensor, model: CharacterClassifier = None, min_confide
 
 # ------------------------------------------------------------------------------------------------------------- main
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Train the character/pose classifier on the 78 bundled drawings.")
+    ap = ArgumentParser(prog="python -m minidiff.eval.classifier",
+                        description="Train the character/pose classifier on the 78 bundled drawings.")
     ap.add_argument("--train", action="store_true", help="train (held-out model first, then the shipped model)")
     ap.add_argument("--eval", action="store_true", help="print the metadata and accuracies of --out")
     ap.add_argument("--out", default=str(CLASSIFIER_PATH))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=600)
     args = ap.parse_args(argv)
+    if not (args.train or args.eval):
+        ap.error("nothing to do: pass --train or --eval")
+    return exit_code(run, args)
+
+
+def run(args):
     if args.eval:
         print(json.dumps(load_classifier(args.out).metadata, indent=1))
         print(json.dumps({"all_78": _report(load_classifier(args.out), data.POSES)}, indent=1))
-        return 0
-    if not args.train:
-        ap.error("nothing to do: pass --train or --eval")
-    from .training import atomic_save_file
+        return
 
     # one thread: no thread-count dependent summation order, so a seed gives the same weights again; and on a
     # shared, busy CPU 2 threads were several times slower than 1 (they wait on each other)
@@ -303,21 +308,16 @@ def main(argv=None):
     model = train_model(*kenney_set(), steps=args.steps, seed=args.seed, desc="final model")
     acc["train_all_78"] = _report(model, data.POSES)
     minutes = (time.time() - t0) / 60
-    command = f"python -m minidiff.classifier --train --out {args.out} --seed {args.seed} --steps {args.steps}"
+    command = f"python -m minidiff.eval.classifier --train --out {args.out} --seed {args.seed} --steps {args.steps}"
     meta = {"format": FORMAT, "characters": json.dumps(list(data.CHARACTERS)), "poses": json.dumps(list(data.POSES)),
             "families": json.dumps(list(FAMILIES)), "input_size": str(INPUT_SIZE), "widths": json.dumps(model.widths),
             "accuracy": json.dumps(acc), "command": command, "train_minutes": f"{minutes:.1f}",
             "torch": torch.__version__, "identity_rule": "argmax of the character probabilities == target character"}
-    atomic_save_file(model.state_dict(), args.out, metadata=meta)
+    io.save_safetensors(model.state_dict(), args.out, metadata=meta)
     print(json.dumps(acc, indent=1))
     n = sum(v.numel() for v in model.parameters())
     print(f"wrote {args.out} ({n / 1e3:.0f} k parameters) in {minutes:.1f} min")
-    return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except MinidiffError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main())

@@ -35,8 +35,8 @@ import math
 
 import torch
 
-from .errors import DataError
-from .images import square
+from ..errors import DataError
+from ..images import square
 
 SIZE = 64
 WHITE = 240 / 255  # an sRGB pixel with all three channels >= WHITE counts as background
@@ -160,7 +160,7 @@ def evaluate(samples: torch.Tensor, train: torch.Tensor, target_character: str =
     n_train.
     """
     from . import classifier as clf
-    from .data import CHARACTERS, POSES
+    from ..data import CHARACTERS, POSES
 
     if target_character not in CHARACTERS:
         raise DataError(f"target_character must be one of {', '.join(CHARACTERS)}, got {target_character!r}")

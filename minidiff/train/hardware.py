@@ -7,7 +7,7 @@ import re
 
 import torch
 
-from .errors import MinidiffError, TrainingError
+from ..errors import MinidiffError, TrainingError
 
 
 def _native_bf16(device):
