@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -63,8 +64,40 @@ def _stochastic(sampler: str, eta: float) -> bool:
 
 def initial_noise(pipe: Pipeline, generators, height: int, width: int) -> torch.Tensor:
     """x_T ~ N(0, I), row i drawn from generators[i]: [N, C, height / scale, width / scale] on the pipeline's device."""
-    shape = (pipe.unet.config.in_channels, height // pipe.scale, width // pipe.scale)
+    shape = (pipe.unet.config.out_channels, height // pipe.scale, width // pipe.scale)
     return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(pipe.device)
+
+
+def inpainting_unet(pipe: Pipeline) -> bool:
+    """SDXL's inpainting UNet takes [x_t | mask | z(masked image)]: 4 + 1 + 4 = 9 input channels."""
+    c = pipe.unet.config
+    return c.in_channels == 2 * c.out_channels + 1
+
+
+@torch.no_grad()
+def encode(pipe: Pipeline, images: torch.Tensor, generators) -> torch.Tensor:
+    """Images [N, 3, H, W] in [-1, 1] -> x_0 = scaling_factor * z, z ~ q(z | image) drawn from generators[i] (as
+    diffusers' pipelines do: a posterior sample, not its mean). Pixel space: the images themselves."""
+    if pipe.vae is None:
+        return images.float().to(pipe.device)
+    dtype = next(pipe.vae.parameters()).dtype
+    z = [pipe.vae.encode(x[None].to(pipe.device, dtype)).sample(g).float() for x, g in zip(images, generators)]
+    return torch.cat(z) * pipe.vae.scaling_factor
+
+
+def _check_edit(images, masks, n, height, width):
+    """init_images / masks: tensors of shape [n or 1, 3 | 1, height, width] in [-1, 1] / [0, 1]."""
+    for name, x, c, lo in (("init_images", images, 3, -1), ("masks", masks, 1, 0)):
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] not in (1, n) or x.shape[1] != c \
+                or tuple(x.shape[2:]) != (height, width):
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise MinidiffError(f"generate: {name} must be a tensor [{n} or 1, {c}, {height}, {width}], got {shape}")
+        if x.min() < lo - 1e-3 or x.max() > 1 + 1e-3:
+            raise MinidiffError(f"generate: {name} must lie in [{lo}, 1], got [{x.min():.3g}, {x.max():.3g}]")
+    if masks is not None and images is None:
+        raise MinidiffError("generate: masks need init_images (the picture whose masked part is repainted)")
 
 
 @torch.no_grad()
@@ -83,42 +116,78 @@ def model_sampler(pipe: Pipeline) -> str:
 
 
 @torch.no_grad()
-def generate(pipe: Pipeline, prompts, negative="", steps=30, cfg=5.0, sampler=None, seed=0, width=1024,
-             height=1024, guidance_rescale=0.0, batch_size=4, progress=True, spacing=None, karras=False, eta=0.0,
-             noise=None) -> torch.Tensor:
+def generate(pipe: Pipeline, prompts, negative="", steps=30, cfg=5.0, sampler=None, seed=0, width=None,
+             height=None, guidance_rescale=0.0, batch_size=4, progress=True, spacing=None, karras=False, eta=0.0,
+             noise=None, init_images=None, strength=1.0, masks=None) -> torch.Tensor:
     """Images [N, 3, height, width] in [-1, 1] for N prompts; image i uses seed + i (or row i of `noise`, unit
     Gaussian x_T). Guidance (cfg > 1) batches [uncond ; cond] into one UNet call per step. `spacing` defaults to
-    the model's scheduler config ("leading" for SDXL), `sampler` to the one its config names (Euler for SDXL)."""
+    the model's scheduler config ("leading" for SDXL), `sampler` to the one its config names (Euler for SDXL).
+    Size: width/height, else that of init_images, else 1024.
+
+    Editing, as diffusers' StableDiffusionXLImg2ImgPipeline / StableDiffusionXLInpaintPipeline do (tested against
+    both): `init_images` [N or 1, 3, H, W] in [-1, 1] alone is img2img (SDEdit): the last int(steps * strength)
+    steps run from the image noised to that level. With `masks` [N or 1, 1, H, W] in [0, 1] (1 = repaint,
+    binarised at 0.5) it is inpainting: a 4-channel UNet gets the known region put back at each step's noise
+    level; a 9-channel inpainting UNet also sees [mask | z(image * (1 - mask))] beside x_t. Image i's generator
+    draws, in order: the posterior sample of its init image (when used), x_T, that of its masked image (9-ch).
+    """
     from .samplers import cfg as guide
-    from .samplers import sample
+    from .samplers import sample, start_index
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if init_images is not None and width is None and height is None:
+        height, width = init_images.shape[-2:]
+    width, height = width or 1024, height or 1024
     multiple = max(8, pipe.scale)
     if not prompts or width % multiple or height % multiple or min(width, height) <= 0:
         raise MinidiffError(f"generate: need prompts and a width and height that are positive multiples of "
                             f"{multiple}, got {len(prompts)} prompts, {width}x{height}")
+    n = len(prompts)
+    _check_edit(init_images, masks, n, height, width)
     spacing = spacing or pipe.scheduler_config.get("timestep_spacing", "leading")
     sampler = sampler or model_sampler(pipe)
     steps_offset = pipe.scheduler_config.get("steps_offset", 1)
-    generators = [torch.Generator("cpu").manual_seed(int(seed) + i) for i in range(len(prompts))]
+    start = start_index(steps, strength) if init_images is not None else 0
+    nine = inpainting_unet(pipe)
+    if init_images is not None:
+        init_images = init_images.float().expand(n, -1, -1, -1)
+    if masks is not None:
+        masks = (masks.float() >= 0.5).float().expand(n, -1, -1, -1)  # diffusers' mask processor binarises
+    elif nine:  # text to image (or img2img) with an inpainting UNet: everything is to be painted
+        masks = torch.ones(n, 1, height, width)
+        init_images = torch.zeros(n, 3, height, width) if init_images is None else init_images
+    latent_size = (height // pipe.scale, width // pipe.scale)
+    generators = [torch.Generator("cpu").manual_seed(int(seed) + i) for i in range(n)]
     batch_size = 1 if _stochastic(sampler, eta) else max(1, batch_size)
     unet, dtype, guided = pipe.unet, next(pipe.unet.parameters()).dtype, cfg > 1
     out = []
-    chunks = range(0, len(prompts), batch_size)
-    for start in tqdm(chunks, desc="images", disable=not progress or len(chunks) < 2):
-        chunk, gens = prompts[start:start + batch_size], generators[start:start + batch_size]
-        x_T = initial_noise(pipe, gens, height, width) if noise is None else noise[start:start + batch_size]
+    chunks = range(0, n, batch_size)
+    for b in tqdm(chunks, desc="images", disable=not progress or len(chunks) < 2):
+        rows = slice(b, b + batch_size)
+        chunk, gens = prompts[rows], generators[rows]
+        uses_init = init_images is not None and (not nine or start > 0)
+        x0_init = encode(pipe, init_images[rows], gens) if uses_init else None
+        x_T = initial_noise(pipe, gens, height, width) if noise is None else noise[rows]
+        mask = cond = None
+        if masks is not None:
+            mask = F.interpolate(masks[rows], size=latent_size).to(pipe.device)  # nearest, as diffusers
+            if nine:
+                masked = encode(pipe, init_images[rows] * (1 - masks[rows]), gens)
+                cond = torch.cat([mask, masked], dim=1)
+                cond = (torch.cat([cond, cond]) if guided else cond).to(dtype)
+                mask = None  # no blending: the UNet sees the known region through `cond`
         context, pooled = pipe.text.encode(chunk, negative if guided else None)
         context, pooled = context.to(pipe.device, dtype), pooled.to(pipe.device, dtype)
         ids = pipe.text.time_ids((height, width), (0, 0), (height, width), batch=len(context)).to(pipe.device, dtype)
 
         def denoise(x, t):
             x_in = torch.cat([x, x]) if guided else x
-            eps = unet(x_in.to(dtype), t, context=context, text_embeds=pooled, time_ids=ids).float()
+            x_in = x_in.to(dtype) if cond is None else torch.cat([x_in.to(dtype), cond], dim=1)
+            eps = unet(x_in, t, context=context, text_embeds=pooled, time_ids=ids).float()
             return guide(*eps.chunk(2), cfg, guidance_rescale) if guided else eps
 
         x0 = sample(denoise, pipe.schedule, x_T.to(pipe.device), steps=steps, sampler=sampler, spacing=spacing,
                     eta=eta, karras=karras, generator=gens[0] if len(gens) == 1 else None, progress=progress,
-                    steps_offset=steps_offset)
+                    steps_offset=steps_offset, init=x0_init, start=start, mask=mask)
         out.append(decode(pipe, x0))
     return torch.cat(out)

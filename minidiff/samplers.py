@@ -213,6 +213,31 @@ def init_noise_sigma(sigmas: Tensor, sampler: str, spacing: str) -> float:
     return s if spacing in ("linspace", "trailing") else math.sqrt(s**2 + 1)
 
 
+def start_index(steps: int, strength: float) -> int:
+    """Where img2img / inpainting begins in a `steps`-step plan (diffusers' `get_timesteps`): the last
+    int(steps * strength) steps are run, so strength 1 runs them all and strength 0.5 of 30 runs the last 15.
+
+        start = steps - min(int(steps * strength), steps)
+    """
+    if not 0 < strength <= 1:
+        raise MinidiffError(f"strength must be in (0, 1], got {strength}")
+    start = steps - min(int(steps * strength), steps)
+    if start >= steps:
+        raise MinidiffError(f"strength {strength} of {steps} steps runs no step: need steps * strength >= 1")
+    return start
+
+
+def noised(x0: Tensor, noise: Tensor, sigma: float, sampler: str) -> Tensor:
+    """q(x_t | x_0) at noise level sigma, in the space the sampler works in (diffusers' `add_noise`):
+
+        sigma space (euler, euler_a):  x   = x_0 + sigma eps
+        alpha space (the others):      x_t = (x_0 + sigma eps) / sqrt(sigma^2 + 1) = sqrt(alpha_bar) x_0
+                                                                                  + sqrt(1 - alpha_bar) eps
+    """
+    x = x0.float() + sigma * noise.float()
+    return x if sampler in ("euler", "euler_a") else x / math.sqrt(sigma**2 + 1)
+
+
 def _randn(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
     """Unit noise shaped like x, drawn from `generator` on its own device (the global RNG if None), then moved."""
     device = generator.device if generator is not None else x.device
@@ -226,19 +251,33 @@ def _randn(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
 def sample(denoise: Denoiser, schedule: Schedule, noise: Tensor, steps: int = 30, sampler: str = "euler",
            spacing: str = "leading", eta: float = 0.0, karras: bool = False,
            generator: Optional[torch.Generator] = None, progress: bool = True, steps_offset: int = 1,
-           clip_x0: Optional[float] = None) -> Tensor:
+           clip_x0: Optional[float] = None, init: Optional[Tensor] = None, start: int = 0,
+           mask: Optional[Tensor] = None) -> Tensor:
     """Run `sampler` for `steps` steps from unit Gaussian `noise` [B, C, H, W] and return x_0 (float32).
 
     `generator` is the only source of randomness for the stochastic samplers (ddpm, euler_a, ddim with eta > 0):
     same noise + same generator seed -> same result. `clip_x0` clamps the predicted x_0 of ddpm/ddim (pixel
     models: 1.0, as diffusers' `clip_sample`); latent models leave it None.
+
+    Editing an image x_0 = `init` (docs/07-sdedit-inpainting.md), as diffusers' img2img and inpaint pipelines do:
+      img2img (SDEdit):  begin at step `start` (= start_index(steps, strength)) from x = noised(init, noise, sigma_start)
+      inpainting:        `mask` [B, 1, H, W], 1 = repaint; before each later step i the known region is put back at
+                         that step's noise level, with the same noise:  x = mask x + (1 - mask) noised(init, noise,
+                         sigma_i), and at the end x = mask x + (1 - mask) init. At start = 0 (strength 1) it begins
+                         from pure noise, like text to image.
     """
     ts, sigmas = plan(schedule, steps, sampler, spacing, karras, steps_offset)
     ab = schedule.alpha_bar
-    x = noise.float() * init_noise_sigma(sigmas, sampler, spacing)
+    if init is None or (mask is not None and start == 0):
+        x = noise.float() * init_noise_sigma(sigmas, sampler, spacing)
+    else:
+        x = noised(init, noise, sigmas[start].item(), sampler)
     x0_prev = None
-    bar = tqdm(range(len(ts)), desc=f"sampling ({sampler}, {len(ts)} steps)", disable=not progress, leave=False)
+    bar = tqdm(range(start, len(ts)), desc=f"sampling ({sampler}, {len(ts) - start} steps)", disable=not progress,
+               leave=False)
     for i in bar:
+        if i > start and mask is not None:  # the known region, re-noised to this step's level
+            x = mask * x + (1 - mask) * noised(init, noise, sigmas[i].item(), sampler)
         sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
         if sampler in ("euler", "euler_a"):
             t_in = torch.tensor(ts[i].item(), dtype=torch.float32, device=x.device)
@@ -268,4 +307,4 @@ def sample(denoise: Denoiser, schedule: Schedule, noise: Tensor, steps: int = 30
             x = dpmpp_2m_step(x, x0, sigma, sigma_next, x0_prev if second_order else None,
                               sigmas[i - 1].item() if second_order else None)
             x0_prev = x0
-    return x
+    return x if mask is None else mask * x + (1 - mask) * init.float()
