@@ -85,6 +85,14 @@ def encode(pipe: Pipeline, images: torch.Tensor, generators) -> torch.Tensor:
     return torch.cat(z) * pipe.vae.scaling_factor
 
 
+def _rows(texts, n: int) -> list:
+    """A str, or a list of 1 or n str -> a list of n str."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if len(texts) not in (1, n):
+        raise MinidiffError(f"generate: expected 1 or {n} second prompts, got {len(texts)}")
+    return texts * n if len(texts) == 1 else texts
+
+
 def _check_edit(images, masks, n, height, width):
     """init_images / masks: tensors of shape [n or 1, 3 | 1, height, width] in [-1, 1] / [0, 1]."""
     for name, x, c, lo in (("init_images", images, 3, -1), ("masks", masks, 1, 0)):
@@ -118,11 +126,13 @@ def model_sampler(pipe: Pipeline) -> str:
 @torch.no_grad()
 def generate(pipe: Pipeline, prompts, negative="", steps=30, cfg=5.0, sampler=None, seed=0, width=None,
              height=None, guidance_rescale=0.0, batch_size=4, progress=True, spacing=None, karras=False, eta=0.0,
-             noise=None, init_images=None, strength=1.0, masks=None) -> torch.Tensor:
+             noise=None, init_images=None, strength=1.0, masks=None, prompt_2=None, negative_2=None) -> torch.Tensor:
     """Images [N, 3, height, width] in [-1, 1] for N prompts; image i uses seed + i (or row i of `noise`, unit
     Gaussian x_T). Guidance (cfg > 1) batches [uncond ; cond] into one UNet call per step. `spacing` defaults to
     the model's scheduler config ("leading" for SDXL), `sampler` to the one its config names (Euler for SDXL).
-    Size: width/height, else that of init_images, else 1024.
+    Size: width/height, else that of init_images, else 1024. Prompts are read in A1111's syntax ((word:1.3),
+    [word], longer than 75 tokens in chunks; text.parse_emphasis); `prompt_2` / `negative_2` (default: the same)
+    go to the second text encoder, as diffusers' prompt_2.
 
     Editing, as diffusers' StableDiffusionXLImg2ImgPipeline / StableDiffusionXLInpaintPipeline do (tested against
     both): `init_images` [N or 1, 3, H, W] in [-1, 1] alone is img2img (SDEdit): the last int(steps * strength)
@@ -176,7 +186,9 @@ def generate(pipe: Pipeline, prompts, negative="", steps=30, cfg=5.0, sampler=No
                 cond = torch.cat([mask, masked], dim=1)
                 cond = (torch.cat([cond, cond]) if guided else cond).to(dtype)
                 mask = None  # no blending: the UNet sees the known region through `cond`
-        context, pooled = pipe.text.encode(chunk, negative if guided else None)
+        second = None if prompt_2 is None else _rows(prompt_2, n)[rows]
+        context, pooled = pipe.text.encode(chunk, negative if guided else None, prompts_2=second,
+                                           negative_2=negative_2, emphasis=True)
         context, pooled = context.to(pipe.device, dtype), pooled.to(pipe.device, dtype)
         ids = pipe.text.time_ids((height, width), (0, 0), (height, width), batch=len(context)).to(pipe.device, dtype)
 

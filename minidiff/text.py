@@ -20,8 +20,14 @@ An empty negative prompt gives an all-zero unconditional context *and* pooled ve
 
 from __future__ import annotations
 
+import math
+import re
+import sys
+
 import torch
 from torch import nn
+
+from .errors import MinidiffError
 
 
 def _as_list(prompts, n=None):
@@ -47,6 +53,112 @@ def time_ids(original_size, crop_top_left=(0, 0), target_size=None, batch=1) -> 
         raise ValueError(f"time_ids wants (h, w), (top, left), (h, w); got {original_size}, {crop_top_left}, "
                          f"{target_size}")
     return torch.tensor([float(v) for v in ids]).repeat(batch, 1)
+
+
+# ---- prompts as artists write them: A1111 emphasis syntax ----------------------------------------------------------
+# One token of the syntax per match: escapes \( \) \[ \] \\ \, brackets, ":w)" closing a weight, plain text, ':'.
+_SYNTAX = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
+UP, DOWN = 1.1, 1 / 1.1  # (x) and [x]
+
+
+def parse_emphasis(prompt: str) -> list[tuple[str, float]]:
+    """A1111's prompt emphasis (`prompt_parser.parse_prompt_attention`) -> [(text, weight), ...], runs of equal
+    weight merged:
+
+        (x) -> x * 1.1     [x] -> x / 1.1     (x:w) -> x * w     \\( \\) \\[ \\] -> literal brackets
+        nesting multiplies: ((x)) = 1.21, ((x:1.3)) = 1.43; an unclosed ( or [ runs to the end of the prompt.
+
+    "a (((house:1.3)) [on] a (hill:0.5)" -> [("a ", 1), ("house", 1.573), (" ", 1.1), ("on", 1), (" a ", 1.1),
+    ("hill", 0.55)]
+    """
+    res, rounds, squares = [], [], []
+
+    def multiply(start, w):
+        for item in res[start:]:
+            item[1] *= w
+
+    for m in _SYNTAX.finditer(prompt):
+        text, weight = m.group(0), m.group(1)
+        if text.startswith("\\"):
+            res.append([text[1:], 1.0])
+        elif text == "(":
+            rounds.append(len(res))
+        elif text == "[":
+            squares.append(len(res))
+        elif weight is not None and rounds:
+            try:
+                multiply(rounds.pop(), float(weight))
+            except ValueError:
+                raise MinidiffError(f"prompt {prompt!r}: weight {weight!r} is not a number") from None
+        elif text == ")" and rounds:
+            multiply(rounds.pop(), UP)
+        elif text == "]" and squares:
+            multiply(squares.pop(), DOWN)
+        else:
+            res.append([text, 1.0])
+    for start in rounds:
+        multiply(start, UP)
+    for start in squares:
+        multiply(start, DOWN)
+    merged = []
+    for text, w in res:
+        if merged and merged[-1][1] == w:
+            merged[-1][0] += text
+        else:
+            merged.append([text, w])
+    return [(t, w) for t, w in merged] or [("", 1.0)]
+
+
+def weighted_tokens(tokenizer, prompt: str) -> tuple[list[int], list[float]]:
+    """The prompt's BPE ids without BOS/EOS, and each token's emphasis weight (each fragment tokenized alone)."""
+    ids, weights = [], []
+    for text, w in parse_emphasis(prompt):
+        t = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+        ids, weights = ids + t, weights + [w] * len(t)
+    return ids, weights
+
+
+def emphasize(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A1111's rule: scale each token's hidden state by its weight, then rescale the whole chunk so its mean is
+    what it was (z [L, C] of one 77-token chunk, w [L]):
+
+        z' = z * w[:, None] * mean(z) / mean(z * w[:, None])
+
+    Why this one and not ComfyUI's z' = z_empty + w (z - z_empty) (pulling away from the empty prompt's states):
+    A1111's is what most published prompts with (word:1.3) were tuned on, it needs no second encoder pass, and it
+    keeps every unweighted prompt bit-identical (all w = 1 -> z' = z). Unlike A1111 we take the mean per prompt,
+    not over the batch, so an image does not depend on which prompts share its batch.
+    """
+    if bool((w == 1).all()):
+        return z
+    scaled = z * w[:, None].to(z.dtype)
+    return scaled * (z.mean() / scaled.mean())
+
+
+def _chunks(ids: list[int], weights: list[float], tokenizer, length: int, n: int):
+    """n chunks of `length` ids (BOS, up to length - 2 prompt tokens, EOS, pad), weights 1 on the specials."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    body = length - 2
+    out_ids, out_w = [], []
+    for k in range(n):
+        part, w = ids[k * body:(k + 1) * body], weights[k * body:(k + 1) * body]
+        fill = body - len(part)
+        out_ids.append([bos, *part, eos] + [pad] * fill)
+        out_w.append([1.0, *w, 1.0] + [1.0] * fill)
+    return out_ids, out_w
+
+
+_NOTICED: set = set()
+
+
+def _notice_long(prompt: str, n_tokens: int, body: int):
+    """One line on stderr the first time a prompt needs more than one chunk: it is split, never cut."""
+    if prompt not in _NOTICED:
+        _NOTICED.add(prompt)
+        print(f"note: prompt of {n_tokens} tokens > {body}: encoded as {math.ceil(n_tokens / body)} chunks of {body} "
+              f"(each with BOS/EOS) concatenated along the sequence; pooled from the first: {prompt[:60]!r}...",
+              file=sys.stderr)
 
 
 class TextConditioner(nn.Module):
@@ -79,6 +191,49 @@ class TextConditioner(nn.Module):
         ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
         return ids.input_ids.to(encoder.device)
 
+    def _length(self, tokenizer, encoder) -> int:
+        length = tokenizer.model_max_length
+        if not length or length > encoder.config.max_position_embeddings:
+            length = encoder.config.max_position_embeddings
+        return length
+
+    def _tokens(self, prompts, prompts_2):
+        """Per encoder: [(ids, weights)] for each prompt (prompts_2, when given, for the second encoder)."""
+        pairs = ((self.tokenizer, self.text_encoder, prompts), (self.tokenizer_2, self.text_encoder_2, prompts_2))
+        return [(tok, enc, [weighted_tokens(tok, p) for p in ps]) for tok, enc, ps in pairs]
+
+    def count_chunks(self, prompts, prompts_2=None) -> int:
+        """Chunks of 75 tokens the longest prompt needs (on either encoder)."""
+        prompts = _as_list(prompts)
+        prompts_2 = prompts if prompts_2 is None else _as_list(prompts_2, len(prompts))
+        return max(max(1, math.ceil(len(ids) / (self._length(tok, enc) - 2)))
+                   for tok, enc, rows in self._tokens(prompts, prompts_2) for ids, _ in rows)
+
+    def encode_weighted(self, prompts, prompts_2=None, chunks=1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts in A1111 syntax: context [B, K * 77, C1 + C2], pooled [B, P] with emphasis (`parse_emphasis`,
+        `emphasize`) and K = max(chunks, chunks the longest prompt needs) chunks of 75 tokens, each encoded alone
+        with its own BOS/EOS and concatenated along the sequence (as A1111 and ComfyUI do); shorter prompts get
+        empty chunks. Pooled comes from the first chunk. `prompts_2` (default: the prompts) go to encoder 2."""
+        prompts = _as_list(prompts)
+        prompts_2 = prompts if prompts_2 is None else _as_list(prompts_2, len(prompts))
+        K = max(chunks, self.count_chunks(prompts, prompts_2))
+        states, pooled = [], None
+        for (tok, enc, rows), texts in zip(self._tokens(prompts, prompts_2), (prompts, prompts_2)):
+            length = self._length(tok, enc)
+            ids, weights = [], []
+            for (i, w), text in zip(rows, texts):
+                if len(i) > length - 2:
+                    _notice_long(text, len(i), length - 2)
+                ci, cw = _chunks(i, w, tok, length, K)
+                ids, weights = ids + ci, weights + cw
+            out = enc(torch.tensor(ids, device=enc.device), output_hidden_states=True)
+            w = torch.tensor(weights, device=enc.device)
+            h = torch.stack([emphasize(z, wz) for z, wz in zip(out.hidden_states[-2], w)])  # [B * K, 77, C]
+            states.append(h.reshape(len(prompts), K * length, -1))
+            if enc is self.text_encoder_2:
+                pooled = out.text_embeds.reshape(len(prompts), K, -1)[:, 0]
+        return torch.cat([states[0], states[1].to(states[0].dtype)], dim=-1), pooled
+
     def encode_prompts(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
         """context [B, L, C1 + C2] = [h_L^(-2) || h_G^(-2)], pooled [B, P] = bigG `text_embeds`."""
         prompts = _as_list(prompts)
@@ -90,21 +245,39 @@ class TextConditioner(nn.Module):
         context = torch.cat([h_l, h_g.to(h_l.dtype)], dim=-1)
         return context, out_g.text_embeds
 
-    def encode(self, prompts, negative=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, prompts, negative=None, prompts_2=None, negative_2=None,
+               emphasis=False) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode prompts for the UNet.
 
         negative=None: (context [B, L, C1+C2], pooled [B, P]) of `prompts`.
         negative=str or list of B str: the classifier-free-guidance batch [uncond ; cond] of size 2B, uncond first
         (the order `samplers.cfg` chunks back). A row whose negative prompt is "" is all zeros (context and pooled).
+        emphasis=False: diffusers' encode_prompt (77 tokens, longer prompts cut; what training uses).
+        emphasis=True: A1111 syntax, (word:1.3) and 75-token chunks (`encode_weighted`); `prompts_2` /
+        `negative_2` go to the second encoder (diffusers' prompt_2), default: the same text.
         """
-        context, pooled = self.encode_prompts(prompts)
+        if not emphasis:
+            context, pooled = self.encode_prompts(prompts)
+        else:
+            prompts = _as_list(prompts)
+            prompts_2 = prompts if prompts_2 is None else _as_list(prompts_2, len(prompts))
+            K = self.count_chunks(prompts, prompts_2)
+            if negative is not None:
+                neg, neg_2 = _as_list(negative, len(prompts)), _as_list(negative_2 or negative, len(prompts))
+                rows = [i for i, p in enumerate(neg) if p != ""]
+                if rows:
+                    K = max(K, self.count_chunks([neg[i] for i in rows], [neg_2[i] for i in rows]))
+            context, pooled = self.encode_weighted(prompts, prompts_2, K)
         if negative is None:
             return context, pooled
         negative = _as_list(negative, context.shape[0])
         neg_context, neg_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
         rows = [i for i, p in enumerate(negative) if p != ""]
         if rows:
-            c, p = self.encode_prompts([negative[i] for i in rows])
+            if emphasis:
+                c, p = self.encode_weighted([negative[i] for i in rows], [neg_2[i] for i in rows], K)
+            else:
+                c, p = self.encode_prompts([negative[i] for i in rows])
             neg_context[rows], neg_pooled[rows] = c.to(context.dtype), p.to(pooled.dtype)
         return torch.cat([neg_context, context]), torch.cat([neg_pooled, pooled])
 

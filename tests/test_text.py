@@ -150,3 +150,96 @@ def test_time_ids_match_diffusers(parts):
     assert got.shape == (3, 6)
     torch.testing.assert_close(got, want.repeat(3, 1))
     torch.testing.assert_close(TextConditioner.time_ids((64, 48), batch=1), torch.tensor([[64.0, 48, 0, 0, 64, 48]]))
+
+
+# ---- prompts as artists write them: emphasis, 75-token chunks, prompt_2 -------------------------------------------
+from minidiff.text import parse_emphasis  # noqa: E402
+
+
+@pytest.mark.parametrize("prompt, want", [
+    ("normal text", [("normal text", 1.0)]),
+    ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
+    ("(unbalanced", [("unbalanced", 1.1)]),
+    (r"\(literal\]", [("(literal]", 1.0)]),
+    ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
+    ("[less] more", [("less", 1 / 1.1), (" more", 1.0)]),
+    ("(sks girl:1.3), smiling", [("sks girl", 1.3), (", smiling", 1.0)]),
+    ("((x:1.3))", [("x", 1.3 * 1.1)]),
+    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",  # A1111's own docstring example
+     [("a ", 1.0), ("house", 1.3 * 1.1 * 1.1), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
+      (", sun, ", 1.1), ("sky", 1.1 ** 4), (".", 1.1)]),
+    ("", [("", 1.0)]),
+    ("time: 3:30", [("time: 3:30", 1.0)]),
+])
+def test_parse_emphasis_follows_a1111(prompt, want):
+    got = parse_emphasis(prompt)
+    assert [t for t, _ in got] == [t for t, _ in want]
+    assert [w for _, w in got] == pytest.approx([w for _, w in want], rel=1e-12)
+
+
+def chunk_ids(tok, body_ids, pad):
+    """[BOS, ids, EOS, pad...] of length 77, built by hand."""
+    return torch.tensor([[BOS, *body_ids, EOS] + [pad] * (75 - len(body_ids))])
+
+
+@torch.no_grad()
+def test_emphasis_scales_token_states_and_restores_the_mean(parts):
+    """Hand-computed A1111 rule on each encoder: z' = z * w * mean(z) / mean(z * w), w = 1.5 on 'cat' only."""
+    tok, te, tok_2, te_2 = parts
+    text = TextConditioner(*parts)
+    a, cat = 256 + _byte_chars().index("a"), tok.convert_tokens_to_ids("cat</w>")
+    w = torch.ones(77)
+    w[2] = 1.5  # [BOS, a, cat, EOS, ...]
+    want = []
+    for enc, pad in ((te, EOS), (te_2, 0)):
+        z = enc(chunk_ids(tok, [a, cat], pad), output_hidden_states=True).hidden_states[-2][0]
+        want.append(z * w[:, None] * (z.mean() / (z * w[:, None]).mean()))
+    ctx, pooled = text.encode(["a (cat:1.5)"], emphasis=True)
+    torch.testing.assert_close(ctx[0], torch.cat(want, -1), rtol=0, atol=1e-6)
+    plain_ctx, plain_pooled = text.encode(["a cat"])
+    torch.testing.assert_close(pooled, plain_pooled, rtol=0, atol=1e-6)  # pooled: the unweighted states' EOS
+    assert not torch.allclose(ctx, plain_ctx)
+    for p in PROMPTS:  # no brackets: emphasis=True is diffusers' encoding, bit for bit
+        torch.testing.assert_close(text.encode([p], emphasis=True), text.encode([p]), rtol=0, atol=0)
+    lit, _ = text.encode([r"\(cat\)"], emphasis=True)  # escaped: the literal brackets are tokens
+    ids = tok(["(cat)"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    torch.testing.assert_close(lit[0, :, :64], te(ids, output_hidden_states=True).hidden_states[-2][0])
+
+
+@torch.no_grad()
+def test_long_prompts_are_chunked_never_cut(parts, capsys):
+    """100 tokens -> 2 chunks: [BOS t0..t74 EOS] and [BOS t75..t99 EOS pad...], each encoded alone and
+    concatenated along the sequence; pooled from the first chunk; one notice line."""
+    tok, te, tok_2, te_2 = parts
+    text = TextConditioner(*parts)
+    cat = tok.convert_tokens_to_ids("cat</w>")
+    dog = tok.convert_tokens_to_ids("dog</w>")
+    body = [cat] * 60 + [dog] * 40
+    prompt = " ".join(["cat"] * 60 + ["dog"] * 40)
+    ctx, pooled = text.encode([prompt, "a cat"], emphasis=True)
+    assert ctx.shape == (2, 154, 64 + 128) and pooled.shape == (2, 96)
+    for enc, pad, cols in ((te, EOS, slice(0, 64)), (te_2, 0, slice(64, None))):
+        first = enc(chunk_ids(tok, body[:75], pad), output_hidden_states=True)
+        second = enc(chunk_ids(tok, body[75:], pad), output_hidden_states=True)
+        torch.testing.assert_close(ctx[0, :77, cols], first.hidden_states[-2][0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(ctx[0, 77:, cols], second.hidden_states[-2][0], rtol=0, atol=1e-6)
+        empty = enc(chunk_ids(tok, [], pad), output_hidden_states=True).hidden_states[-2][0]
+        torch.testing.assert_close(ctx[1, 77:, cols], empty, rtol=0, atol=1e-6)  # the short prompt: + an empty chunk
+    torch.testing.assert_close(pooled[0], te_2(chunk_ids(tok, body[:75], 0)).text_embeds[0], rtol=0, atol=1e-6)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "100 tokens > 75: encoded as 2 chunks" in err[0]
+    ctx, _ = text.encode([prompt], negative="robot", emphasis=True)  # the negative is padded to the same length
+    assert ctx.shape == (2, 154, 192) and capsys.readouterr().err == ""  # noticed once per prompt
+
+
+@torch.no_grad()
+def test_prompt_2_goes_to_the_second_encoder_as_in_diffusers(parts):
+    text = TextConditioner(*parts)
+    ref = diffusers_sdxl(parts)
+    d_ctx, d_neg, d_pooled, d_neg_pooled = ref.encode_prompt(
+        PROMPTS, prompt_2=["robot", "a dog"], device="cpu", do_classifier_free_guidance=True,
+        negative_prompt=["dog", "cat"], negative_prompt_2=["cat", "robot"])
+    ctx, pooled = text.encode(PROMPTS, negative=["dog", "cat"], prompts_2=["robot", "a dog"],
+                              negative_2=["cat", "robot"], emphasis=True)
+    torch.testing.assert_close(ctx, torch.cat([d_neg, d_ctx]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(pooled, torch.cat([d_neg_pooled, d_pooled]), rtol=0, atol=1e-6)
