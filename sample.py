@@ -5,7 +5,11 @@
     python sample.py --model sdxl-base/ --vae sdxl-vae-fp16-fix/ --prompts comic.txt --seed 7 --num 2
     python sample.py --model sd_xl_base_1.0.safetensors --tokenizers sdxl-base/ --prompt "a robot" --steps 30
 
---prompts FILE holds one prompt per line (a comic page: one panel per line; blank lines and lines starting with #
+    python sample.py --page examples/page.json              a comic page: panels, lettering, page.png, strip.png
+    python sample.py --page examples/page.json --panel 3    re-render panel 3 only (the others stay byte-identical)
+
+Prompts are read in A1111's syntax: (word:1.3), (word) = 1.1, [word] = 1/1.1, \( \) literal; longer than 75 tokens
+they are encoded in chunks (with a note), never cut. --prompts FILE holds one prompt per line (a comic page: one panel per line; blank lines and lines starting with #
 are skipped). Image i of a run has seed --seed + i, so the same seed gives the same image whatever --batch-size.
 Each PNG carries prompt, negative, seed, steps, cfg, sampler, model and LoRAs in its PNG text metadata
 (minidiff.images.read_png_metadata reads them back). User errors print one line and exit with status 2.
@@ -34,6 +38,11 @@ def build_parser():
     a("--prompt", action="append", default=None, help="repeatable")
     a("--prompts", default=None, help="a text file, one prompt per line")
     a("--negative", default="", help="negative prompt (empty: SDXL's all-zero unconditional embedding)")
+    a("--prompt-2", default=None, help="prompt for the second text encoder (OpenCLIP bigG; default: the prompt)")
+    a("--negative-2", default=None, help="negative prompt for the second text encoder (default: --negative)")
+    a("--page", default=None, help="a comic page file (JSON, see minidiff/comic.py and examples/page.json)")
+    a("--panel", type=int, action="append", default=None, metavar="N",
+      help="with --page: re-render only panel N (repeatable); the other panel files are left as they are")
     a("--steps", type=int, default=30)
     a("--cfg", type=float, default=5.0, help="classifier-free guidance scale (1 = no guidance)")
     a("--sampler", choices=SAMPLERS, default=None,
@@ -104,24 +113,21 @@ def check_args(args):
 
 def run(args):
     check_args(args)  # before torch is imported: a typo costs no wait
+    if args.panel and not args.page:
+        from minidiff.errors import MinidiffError
+
+        raise MinidiffError("--panel N needs --page PAGE.json")
+    if args.page:
+        return run_page(args)
     prompts = read_prompts(args)
 
-    import torch
-
-    from minidiff.weights.pretrained import file_hash, load_pipeline
     from minidiff.images import make_grid, save_png
     from minidiff.pipeline import generate, model_sampler
+    from minidiff.train.hardware import PeakMemory, resolve_device
+    from minidiff.weights.pretrained import file_hash
 
-    from minidiff.train.hardware import PeakMemory, check_gpu, resolve_device
-
-    device = resolve_device(args.device)
-    peaks = PeakMemory(device)
-    if device.type == "cuda":
-        check_gpu(device)
-    dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-
-    pipe = load_pipeline(args.model, dtype=dtype, device=device, vae=args.vae, tokenizers=args.tokenizers)
+    peaks = PeakMemory(resolve_device(args.device))
+    pipe, dtype_name = load(args)
     loras = []
     if args.lora:
         from minidiff.lora import load_lora
@@ -139,7 +145,8 @@ def run(args):
     t0 = time.perf_counter()
     images = generate(pipe, runs, negative=args.negative, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
                       seed=args.seed, width=width, height=height, guidance_rescale=args.guidance_rescale,
-                      batch_size=args.batch_size, spacing=args.spacing, karras=args.karras)
+                      batch_size=args.batch_size, spacing=args.spacing, karras=args.karras,
+                      prompt_2=args.prompt_2, negative_2=args.negative_2)
     seconds = time.perf_counter() - t0
     peaks.end("generate")
     print(f"{len(runs)} image(s) in {seconds:.1f} s ({seconds / len(runs):.2f} s/image"
@@ -158,6 +165,42 @@ def run(args):
     print(save_png(grid, out / "grid.png", {"prompts": runs, "seeds": [args.seed + i for i in range(len(runs))],
                                             **settings}))
     return images
+
+
+def load(args):
+    """(pipeline, dtype name) on the chosen device, as --model/--vae/--tokenizers/--device/--dtype say."""
+    import torch
+
+    from minidiff.train.hardware import check_gpu, resolve_device
+    from minidiff.weights.pretrained import load_pipeline
+
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        check_gpu(device)
+    dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    return load_pipeline(args.model, dtype=dtype, device=device, vae=args.vae, tokenizers=args.tokenizers), dtype_name
+
+
+def run_page(args):
+    """--page: read and check the whole page file first (one line naming panel and field), then render."""
+    from minidiff.comic import read_page, render_page
+
+    page, notes = read_page(args.page)
+    for note in notes:
+        print(note, file=sys.stderr)
+    if args.lora:
+        extra = [(Path(p), s) for p, s in map(parse_lora, args.lora)]
+        for panel in page.panels:
+            panel.loras = panel.loras + extra
+    out = Path(args.out if args.out != "runs/sample" else "runs/page")
+    pipe, _ = load(args)
+    t0 = time.perf_counter()
+    files = render_page(pipe, page, out, only=set(args.panel) if args.panel else None, model=str(args.model))
+    print(f"{len(files['panels'])} panel(s) in {time.perf_counter() - t0:.1f} s")
+    print(files["page"])
+    print(files["strip"])
+    return files
 
 
 def main(argv=None):

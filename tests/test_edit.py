@@ -2,17 +2,17 @@
 StableDiffusionXLInpaintPipeline on the same tiny SDXL-shaped random weights and the same generators (image i:
 seed + i; each draws the init image's posterior sample, x_T, then the masked image's posterior sample, in
 diffusers' order). The 9-channel inpainting UNet is loaded from the folder diffusers wrote and from the original
-single file (converted by test_checkpoint's independent table), and both must match."""
+single file (converted by test_pretrained's independent table), and both must match."""
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from minidiff.checkpoint import load_pipeline
+from minidiff.weights.pretrained import load_pipeline
 from minidiff.errors import MinidiffError
 from minidiff.pipeline import generate
 from minidiff.samplers import start_index
-from test_checkpoint import UNET_KW, saved_diffusers_pipeline, to_original
+from test_pretrained import UNET_KW, saved_diffusers_pipeline, to_original
 
 PROMPTS = ["a cat", "a robot and a dog"]
 H, W, SEED = 64, 128, 3

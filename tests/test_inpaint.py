@@ -15,7 +15,7 @@ MINIATURE = Path(__file__).resolve().parents[1] / "minidiff" / "assets" / "tiny-
 
 @pytest.fixture(scope="module")
 def pipe():
-    from minidiff.checkpoint import load_pipeline
+    from minidiff.weights.pretrained import load_pipeline
 
     return load_pipeline(MINIATURE)
 

@@ -1,0 +1,121 @@
+"""comic.py / panels.py / lettering.py: the page file's one-line errors, the layout arithmetic, lettering that fits
+its box, and sample.py --page end to end on the bundled miniature (few steps): page, strip and panel PNGs with their
+settings, panels that edit earlier panels, and --panel N leaving every other panel file byte-identical."""
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+import sample
+from minidiff.comic import layout, read_page
+from minidiff.errors import MinidiffError
+from minidiff.images import read_png_metadata
+from minidiff.lettering import fit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_page(tmp_path, page):
+    path = tmp_path / "page.json"
+    path.write_text(json.dumps(page))
+    return path
+
+
+def small_page(tmp_path, **extra):
+    """Four panels at 16 x 16, 3 steps: text to image, img2img of panel 1, inpainting of panel 1, text to image."""
+    mask = Image.new("L", (16, 16), 0)
+    mask.paste(255, (8, 0, 16, 16))
+    mask.save(tmp_path / "mask.png")
+    return write_page(tmp_path, {
+        "size": [256, 256], "margin": 8, "gutter": 6, "border": 2, "title": "Test page",
+        "defaults": {"steps": 3, "size": [16, 16], "seed": 10, "cfg": 3.0},
+        "rows": [{"panels": [{"prompt": "a picture of a girl", "texts": [
+                                 {"kind": "speech", "text": "Hi there!", "at": [0.5, 0.2], "tail": [0.5, 0.6]}]},
+                             {"prompt": "a picture of a girl jumping", "init": {"panel": 1}, "strength": 0.5}]},
+                 {"height": 0.5, "panels": [
+                     {"prompt": "a picture of a robot", "init": {"panel": 1}, "mask": "mask.png", "mask_blur": 1,
+                      "texts": [{"kind": "caption", "text": "Later"}, {"kind": "narration", "text": "The end"}]},
+                     {"width": 2, "prompt": "a picture of a (zombie:1.2)", "seed": 3,
+                      "texts": [{"kind": "thought", "text": "hmm", "tail": [0.2, 0.9]}]}]}],
+        **extra})
+
+
+def test_layout_hand_computed(tmp_path):
+    page, _ = read_page(small_page(tmp_path))
+    # content 240 wide; title 15 px + gutter 6: rows start at y = 8 + 15 + 6 = 29; 256 - 29 - 8 - 6 = 213 px of rows
+    # shared 1 : 0.5 -> 142, 71. Row 1: (240 - 6) / 2 = 117 each; row 2: widths 1 : 2 of 234 -> 78, 156.
+    assert layout(page) == [(8, 29, 125, 171), (131, 29, 248, 171), (8, 177, 86, 248), (92, 177, 248, 248)]
+
+
+def test_fitted_text_fits_and_uses_the_largest_size():
+    draw = ImageDraw.Draw(Image.new("RGB", (10, 10)))
+    f = fit(draw, "Need a hand over here, friend?", 120, 60)
+    assert f.size[0] <= 120 and f.size[1] <= 60 and len(f.lines) > 1
+    bigger = fit(draw, "Need a hand over here, friend?", 120, 60, min_size=f.font.size + 1)
+    assert bigger.size[0] > 120 or bigger.size[1] > 60  # one size up does not fit
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p: p["rows"][0]["panels"][1].update(strength=1.5), "panel 2: 'strength' must be in (0, 1], got 1.5"),
+    (lambda p: p["rows"][0]["panels"][1].update(init={"panel": 2}), "panel 2: 'init' {\"panel\": k} must name an "
+                                                                     "earlier panel (1..1), got 2"),
+    (lambda p: p["rows"][1]["panels"][0].update(mask="missing.png"), "panel 3: 'mask' image missing.png not found"),
+    (lambda p: p["rows"][1]["panels"][1].update(promt="x"), "panel 4: unknown field 'promt'"),
+    (lambda p: p["rows"][1]["panels"][1].update(steps=0), "panel 4: 'steps' must be in [1, inf), got 0"),
+    (lambda p: p["rows"][1]["panels"][1].update(size=[20, 16]), "panel 4: 'size' must be [width, height], positive "
+                                                                "multiples of 8"),
+    (lambda p: p["rows"][0]["panels"][0].update(prompt=""), "panel 1: 'prompt' must be a non-empty string"),
+    (lambda p: p["rows"][0]["panels"][0]["texts"][0].update(kind="shout"), "panel 1 text 1: 'kind' must be one of"),
+    (lambda p: p["rows"][0]["panels"][0]["texts"][0].update(tail=[2, 0]), "panel 1 text 1: 'tail' must be [x, y]"),
+    (lambda p: p["rows"][0]["panels"][0].update(loras=["nowhere.safetensors"]), "panel 1: LoRA file "
+                                                                                "nowhere.safetensors not found"),
+    (lambda p: p["rows"][0]["panels"][0].update(strength=0.5), "panel 1: 'strength' needs an 'init' image"),
+    (lambda p: p.update(font="no-font.ttf"), "page page.json: font file no-font.ttf not found"),
+])
+def test_bad_page_files_name_panel_and_field(tmp_path, capsys, change, message):
+    page = json.loads(small_page(tmp_path).read_text())
+    change(page)
+    path = write_page(tmp_path, page)
+    with pytest.raises(MinidiffError) as e:
+        read_page(path)
+    assert message in str(e.value)
+    assert sample.main(["--page", str(path), "--out", str(tmp_path / "out")]) == 2  # the script: one line, exit 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_page_renders_and_one_panel_rerenders_alone(tmp_path, capsys):
+    page = small_page(tmp_path)
+    out = tmp_path / "out"
+    assert sample.main(["--page", str(page), "--out", str(out), "--device", "cpu"]) == 0
+    files = {p.name: p.read_bytes() for p in out.glob("panel-*.png")}
+    assert sorted(files) == ["panel-01.png", "panel-02.png", "panel-03.png", "panel-04.png"]
+    meta = read_png_metadata(out / "panel-03.png")
+    assert (meta["prompt"], meta["seed"], meta["steps"], meta["init"], meta["mask"].endswith("mask.png")) == (
+        "a picture of a robot", 12, 3, "panel 1", True)
+    assert read_png_metadata(out / "panel-04.png")["seed"] == 3
+    assert Image.open(out / "page.png").size == (256, 256)
+    assert Image.open(out / "strip.png").size[0] == 256
+    p1, p3 = (Image.open(out / f"panel-0{k}.png").convert("L") for k in (1, 3))
+    left = [abs(a - b) for a, b in zip(p1.crop((0, 0, 4, 16)).getdata(), p3.crop((0, 0, 4, 16)).getdata())]
+    assert max(left) == 0  # inpainting kept the unmasked left part of panel 1 exactly
+    page_before = (out / "page.png").read_bytes()
+    capsys.readouterr()
+    assert sample.main(["--page", str(page), "--out", str(out), "--panel", "4", "--device", "cpu"]) == 0
+    again = {p.name: p.read_bytes() for p in out.glob("panel-*.png")}
+    assert {k: v for k, v in again.items() if k != "panel-04.png"} == {k: v for k, v in files.items()
+                                                                       if k != "panel-04.png"}
+    assert again["panel-04.png"] == files["panel-04.png"]  # same seed and settings: the same bytes
+    assert (out / "page.png").read_bytes() == page_before
+    (out / "panel-02.png").unlink()  # a missing panel is rendered too
+    assert sample.main(["--page", str(page), "--out", str(out), "--panel", "4", "--device", "cpu"]) == 0
+    assert (out / "panel-02.png").read_bytes() == files["panel-02.png"]
+
+
+def test_example_page_is_valid():
+    page, notes = read_page(ROOT / "examples" / "page.json")
+    assert len(page.panels) == 6 and isinstance(page.panels[3].init, int) and page.panels[5].mask is not None
+    lora = ROOT / "runs" / "finetune" / "lora.safetensors"
+    assert bool(notes) != lora.is_file()  # the optional LoRA: used when there, a note when not
