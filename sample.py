@@ -9,8 +9,8 @@
     python sample.py --page examples/page.json --panel 3    re-render panel 3 only (the others stay byte-identical)
 
 Prompts are read in A1111's syntax: (word:1.3), (word) = 1.1, [word] = 1/1.1, \( \) literal; longer than 75 tokens
-they are encoded in chunks (with a note), never cut. --prompts FILE holds one prompt per line (a comic page: one panel per line; blank lines and lines starting with #
-are skipped). Image i of a run has seed --seed + i, so the same seed gives the same image whatever --batch-size.
+they are encoded in chunks (with a note), never cut. --prompts FILE holds one prompt per line (blank lines and lines
+starting with # are skipped). Image i of a run has seed --seed + i, so the same seed gives the same image whatever --batch-size.
 Each PNG carries prompt, negative, seed, steps, cfg, sampler, model and LoRAs in its PNG text metadata
 (minidiff.images.read_png_metadata reads them back). User errors print one line and exit with status 2.
 """

@@ -17,11 +17,12 @@ of the panel):
                    {"kind": "thought", "text": "...", "at": [0.7, 0.2], "tail": [0.6, 0.5]},
                    {"kind": "caption", "text": "Later", "at": "top-left"}]},
         {"prompt": "...", "init": {"panel": 1}, "strength": 0.6},                  img2img of panel 1
-        {"prompt": "...", "init": {"panel": 1}, "mask": "mask.png", "mask_blur": 2}]}]}   inpainting (white = repaint)
+        {"prompt": "...", "init": {"panel": 1}, "mask": "mask.png", "mask_blur": 2},      inpainting (white = repaint)
+        {"prompt": "...", "init": {"panel": 2}, "outpaint": [16, 0, 16, 0]}]}]}         outpainting (grow, then fill)
 
 A panel takes prompt, prompt_2, negative, seed, size, steps, cfg, sampler, loras, init (an image file or
-{"panel": k}, an earlier panel), strength, mask, mask_blur, only_masked, texts; unset ones come from "defaults",
-then from the model (its native size, its sampler); the seed defaults to defaults.seed + panel number - 1.
+{"panel": k}, an earlier panel), strength, mask, mask_blur, only_masked, outpaint, texts; unset ones come from
+"defaults", then from the model (its native size, its sampler); the seed defaults to defaults.seed + panel number - 1.
 Relative paths are read against the page file's folder, then the current folder. A LoRA marked "optional" that
 is missing is skipped with a one-line note (the example page works before `python finetune.py` has run).
 
@@ -45,7 +46,7 @@ from .lettering import INK, PAPER, fit, draw_text, letter, load_font
 
 SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "dpmpp_2m")
 PANEL_KEYS = {"width", "prompt", "prompt_2", "negative", "seed", "size", "steps", "cfg", "sampler", "loras", "init",
-              "strength", "mask", "mask_blur", "only_masked", "texts"}
+              "strength", "mask", "mask_blur", "only_masked", "outpaint", "texts"}
 PAGE_KEYS = {"size", "margin", "gutter", "border", "title", "font", "resample", "defaults", "rows"}
 TEXT_KINDS = ("caption", "narration", "speech", "thought")
 
@@ -67,6 +68,7 @@ class Panel:
     mask: Path | None = None
     mask_blur: float = 4.0
     only_masked: bool = False
+    outpaint: tuple | None = None  # (left, top, right, bottom) pixels to grow the init image by
     texts: list = field(default_factory=list)
     width: float = 1.0  # relative width in its row
 
@@ -143,7 +145,8 @@ def _texts(value, where):
     for i, t in enumerate(value, 1):
         w = f"{where} text {i}"
         if not isinstance(t, dict) or t.get("kind") not in TEXT_KINDS:
-            _fail(w, f"'kind' must be one of {', '.join(TEXT_KINDS)}, got {t.get('kind') if isinstance(t, dict) else t!r}")
+            got = t.get("kind") if isinstance(t, dict) else t
+            _fail(w, f"'kind' must be one of {', '.join(TEXT_KINDS)}, got {got!r}")
         if not isinstance(t.get("text"), str) or not t["text"].strip():
             _fail(w, f"'text' must be a non-empty string, got {t.get('text')!r}")
         places = {"caption": ("top-left", "top-right", "bottom-left", "bottom-right", "top", "bottom"),
@@ -202,6 +205,14 @@ def _panel(d: dict, defaults: dict, number: int, base: Path, notes: set) -> Pane
     p.strength = _number(d, "strength", where, lo=0, hi=1, lo_open=True, default=1.0)
     if "strength" in d and p.init is None:
         _fail(where, "'strength' needs an 'init' image (or {\"panel\": k}) to start from")
+    if "outpaint" in d:
+        g = d["outpaint"]
+        if not (isinstance(g, list) and len(g) == 4 and all(isinstance(v, int) and v >= 0 for v in g) and any(g)):
+            _fail(where, f"'outpaint' must be [left, top, right, bottom] pixels >= 0 to grow by, got {g!r}")
+        if p.init is None or "mask" in d:
+            _fail(where, "'outpaint' needs an 'init' image (or {\"panel\": k}) and no 'mask' (the grown border is "
+                         "the mask; the grown image sets the size)")
+        p.outpaint = tuple(g)
     if "mask" in d:
         if p.init is None:
             _fail(where, "'mask' needs an 'init' image (or {\"panel\": k}) to repaint")

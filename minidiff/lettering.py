@@ -122,15 +122,18 @@ def _ellipse_point(cx, cy, rx, ry, angle):
 def bubble(draw, box, text, at=(0.5, 0.25), tail=None, width=0.55, thought=False, font_path=None, line=2,
            max_size=28):
     """A speech bubble (ellipse + a wedge tail ending at `tail`) or a thought bubble (ellipse + three shrinking
-    circles towards `tail`), centred at `at`; positions are fractions of the panel box, `width` the bubble's
-    largest width as a fraction of the panel's. The text is fitted to the rectangle inscribed in the ellipse
-    (sides / sqrt 2)."""
+    circles towards `tail`), centred at `at` (moved inside the panel if it would cross it); positions are
+    fractions of the panel box, `width` the bubble's largest width as a fraction of the panel's. The text is
+    fitted to the rectangle inscribed in the ellipse (sides / sqrt 2)."""
     x0, y0, x1, y1 = box
     W, H = x1 - x0, y1 - y0
     cx, cy = x0 + at[0] * W, y0 + at[1] * H
     f = fit(draw, text, int(width * W / math.sqrt(2)), int(0.4 * H / math.sqrt(2)), font_path, max_size)
     rx = max(f.size[0] / math.sqrt(2), f.size[1]) + 6
     ry = max(f.size[1] / math.sqrt(2) + 6, rx / 3)
+    edge = line + 2 + (0.28 * min(rx, ry) + 3 if thought else 0)  # keep the whole bubble inside the panel
+    cx = min(max(cx, x0 + rx + edge), max(x1 - rx - edge, x0 + rx + edge))
+    cy = min(max(cy, y0 + ry + edge), max(y1 - ry - edge, y0 + ry + edge))
     if tail is not None:
         tx, ty = x0 + tail[0] * W, y0 + tail[1] * H
         angle = math.atan2((ty - cy) / ry, (tx - cx) / rx)  # where the tail leaves the ellipse

@@ -4,6 +4,7 @@ inpainting with a mask file; the panel's LoRAs switched on at their scales and e
     text to image   generate(prompt)
     img2img         generate(prompt, init_images = init, strength)                 SDEdit (pipeline.generate)
     inpainting      inpaint(prompt, init, mask, blur, only_masked, strength)       feathered paste-back (inpaint.py)
+    outpainting     outpaint(prompt, init, left, top, right, bottom)               grow the canvas, fill the border
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _image(source, size, what) -> Image.Image:
         image.load()
     except OSError as e:
         raise MinidiffError(f"{what}: cannot read {source}: {e}") from None
-    return image.resize(size, Image.LANCZOS) if image.size != size else image
+    return image.resize(size, Image.LANCZOS) if size is not None and image.size != size else image
 
 
 def generate_panel(pipe, panel, panel_image, progress=True, switch: LoRASwitch | None = None):
@@ -52,7 +53,7 @@ def generate_panel(pipe, panel, panel_image, progress=True, switch: LoRASwitch |
     import torch
 
     from .images import from_pil, to_pil
-    from .inpaint import inpaint
+    from .inpaint import inpaint, outpaint
     from .pipeline import generate, model_sampler
 
     native = pipe.unet.config.sample_size * pipe.scale
@@ -69,9 +70,21 @@ def generate_panel(pipe, panel, panel_image, progress=True, switch: LoRASwitch |
         x = generate(pipe, [panel.prompt], width=width, height=height, **kw)[0]
         return to_pil(x), meta
     source = panel_image(panel.init) if isinstance(panel.init, int) else panel.init
-    init = from_pil(_image(source, (width, height), f"{where}: 'init'").convert("RGB"))
     meta.update(init=f"panel {panel.init}" if isinstance(panel.init, int) else str(panel.init),
                 strength=panel.strength)
+    if panel.outpaint is not None:
+        init = from_pil(_image(source, None, f"{where}: 'init'").convert("RGB"))
+        left, top, right, bottom = panel.outpaint
+        w, h = init.shape[2] + left + right, init.shape[1] + top + bottom
+        if w % 8 or h % 8:
+            raise MinidiffError(f"{where}: 'outpaint' grows {init.shape[2]}x{init.shape[1]} to {w}x{h}: the new "
+                                f"size must be multiples of 8")
+        kw.pop("progress")
+        x = outpaint(pipe, panel.prompt, init, left, top, right, bottom, blur_radius=panel.mask_blur,
+                     progress=progress, **kw)
+        meta.update(outpaint=list(panel.outpaint), width=w, height=h)
+        return to_pil(x), meta
+    init = from_pil(_image(source, (width, height), f"{where}: 'init'").convert("RGB"))
     if panel.mask is None:
         x = generate(pipe, [panel.prompt], init_images=init[None], strength=panel.strength, **kw)[0]
         return to_pil(x), meta

@@ -260,7 +260,8 @@ def sample(denoise: Denoiser, schedule: Schedule, noise: Tensor, steps: int = 30
     models: 1.0, as diffusers' `clip_sample`); latent models leave it None.
 
     Editing an image x_0 = `init` (docs/07-sdedit-inpainting.md), as diffusers' img2img and inpaint pipelines do:
-      img2img (SDEdit):  begin at step `start` (= start_index(steps, strength)) from x = noised(init, noise, sigma_start)
+      img2img (SDEdit):  begin at step `start` (= start_index(steps, strength)) from
+                         x = noised(init, noise, sigma_start)
       inpainting:        `mask` [B, 1, H, W], 1 = repaint; before each later step i the known region is put back at
                          that step's noise level, with the same noise:  x = mask x + (1 - mask) noised(init, noise,
                          sigma_i), and at the end x = mask x + (1 - mask) init. At start = 0 (strength 1) it begins

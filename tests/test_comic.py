@@ -116,6 +116,38 @@ def test_page_renders_and_one_panel_rerenders_alone(tmp_path, capsys):
 
 def test_example_page_is_valid():
     page, notes = read_page(ROOT / "examples" / "page.json")
-    assert len(page.panels) == 6 and isinstance(page.panels[3].init, int) and page.panels[5].mask is not None
+    assert len(page.panels) == 7 and isinstance(page.panels[3].init, int) and page.panels[5].mask is not None
+    assert page.panels[6].outpaint == (0, 0, 16, 0)
     lora = ROOT / "runs" / "finetune" / "lora.safetensors"
     assert bool(notes) != lora.is_file()  # the optional LoRA: used when there, a note when not
+
+
+def test_loras_are_switched_per_panel(tmp_path):
+    """Panel 1 with a LoRA, panel 2 without: panel 2 is the image of a run that never loaded the LoRA."""
+    import torch
+
+    from minidiff.checkpoint import load_unet
+    from minidiff.lora import inject_lora, save_lora
+
+    unet = load_unet(ROOT / "minidiff" / "assets" / "tiny-sdxl")
+    inject_lora(unet, rank=2)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    save_lora(unet, tmp_path / "style.safetensors")
+    panels = [{"prompt": "a picture of a girl", "seed": 1, "loras": ["style.safetensors:0.7"]},
+              {"prompt": "a picture of a girl", "seed": 1}]
+    base = {"size": [128, 128], "defaults": {"steps": 2, "size": [16, 16]}}
+    with_lora = write_page(tmp_path, {**base, "rows": [{"panels": panels}]})
+    assert sample.main(["--page", str(with_lora), "--out", str(tmp_path / "a"), "--device", "cpu"]) == 0
+    (tmp_path / "b").mkdir()
+    plain = tmp_path / "b" / "page.json"
+    plain.write_text(json.dumps({**base, "rows": [{"panels": panels[1:]}]}))
+    assert sample.main(["--page", str(plain), "--out", str(tmp_path / "b"), "--device", "cpu"]) == 0
+    meta = read_png_metadata(tmp_path / "a" / "panel-01.png")
+    assert meta["loras"][0]["file"] == "style.safetensors" and meta["loras"][0]["scale"] == 0.7
+    assert read_png_metadata(tmp_path / "a" / "panel-02.png")["loras"] == []
+    a1, a2, b1 = (Image.open(tmp_path / d / f).tobytes() for d, f in (("a", "panel-01.png"), ("a", "panel-02.png"),
+                                                                      ("b", "panel-01.png")))
+    assert a2 == b1 and a1 != a2

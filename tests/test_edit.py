@@ -114,7 +114,8 @@ def test_inpainting_with_a_4_channel_unet_matches_diffusers(saved, sampler, step
     from diffusers import StableDiffusionXLInpaintPipeline
 
     ref, pipe = saved
-    want = run_diffusers(StableDiffusionXLInpaintPipeline, ref, sampler, image=(init_images() + 1) / 2, mask_image=masks(),
+    want = run_diffusers(StableDiffusionXLInpaintPipeline, ref, sampler, image=(init_images() + 1) / 2,
+                         mask_image=masks(),
                          num_inference_steps=steps, strength=strength, height=H, width=W)
     got = generate(pipe, PROMPTS, steps=steps, cfg=5.0, sampler=sampler, seed=SEED, init_images=init_images(),
                    masks=masks(), strength=strength, progress=False)
@@ -127,7 +128,8 @@ def test_inpainting_with_the_9_channel_unet_matches_diffusers(saved_inpainting, 
 
     ref, pipe, single = saved_inpainting
     assert pipe.unet.config.in_channels == single.unet.config.in_channels == 9
-    want = run_diffusers(StableDiffusionXLInpaintPipeline, ref, "euler", image=(init_images() + 1) / 2, mask_image=masks(),
+    want = run_diffusers(StableDiffusionXLInpaintPipeline, ref, "euler", image=(init_images() + 1) / 2,
+                         mask_image=masks(),
                          num_inference_steps=5, strength=strength, height=H, width=W)
     kw = dict(steps=5, cfg=5.0, sampler="euler", seed=SEED, init_images=init_images(), masks=masks(),
               strength=strength, progress=False)
