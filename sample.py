@@ -153,7 +153,8 @@ def run(args):
           + (f"; peak {peaks.what} {peaks.gib['generate']:.2f} GiB)" if peaks.gib else ")"))
 
     out = Path(args.out)
-    settings = {"negative": args.negative, "steps": args.steps, "cfg": args.cfg, "sampler": args.sampler,
+    settings = {"negative": args.negative, "prompt_2": args.prompt_2, "negative_2": args.negative_2,
+                "steps": args.steps, "cfg": args.cfg, "sampler": args.sampler,
                 "spacing": args.spacing or pipe.scheduler_config.get("timestep_spacing", "leading"),
                 "karras": args.karras, "guidance_rescale": args.guidance_rescale, "width": width, "height": height,
                 "model": str(args.model), "vae": args.vae, "loras": loras, "dtype": dtype_name}

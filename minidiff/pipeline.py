@@ -7,6 +7,9 @@
                     x = sampler step(x, eps)                                                  (samplers.sample)
     image = vae.decode(x_0 / scaling_factor)          in [-1, 1]; vae None = the UNet works on pixels directly
 
+Editing (docs/07-sdedit-inpainting.md): init_images start the loop part-way from the noised image (SDEdit, img2img);
+masks put the known region back at every step (any UNet) or are fed to a 9-channel inpainting UNet beside x_t.
+
 Same seed -> same image, whatever the batch size: the noise of image i comes from torch.Generator seeded seed + i on
 the CPU. Stochastic samplers (euler_a, ddpm, ddim with eta > 0) also draw noise during the loop; they run one image
 per batch so that noise is image i's alone.

@@ -106,3 +106,12 @@ def test_cli_without_model_says_so_in_one_line(tmp_path, monkeypatch, capsys):
     assert code == 2 and capsys.readouterr().err.strip().splitlines() == [
         "error: no model given: pass --model (a diffusers SDXL folder or an original .safetensors file); the bundled "
         "miniature minidiff/assets/tiny-sdxl is not there"]
+
+
+def test_prompt_2_reaches_the_second_encoder_and_is_recorded(model, tmp_path):
+    base = ["--model", str(model), "--prompt", "a cat", *FAST]
+    assert sample.main([*base, "--out", str(tmp_path / "one")]) == 0
+    assert sample.main([*base, "--prompt-2", "robot", "--out", str(tmp_path / "two")]) == 0
+    assert read_png_metadata(pngs(tmp_path / "two")[0])["prompt_2"] == "robot"
+    assert read_png_metadata(pngs(tmp_path / "one")[0])["prompt_2"] is None
+    assert not torch.equal(pixels(pngs(tmp_path / "one")[0]), pixels(pngs(tmp_path / "two")[0]))
