@@ -186,8 +186,12 @@ def load(args):
 def run_page(args):
     """--page: read and check the whole page file first (one line naming panel and field), then render."""
     from minidiff.comic import read_page, render_page
+    from minidiff.errors import MinidiffError
 
     page, notes = read_page(args.page)
+    for n in args.panel or ():
+        if not 1 <= n <= len(page.panels):
+            raise MinidiffError(f"--panel {n}: the page has panels 1..{len(page.panels)}")
     for note in notes:
         print(note, file=sys.stderr)
     if args.lora:

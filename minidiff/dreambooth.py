@@ -224,8 +224,12 @@ class PromptCache:
         pairs = [self.table[c] if c != "" else self.zeros for c in captions]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
-    def encode(self, prompts, negative=None):
-        """TextConditioner.encode from the cache, so `pipeline.generate` can sample without the text encoders."""
+    def encode(self, prompts, negative=None, prompts_2=None, negative_2=None, emphasis=False):
+        """TextConditioner.encode from the cache, so `pipeline.generate` can sample without the text encoders.
+        The cache holds the plain encodings (what training sees), also when `emphasis` asks for A1111's syntax;
+        a second encoder's own prompt is not cached."""
+        if prompts_2 is not None or negative_2 is not None:
+            raise MinidiffError("the text-embedding cache holds no prompt_2 / negative_2 encodings")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         missing = sorted({p for p in prompts + ([negative] if isinstance(negative, str) else list(negative or []))
                           if p != "" and p not in self.table})

@@ -73,6 +73,8 @@ def test_fitted_text_fits_and_uses_the_largest_size():
                                                                                 "nowhere.safetensors not found"),
     (lambda p: p["rows"][0]["panels"][0].update(strength=0.5), "panel 1: 'strength' needs an 'init' image"),
     (lambda p: p.update(font="no-font.ttf"), "page page.json: font file no-font.ttf not found"),
+    (lambda p: p["rows"][1]["panels"][0]["texts"][1].update(at="left"), "panel 3 text 2: 'at' of a narration must "
+                                                                         "be one of top, bottom, got 'left'"),
 ])
 def test_bad_page_files_name_panel_and_field(tmp_path, capsys, change, message):
     page = json.loads(small_page(tmp_path).read_text())
@@ -109,6 +111,9 @@ def test_page_renders_and_one_panel_rerenders_alone(tmp_path, capsys):
                                                                        if k != "panel-04.png"}
     assert again["panel-04.png"] == files["panel-04.png"]  # same seed and settings: the same bytes
     assert (out / "page.png").read_bytes() == page_before
+    capsys.readouterr()
+    assert sample.main(["--page", str(page), "--out", str(out), "--panel", "5"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --panel 5: the page has panels 1..4"
     (out / "panel-02.png").unlink()  # a missing panel is rendered too
     assert sample.main(["--page", str(page), "--out", str(out), "--panel", "4", "--device", "cpu"]) == 0
     assert (out / "panel-02.png").read_bytes() == files["panel-02.png"]
