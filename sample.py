@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Generate images with an SDXL-family model, optionally with LoRAs: one PNG per image + grid.png.
+r"""Generate images with an SDXL-family model, optionally with LoRAs: one PNG per image + grid.png.
 
     python sample.py --prompt "a picture of sks girl" --lora runs/finetune/lora.safetensors
     python sample.py --model sdxl-base/ --vae sdxl-vae-fp16-fix/ --prompts comic.txt --seed 7 --num 2
@@ -10,14 +10,15 @@
 
 Prompts are read in A1111's syntax: (word:1.3), (word) = 1.1, [word] = 1/1.1, \( \) literal; longer than 75 tokens
 they are encoded in chunks (with a note), never cut. --prompts FILE holds one prompt per line (blank lines and lines
-starting with # are skipped). Image i of a run has seed --seed + i, so the same seed gives the same image whatever --batch-size.
-Each PNG carries prompt, negative, seed, steps, cfg, sampler, model and LoRAs in its PNG text metadata
+starting with # are skipped). Image i of a run has seed --seed + i, so the same seed gives the same image whatever
+--batch-size. Each PNG carries prompt, negative, seed, steps, cfg, sampler, model and LoRAs in its PNG text metadata
 (minidiff.images.read_png_metadata reads them back). User errors print one line and exit with status 2.
 """
 
 import sys
 import time
 from pathlib import Path
+
 from minidiff.cli import ArgumentParser as Parser
 
 ROOT = Path(__file__).resolve().parent

@@ -42,7 +42,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from .errors import MinidiffError
-from .lettering import INK, PAPER, fit, draw_text, letter, load_font
+from .lettering import INK, PAPER, draw_text, fit, letter, load_font
 
 SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "dpmpp_2m")
 PANEL_KEYS = {"width", "prompt", "prompt_2", "negative", "seed", "size", "steps", "cfg", "sampler", "loras", "init",

@@ -131,8 +131,8 @@ def test_loras_are_switched_per_panel(tmp_path):
     """Panel 1 with a LoRA, panel 2 without: panel 2 is the image of a run that never loaded the LoRA."""
     import torch
 
-    from minidiff.weights.pretrained import load_unet
     from minidiff.lora import inject_lora, save_lora
+    from minidiff.weights.pretrained import load_unet
 
     unet = load_unet(ROOT / "minidiff" / "assets" / "tiny-sdxl")
     inject_lora(unet, rank=2)

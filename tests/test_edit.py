@@ -7,12 +7,12 @@ single file (converted by test_pretrained's independent table), and both must ma
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_pretrained import UNET_KW, saved_diffusers_pipeline, to_original
 
-from minidiff.weights.pretrained import load_pipeline
 from minidiff.errors import MinidiffError
 from minidiff.pipeline import generate
 from minidiff.samplers import start_index
-from test_pretrained import UNET_KW, saved_diffusers_pipeline, to_original
+from minidiff.weights.pretrained import load_pipeline
 
 PROMPTS = ["a cat", "a robot and a dog"]
 H, W, SEED = 64, 128, 3
