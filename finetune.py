@@ -30,6 +30,11 @@ from minidiff.cli import ArgumentParser as Parser
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "minidiff" / "assets" / "tiny-sdxl"
+# what a checkpoint must share with the run that resumes it (minidiff/train/resume.py: changes are refused, listed);
+# --steps, the output, validation, device and precision flags may change
+RESUME_KEYS = ("instance_dir", "instance_prompt", "class_prompt", "num_class_images", "prior_weight", "no_prior",
+               "resolution", "fit", "train", "rank", "alpha", "targets", "train_text_encoder", "lr", "batch_size",
+               "grad_accum", "lr_schedule", "warmup", "seed", "min_snr_gamma", "noise_offset", "caption_dropout")
 
 
 def build_parser():
@@ -124,18 +129,36 @@ def check_args(args):
         raise MinidiffError(f"model not found: {args.model}{hint}")
 
 
-def native_resolution(model, vae=None):
-    """The size a diffusers folder's UNet was trained at: sample_size x the VAE's downscale (1 in pixel space)."""
+def model_geometry(model, vae=None):
+    """(native size, channels of the UNet's first level, pixels per latent cell) of a diffusers folder: the size it
+    was trained at is sample_size x the VAE's downscale (1 in pixel space). A single file: SDXL's (1024, 320, 8)."""
     try:
         unet = json.loads((Path(model) / "unet" / "config.json").read_text())
     except (OSError, ValueError):
-        return 1024  # a single-file checkpoint: SDXL
+        return 1024, 320, 8
     vae_cfg = Path(vae) / "config.json" if vae else Path(model) / "vae" / "config.json"
     try:
         scale = 2 ** (len(json.loads(vae_cfg.read_text())["block_out_channels"]) - 1)
     except (OSError, ValueError, KeyError):
         scale = 8 if vae else 1
-    return int(unet.get("sample_size") or 128) * scale
+    channels = (unet.get("block_out_channels") or [320])[0]
+    return int(unet.get("sample_size") or 128) * scale, int(channels), scale
+
+
+def check_memory(args, size, device):
+    """Refuse a --resolution whose smallest possible footprint does not fit, before anything is allocated: the
+    decoded images (uint8, 3 x S^2 each, instance and class) in RAM, and the first UNet level's activations that
+    the backward pass keeps (>= 10 fp32 tensors of rows x C x (S / scale)^2) on the device. Both are lower bounds."""
+    from minidiff.train import hardware
+
+    native, channels, scale = model_geometry(args.model, args.vae)
+    prior = not args.no_prior
+    images = (1 + (args.num_class_images if prior else 0)) * 3 * size**2
+    rows = args.batch_size * (2 if prior else 1)
+    activations = 10 * rows * channels * (size // scale) ** 2 * 4
+    hint = f"--resolution {size} is too large; the model's native size is {native}"
+    hardware.check_fits(images, "cpu", "the decoded training images", hint)
+    hardware.check_fits(activations, device, "the first UNet level's activations", hint)
 
 
 def model_hash(path):
@@ -165,12 +188,11 @@ def run(args, ctx=None):
     """Check, load, make class images, cache, train, save: returns the manifest dict (also in OUT/manifest.json).
     Under torchrun (`ctx` from minidiff.train.ddp.init) every process trains; only process 0 prints and writes
     files (other processes write only their share of the class images) and only it returns the manifest."""
-    from minidiff import data, io
+    from minidiff import data, io, run_folder
     from minidiff.eval import audit
-    from minidiff.train import ddp, hardware, state
+    from minidiff.train import ddp, hardware, resume, state
     from minidiff.weights import pretrained
     from minidiff import dreambooth as db
-    from minidiff.errors import DataError
 
     t0, timings = time.perf_counter(), {}
     out, prior = Path(args.out), not args.no_prior
@@ -186,17 +208,17 @@ def run(args, ctx=None):
     lr = args.lr or (1e-4 if args.train == "lora" else 5e-6)
 
     # 1. what can be checked before loading the model: images, class images, the checkpoint, the output folder
-    size = args.resolution or native_resolution(args.model, args.vae)
+    size = args.resolution or model_geometry(args.model, args.vae)[0]
+    check_memory(args, size, device)
+    run_settings = {k: getattr(args, k) for k in RESUME_KEYS} | {"lr": lr, "resolution": size}
+    if args.resume is not None:
+        file, _, extra = state.checkpoint_extra(args.resume, out)
+        resume.check_settings(extra.get("settings", {}), run_settings, RESUME_KEYS, file)
     instance_set = data.ImageFolder(args.instance_dir or data.instance_images(), size, fit=args.fit)
     class_dir = Path(args.class_dir) if args.class_dir else out / "class-images"
     if prior and ctx.is_main:  # (it probes the folder with a test file: one process at a time)
         db.check_class_images(class_dir, args.num_class_images, can_generate=not args.no_generate)
-    if args.resume is not None:
-        state.find_checkpoint(args.resume, out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"cannot create the output folder {out}: {e.strerror}") from None
+    lock = run_folder.claim(out, also=[class_dir]) if ctx.is_main else None  # noqa: F841 (held until run returns)
     state.seed_all(args.seed)
 
     # 2. the model: frozen weights in the autocast dtype (LoRA), fp32 where they train (full) and in the VAE
@@ -244,7 +266,7 @@ def run(args, ctx=None):
     peaks.end("setup")
     result = db.train(pipe.unet, params, pipe.schedule, job.instance, job.klass, job.embed, cfg, out,
                       {name: state.Trainable(m) for name, m in models.items()}, (autocast_dtype, use_scaler),
-                      resume=args.resume, on_save=on_save, on_validate=on_validate, ctx=ctx)
+                      resume=args.resume, on_save=on_save, on_validate=on_validate, ctx=ctx, settings=run_settings)
     peaks.end("train")
     if not ctx.is_main:
         return None
@@ -453,20 +475,19 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
     args.argv = argv
+    from minidiff.cli import exit_code
     from minidiff.train import ddp
-    from minidiff.errors import MinidiffError
 
-    try:
+    def body():
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
             check_args(args)
             run(args, ddp.init(args.device))  # a single process (no torchrun) initialises nothing
-    except MinidiffError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+    try:
+        return exit_code(body)
     finally:
         ddp.cleanup()
-    return 0
 
 
 if __name__ == "__main__":

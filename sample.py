@@ -15,6 +15,7 @@ starting with # are skipped). Image i of a run has seed --seed + i, so the same 
 (minidiff.images.read_png_metadata reads them back). User errors print one line and exit with status 2.
 """
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -65,12 +66,20 @@ def build_parser():
 
 
 def parse_lora(spec):
-    """'path/to/x.safetensors:0.8' -> (path, 0.8); a bare path has scale 1 (a Windows 'C:\\...' stays whole)."""
+    """'path/to/x.safetensors:0.8' -> (path, 0.8); a bare path has scale 1 (so has a Windows 'C:\\...' or a file
+    whose own name holds ':'). MinidiffError naming the scale when it is not a finite number."""
+    from minidiff.errors import MinidiffError
+
     path, sep, scale = spec.rpartition(":")
-    try:
-        return (path, float(scale)) if sep and path else (spec, 1.0)
-    except ValueError:
+    if not sep or not path or Path(spec).is_file() or (len(path) == 1 and path.isalpha()):
         return spec, 1.0
+    try:
+        value = float(scale)
+    except ValueError:
+        raise MinidiffError(f"--lora {spec}: the scale {scale!r} is not a number (expected PATH or PATH:SCALE)") from None
+    if not math.isfinite(value):
+        raise MinidiffError(f"--lora {spec}: the scale must be a finite number, got {scale}")
+    return path, value
 
 
 def read_prompts(args):
@@ -121,10 +130,13 @@ def run(args):
     if args.page:
         return run_page(args)
     prompts = read_prompts(args)
+    from minidiff import run_folder
+
+    lock = run_folder.claim(args.out)  # noqa: F841 (a writable folder, ours until run returns)
 
     from minidiff.images import make_grid, save_png
     from minidiff.pipeline import generate, model_sampler
-    from minidiff.train.hardware import PeakMemory, resolve_device
+    from minidiff.train.hardware import PeakMemory, check_fits, resolve_device
     from minidiff.weights.pretrained import file_hash
 
     peaks = PeakMemory(resolve_device(args.device))
@@ -142,6 +154,10 @@ def run(args):
     native = pipe.unet.config.sample_size * pipe.scale
     width, height = args.width or native, args.height or native
     runs = [p for p in prompts for _ in range(args.num)]
+    rows = min(args.batch_size, len(runs)) * (2 if args.cfg > 1 else 1)  # (batches of 1 for euler_a and ddpm)
+    check_fits(3 * rows * pipe.unet.config.block_out_channels[0] * (width // pipe.scale) * (height // pipe.scale)
+               * next(pipe.unet.parameters()).element_size(), pipe.device, "the first UNet level's activations",
+               f"{width}x{height} is too large; the model's native size is {native}x{native}")
     peaks.end("load")
     t0 = time.perf_counter()
     images = generate(pipe, runs, negative=args.negative, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
@@ -186,6 +202,7 @@ def load(args):
 
 def run_page(args):
     """--page: read and check the whole page file first (one line naming panel and field), then render."""
+    from minidiff import run_folder
     from minidiff.comic import read_page, render_page
     from minidiff.errors import MinidiffError
 
@@ -200,6 +217,7 @@ def run_page(args):
         for panel in page.panels:
             panel.loras = panel.loras + extra
     out = Path(args.out if args.out != "runs/sample" else "runs/page")
+    lock = run_folder.claim(out)  # noqa: F841 (a writable folder, ours until run returns)
     pipe, _ = load(args)
     t0 = time.perf_counter()
     files = render_page(pipe, page, out, only=set(args.panel) if args.panel else None, model=str(args.model))

@@ -31,7 +31,6 @@ continues bit for bit), samples/step-XXXXXX.png every --sample-every steps, and 
 (minidiff.eval.metrics.evaluate of the 25 samples against the training images, plus timings).
 """
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -230,14 +229,16 @@ def generate(model, schedule, args, n=N_SAMPLES, progress=True):
 def run(args):
     from tqdm import tqdm
 
-    from minidiff import data, io
+    from minidiff import data, io, run_folder
     from minidiff.eval import metrics
-    from minidiff.train import hardware, state
-    from minidiff.errors import TrainingError
+    from minidiff.train import hardware, interrupt, resume, state
     from minidiff.images import make_grid, save_png
     from minidiff.schedule import Schedule
 
     out = Path(args.out)
+    if args.resume:
+        state.find_checkpoint(args.resume, out)  # "checkpoint not found" before the folder is made
+    lock = run_folder.claim(out)  # noqa: F841 (a writable folder, ours until run returns)
     device = torch.device(args.device)
     if device.type == "cuda":
         hardware.check_gpu(device)
@@ -256,13 +257,10 @@ def run(args):
     settings |= {"n_images": len(dataset.images), "unet": config.__dict__ if config else "SeedNet",
                  "params": sum(p.numel() for p in model.parameters())}
     step = 0
-    if args.resume:
-        step, extra = state.load_checkpoint(args.resume, modules, {"adam": optimizer}, out_dir=out)
-        saved, now = extra.get("settings", {}), json.loads(json.dumps(settings, default=str))
-        changed = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
-        if changed:
-            raise TrainingError(f"the checkpoint was trained with other settings: {', '.join(changed)} "
-                                f"(resume with the same ones; only --steps and the output flags may change)")
+    if args.resume:  # the settings first (resume.py: a change is refused), then the content, then restore
+        file, _, extra = state.checkpoint_extra(args.resume, out)
+        resume.check_settings(extra.get("settings", {}), settings, RESUME_KEYS, file, "--steps and the output flags")
+        step, extra = state.load_checkpoint(file, modules, {"adam": optimizer}, out_dir=out)
     log = state.LossLog(out, resume_step=step if args.resume else None)
     sampler_model = ema.module if ema else model
 
@@ -279,7 +277,10 @@ def run(args):
     t0 = time.time()
     bar = tqdm(range(step + 1, args.steps + 1), initial=step, total=args.steps, desc=f"ddpm {args.recipe}",
                dynamic_ncols=True)
-    for step in bar:
+    def checkpoint(at_step):
+        return state.save_checkpoint(out, at_step, modules, {"adam": optimizer}, extra={"settings": settings})
+
+    for step in interrupt.steps(bar, on_stop=checkpoint):  # CTRL-C: a checkpoint after this step, exit 130
         if ema is not None:  # warm-up: p_ema follows the net closely at first, then averages ~1/(1 - decay) steps
             ema.decay = min(args.ema_decay, (1 + step) / (10 + step))
         loss = train_step(model, optimizer, ema, loss_fn)
@@ -291,7 +292,7 @@ def run(args):
             write_grid(out / "samples" / f"step-{step:06d}.png", step, generate(sampler_model, schedule, args,
                                                                                progress=False))
         if (args.save_every and step % args.save_every == 0) or step == args.steps:
-            state.save_checkpoint(out, step, modules, {"adam": optimizer}, extra={"settings": settings})
+            checkpoint(step)
     bar.close()
     train_seconds = time.time() - t0
 

@@ -29,7 +29,6 @@ alike (palette 2.92 / 2.74, diversity 0.062 / 0.058). More steps help: 3000 step
 diversity 0.07-0.08 (the six training images: 0.117); Adam betas (0, 0.99) instead of (0.5, 0.999): no clear gain.
 """
 
-import json
 import sys
 import time
 from dataclasses import asdict
@@ -76,8 +75,8 @@ def resolve_args(args):
     check_counts(args, positive=("steps", "batch_size", "width", "threads"), non_negative=("save_every", "sample_every"))
     if not args.lr > 0:
         raise MinidiffError(f"--lr must be positive, got {args.lr}")
-    if args.size < 16 or args.size & (args.size - 1):
-        raise MinidiffError(f"--size must be a power of two >= 16 (16, 32, 64, 128 ...), got {args.size}")
+    if args.size < 16 or args.size > 1024 or args.size & (args.size - 1):
+        raise MinidiffError(f"--size must be a power of two from 16 to 1024 (16, 32, 64, 128 ...), got {args.size}")
     if args.r1 == "auto":
         args.r1 = 0.0002 * args.size**2 / args.batch_size  # StyleGAN2-ADA's heuristic
     else:
@@ -109,14 +108,16 @@ def batch_indices(n, batch_size):
 def run(args):
     from tqdm import tqdm
 
+    from minidiff import io, run_folder
     from minidiff.baselines import gan
     from minidiff.eval import metrics
-    from minidiff import io
-    from minidiff.train import hardware, state
-    from minidiff.errors import TrainingError
+    from minidiff.train import hardware, interrupt, resume, state
     from minidiff.images import make_grid, save_png
 
     out = Path(args.out)
+    if args.resume:
+        state.find_checkpoint(args.resume, out)  # "checkpoint not found" before the folder is made
+    lock = run_folder.claim(out)  # noqa: F841 (a writable folder, ours until run returns)
     device = torch.device(args.device)
     if device.type == "cuda":
         hardware.check_gpu(device)
@@ -135,11 +136,11 @@ def run(args):
     settings = {k: v for k, v in vars(args).items() if k not in ("resume",)} | {"batch_size": batch_size,
                                                                                 "config": asdict(cfg), "n_images": n}
     step = 0
-    if args.resume:
-        step, extra = state.load_checkpoint(args.resume, modules, optimizers, out_dir=out)
-        if extra.get("config") != json.loads(json.dumps(asdict(cfg))):
-            raise TrainingError(f"checkpoint was trained with other settings ({extra.get('config')}); resume with "
-                                "the same --recipe, --size, --width, --lr and --r1")
+    if args.resume:  # the settings first (resume.py: a change is refused), then the content, then restore
+        file, _, extra = state.checkpoint_extra(args.resume, out)
+        resume.check_settings(extra.get("config", {}), asdict(cfg), list(asdict(cfg)), file,
+                              "--steps and the output flags")
+        step, extra = state.load_checkpoint(file, modules, optimizers, out_dir=out)
     log = state.LossLog(out, resume_step=step if args.resume else None)
     z_grid = torch.randn(N_GRID, cfg.latent, generator=torch.Generator().manual_seed(args.seed + GRID_SEED_OFFSET))
     z_grid = z_grid.to(device)
@@ -151,12 +152,12 @@ def run(args):
                                               "generator": "EMA" if ema else "G", "settings": settings})
 
     def checkpoint(at_step):
-        state.save_checkpoint(out, at_step, modules, optimizers, extra={"config": asdict(cfg), "args": settings})
+        return state.save_checkpoint(out, at_step, modules, optimizers, extra={"config": asdict(cfg), "args": settings})
 
     t0 = time.time()
     bar = tqdm(range(step + 1, args.steps + 1), initial=step, total=args.steps, desc=f"gan {args.recipe}",
                dynamic_ncols=True)
-    for step in bar:
+    for step in interrupt.steps(bar, on_stop=checkpoint):  # CTRL-C: a checkpoint after this step, exit 130
         logs = gan.train_step(G, D, opt_g, opt_d, reals[batch_indices(n, batch_size).to(device)], cfg, step, ema)
         state.check_finite(logs["loss_d"] + logs["loss_g"], step, hint="lower --lr, or try --r1 auto")
         log.log(step, **logs)
@@ -188,20 +189,20 @@ def run(args):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
-    from minidiff.errors import MinidiffError
+    from minidiff.cli import exit_code
 
     threads = torch.get_num_threads()
+
+    def body():
+        resolved = resolve_args(args)
+        if torch.device(resolved.device).type == "cpu":
+            torch.set_num_threads(resolved.threads)
+        run(resolved)
+
     try:
-        args = resolve_args(args)
-        if torch.device(args.device).type == "cpu":
-            torch.set_num_threads(args.threads)
-        run(args)
-    except MinidiffError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return exit_code(body)
     finally:
         torch.set_num_threads(threads)  # main() may be called in-process (tests)
-    return 0
 
 
 if __name__ == "__main__":

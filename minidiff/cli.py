@@ -3,18 +3,45 @@ and one shape for every `main()`:
 
     def main(argv=None):
         args = build_parser().parse_args(argv)
-        return cli.exit_code(run, args)       # 0, or 2 with one `error: ...` line for a MinidiffError
+        return cli.exit_code(run, args)       # 0; 2 with one `error: ...` line; 130 after CTRL-C
 
 `python script.py` ends with `sys.exit(main())`; tests call `main([...])` in-process and read the status.
 """
 import argparse
+import errno
+import math
+import re
 import sys
 
 from .errors import MinidiffError
 
+INTERRUPTED = 130  # exit status after CTRL-C (128 + SIGINT), as shells report it
+# OS errors a user causes (full disk, read-only or missing folder, permissions): one line, never a traceback
+USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
+               errno.EISDIR, errno.ENOENT}
+# a value such as -1e-4, -.5 or -inf after a flag is a value, not a flag (argparse alone knows only -1 and -0.5)
+NEGATIVE_NUMBER = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^-(?:inf|infinity|nan)$", re.IGNORECASE)
+
+
+def finite_float(text):
+    """argparse type of every float flag: a finite number (nan and inf are refused where they are typed)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line and exit status 2, like every other user error."""
+    """argparse whose usage errors are one line and exit status 2, like every other user error. Float flags take
+    finite numbers only, and `--lr -1e-4` reads -1e-4 as the flag's value (then refused by the range check)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NEGATIVE_NUMBER
+        self.register("type", float, finite_float)  # type=float means a finite float, in every argument group
 
     def error(self, message):
         command = self.prog if self.prog.startswith("python") else f"python {self.prog}"  # a script, or `python -m`
@@ -46,10 +73,32 @@ def check_counts(args, positive=(), non_negative=()):
 
 
 def exit_code(fn, *args, **kwargs) -> int:
-    """Run a script's body: 0 when it finishes, 2 with one `error: ...` line on stderr for a MinidiffError."""
+    """Run a script's body: 0 when it finishes; 2 with one `error: ...` line on stderr for a MinidiffError or an OS
+    error the user can fix (full disk, permissions); 130 with one `interrupted ...` line after CTRL-C (a training
+    loop writes its checkpoint first, minidiff/train/interrupt.py)."""
     try:
         fn(*args, **kwargs)
     except MinidiffError as e:
+        _close_bars()
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        _close_bars()
+        print("interrupted" + (f": {e}" if str(e) else " (files written so far are intact)"), file=sys.stderr)
+        return INTERRUPTED
+    except OSError as e:
+        if e.errno not in USER_ERRNOS:
+            raise
+        _close_bars()
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where} (files written before are intact)", file=sys.stderr)
+        return 2
     return 0
+
+
+def _close_bars():
+    """End any progress bar still drawing, so the one-line message starts on a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()

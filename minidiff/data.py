@@ -154,9 +154,16 @@ def scan_folder(root):
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
     entries, others = [], []
-    for folder in [root] + sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    try:
+        folders = [root] + sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as e:
+        raise DataError(f"cannot read image folder {root} ({e.strerror})") from None
+    for folder in folders:
         repeats, caption = parse_kohya_name(folder.name) or (1, None)
-        images, files = _list_images(folder)
+        try:
+            images, files = _list_images(folder)
+        except OSError as e:
+            raise DataError(f"cannot read image folder {folder} ({e.strerror})") from None
         entries += [(p, repeats, caption) for p in images]
         others += [p.name for p in files if p.suffix.lower() not in IMAGE_EXTS + CAPTION_EXTS]
     if not entries:

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .train import ddp, state
+from .train import ddp, interrupt, state
 from .data import IMAGE_EXTS, ImageFolder, load_image
 from .errors import DataError, MinidiffError, TrainingError
 from .text import time_ids as text_time_ids
@@ -60,7 +60,10 @@ def class_image_plan(class_dir, n):
     An index whose file is missing is (re)generated, so an interrupted generation resumes where it stopped.
     """
     class_dir = Path(class_dir)
-    files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS) if class_dir.is_dir() else []
+    try:
+        files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS) if class_dir.is_dir() else []
+    except OSError as e:
+        raise DataError(f"cannot read the class image folder {class_dir} ({e.strerror})") from None
     ours = {p.name for p in files if OURS.fullmatch(p.name)}
     user = [p for p in files if p.name not in ours][:n]
     wanted = [class_dir / CLASS_NAME.format(i) for i in range(n - len(user))]
@@ -70,6 +73,9 @@ def class_image_plan(class_dir, n):
 
 def check_class_images(class_dir, n, can_generate):
     """Raise a one-line DataError when class images are missing and cannot be made (before any model loads)."""
+    for p in (Path(class_dir), *Path(class_dir).parents):
+        if p.exists() and not p.is_dir():
+            raise DataError(f"--class-dir {class_dir}: {p} is a file, not a folder")
     paths, missing = class_image_plan(class_dir, n)
     if not missing:
         return paths, missing
@@ -351,7 +357,7 @@ def lr_factor(step, steps, warmup=0, schedule="constant"):
 
 
 def train(unet, params, schedule, instance, klass, embed, cfg: TrainConfig, out_dir, modules, precision=(None, False),
-          resume=None, on_save=None, on_validate=None, progress=True, ctx=None):
+          resume=None, on_save=None, on_validate=None, progress=True, ctx=None, settings=None):
     """The DreamBooth loop: AdamW on `params`, lr warm-up/decay, gradient accumulation, clipping at 1, an fp16
     GradScaler when `precision` asks for one, a loss log, checkpoints every `save_every` steps (`modules`:
     {name: module or state.Trainable} to store, with optimizer, lr schedule, step and RNG) and `resume`
@@ -359,6 +365,8 @@ def train(unet, params, schedule, instance, klass, embed, cfg: TrainConfig, out_
     validation runs under torch.random.fork_rng, so it cannot change what training draws next.
     `ctx` (minidiff.train.ddp.Context): data-parallel over W processes (module docstring); every process
     resumes from the same checkpoint, and only process 0 logs, saves, and calls on_save / on_validate.
+    `settings` (JSON-able) is stored in every checkpoint's extra, for the caller to compare when resuming.
+    CTRL-C stops at the end of the current step, after a checkpoint (interrupt.Stopped, exit status 130).
     Returns {"steps", "resumed_from", "seconds", "s_per_step" (optimizer steps only), "loss" (the last)}."""
     autocast_dtype, use_scaler = precision
     device = instance.mean.device
@@ -381,7 +389,19 @@ def train(unet, params, schedule, instance, klass, embed, cfg: TrainConfig, out_
     t0, aside, loss_value = time.perf_counter(), 0.0, float("nan")  # aside: time in checkpoints and validation
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="training",
                disable=not progress or not ctx.is_main)
-    for step in bar:
+
+    def checkpoint(step):
+        extra = {"settings": settings or {}} | ({"scaler": scaler.state_dict()} if scaler is not None else {})
+        return state.save_checkpoint(out_dir, step, modules, {"optimizer": optimizer}, {"lr": lr_sched}, extra)
+
+    def agree(requested):  # every process stops after the same step
+        if ctx.world_size == 1:
+            return requested
+        flag = torch.tensor([float(requested)], device=device)
+        torch.distributed.all_reduce(flag)
+        return bool(flag.item())
+
+    for step in interrupt.steps(bar, checkpoint if ctx.is_main else lambda step: None, agree):
         sums = torch.zeros(3, device=device)
         for _ in range(cfg.grad_accum):
             batch = make_batch(instance, klass, cfg.batch_size * ctx.world_size, cfg.caption_dropout,
@@ -419,8 +439,7 @@ def train(unet, params, schedule, instance, klass, embed, cfg: TrainConfig, out_
             continue
         log.log(step, **values)
         if cfg.save_every and step % cfg.save_every == 0:
-            extra = {"scaler": scaler.state_dict()} if scaler is not None else {}
-            state.save_checkpoint(out_dir, step, modules, {"optimizer": optimizer}, {"lr": lr_sched}, extra)
+            checkpoint(step)
             if on_save is not None:
                 on_save(step)
         if on_validate is not None and cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.steps:

@@ -23,3 +23,7 @@ class LoRAError(MinidiffError, ValueError):
 
 class TrainingError(MinidiffError, RuntimeError):
     """Training cannot go on: NaN loss, unsupported GPU, nothing to resume from."""
+
+
+class OutputError(MinidiffError, OSError):
+    """An output location that is a file, read-only, full, or in use by another run."""

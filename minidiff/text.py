@@ -184,10 +184,17 @@ class TextConditioner(nn.Module):
         return self.text_encoder_2.config.projection_dim
 
     def tokenize(self, tokenizer, encoder, prompts: list[str]) -> torch.Tensor:
-        """Token ids [B, L]: BOS, BPE tokens, EOS, then the tokenizer's own pad token up to L (77 for SDXL)."""
+        """Token ids [B, L]: BOS, BPE tokens, EOS, then the tokenizer's own pad token up to L (77 for SDXL).
+        A prompt longer than L is refused (MinidiffError naming it), never silently cut (sampling reads longer
+        prompts in chunks instead: encode_weighted)."""
         length = tokenizer.model_max_length
         if not length or length > encoder.config.max_position_embeddings:  # unset (1e30) in some tokenizer files
             length = encoder.config.max_position_embeddings
+        counted = tokenizer(prompts, max_length=length + 1, truncation=True).input_ids  # L + 1: "too long"
+        for prompt, ids in zip(prompts, counted):
+            if len(ids) > length:
+                raise MinidiffError(f"prompt too long for training: the text encoder reads {length - 2} tokens and "
+                                    f"would silently drop the rest of {prompt[:60]!r}...; shorten it")
         ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
         return ids.input_ids.to(encoder.device)
 
@@ -252,7 +259,7 @@ class TextConditioner(nn.Module):
         negative=None: (context [B, L, C1+C2], pooled [B, P]) of `prompts`.
         negative=str or list of B str: the classifier-free-guidance batch [uncond ; cond] of size 2B, uncond first
         (the order `samplers.cfg` chunks back). A row whose negative prompt is "" is all zeros (context and pooled).
-        emphasis=False: diffusers' encode_prompt (77 tokens, longer prompts cut; what training uses).
+        emphasis=False: diffusers' encode_prompt (77 tokens; what training uses: a longer prompt is refused).
         emphasis=True: A1111 syntax, (word:1.3) and 75-token chunks (`encode_weighted`); `prompts_2` /
         `negative_2` go to the second encoder (diffusers' prompt_2), default: the same text.
         """

@@ -24,3 +24,20 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """Two identical 2-step finetune.py LoRA runs on the bundled miniature (checkpoints at steps 1 and 2), made
+    under umask 002: [out a, out b] (the bad-input tests tamper with copies of their files)."""
+    import finetune
+
+    old = os.umask(0o002)
+    try:
+        outs = [tmp_path_factory.mktemp(name) for name in ("trained-a", "trained-b")]
+        for out in outs:
+            assert finetune.main(["--steps", "2", "--save-every", "1", "--no-prior", "--validation-images", "0",
+                                  "--device", "cpu", "--out", str(out)]) == 0
+    finally:
+        os.umask(old)
+    return outs

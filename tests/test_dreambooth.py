@@ -278,7 +278,7 @@ def test_user_class_images_count_and_missing_ones_are_reported(tmp_path):
         db.check_class_images(class_dir, 5, can_generate=False)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    with pytest.raises(DataError, match="not writable"):  # cannot be created, even by root
+    with pytest.raises(DataError, match="is a file, not a folder"):  # cannot be created, even by root
         db.check_class_images(blocker / "class", 5, can_generate=True)
 
 

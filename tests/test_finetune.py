@@ -198,7 +198,7 @@ def test_bad_input_is_one_line_and_exit_2(model, tmp_path, capsys, monkeypatch):
     Image.new("RGB", (8, 8)).save(reg / "one.png")
     _fails(capsys, ["--class-dir", reg, "--num-class-images", "5", "--no-generate", *out], "has 1")
     (tmp_path / "file").write_text("")
-    _fails(capsys, ["--class-dir", tmp_path / "file" / "class", *out], "not writable")
+    _fails(capsys, ["--class-dir", tmp_path / "file" / "class", *out], "is a file, not a folder")
     _fails(capsys, ["--rank", "0", *out], "--rank must be a positive integer")
     _fails(capsys, ["--rank", "-3", *out], "--rank must be a positive integer")
     _fails(capsys, ["--caption-dropout", "1.5", *out], "--caption-dropout")

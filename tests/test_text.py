@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizerFast
 
+from minidiff.errors import MinidiffError
 from minidiff.text import TextConditioner, time_ids
 
 MERGES = ["c a", "ca t</w>", "d o", "do g</w>", "r o", "ro b", "rob o", "robo t</w>"]
@@ -93,8 +94,10 @@ def test_tokens_pad_with_the_tokenizer_files_own_pad_token(parts):
     assert ids_l[0, :4].tolist() == ids_g[0, :4].tolist() == [BOS, 256 + _byte_chars().index("a"), cat_w, EOS]
     assert (ids_l[0, 4:] == EOS).all()  # CLIP-L pads with <|endoftext|>
     assert (ids_g[0, 4:] == 0).all()  # bigG pads with "!" = id 0
-    long = text.tokenize(tok, te, ["a " * 200])
-    assert long.shape == (1, 77) and long[0, -1] == EOS  # truncated to 77, EOS kept
+    full = text.tokenize(tok, te, ["a " * 75])  # 75 tokens + BOS + EOS: all of it is read
+    assert full.shape == (1, 77) and full[0, -1] == EOS
+    with pytest.raises(MinidiffError, match="prompt too long"):  # never silently cut (issue 18)
+        text.tokenize(tok, te, ["a " * 76])
 
 
 @torch.no_grad()

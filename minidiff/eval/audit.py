@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 
 from ..cli import ArgumentParser, exit_code
+from ..errors import MinidiffError
 from ..images import save_png
+from ..run_folder import check_file_target
 from ..weights.lora_files import read_lora
 
 _BLOCK = re.compile(r"(down_blocks|up_blocks|input_blocks|output_blocks)[._](\d+)|(mid_block|middle_block)")
@@ -156,7 +158,12 @@ def main(argv=None):
     ap.add_argument("--png", help="write ||delta W|| per UNet block as a bar chart to this PNG")
     ap.add_argument("--top", type=int, default=None, help="list only the N largest modules")
     args = ap.parse_args(argv)
+
     def report_file():
+        if args.top is not None and args.top <= 0:
+            raise MinidiffError(f"--top must be a positive integer, got {args.top}")
+        if args.png:
+            check_file_target(args.png, "--png")
         report = audit_lora(args.file)
         print(format_audit(report, args.top))
         if args.png:

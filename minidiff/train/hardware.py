@@ -4,6 +4,7 @@ are told apart in one place.
 """
 
 import re
+from pathlib import Path
 
 import torch
 
@@ -139,3 +140,35 @@ class PeakMemory:
             self.end(phase)
             return result
         return wrapped
+
+
+def free_memory(device):
+    """Bytes free on `device`: the GPU's free memory, or on the CPU what the kernel reports as available
+    (MemAvailable), capped by the container's cgroup limit; None where neither can be read."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    free = None
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:  # cgroup v2: the container's limit less what it uses
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            left = int(limit) - int((cgroup / "memory.current").read_text())
+            free = left if free is None else min(free, left)
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def check_fits(need, device, what, hint=""):
+    """MinidiffError (one line, before anything is allocated) when `need` bytes, a lower bound of what comes next,
+    exceed the memory free on `device`: better than an out-of-memory kill minutes later with no message."""
+    free = free_memory(device)
+    if free is not None and need > free:
+        raise MinidiffError(f"{what} need at least {need / 2**30:,.1f} GiB but {torch.device(device)} has "
+                            f"{free / 2**30:,.1f} GiB free" + (f": {hint}" if hint else ""))

@@ -28,6 +28,7 @@ from safetensors import safe_open
 
 from .. import io
 from ..errors import TrainingError
+from . import resume as checks
 
 FORMAT = "minidiff-checkpoint"
 NAN_HINT = "fp16 overflow? try --mixed-precision bf16/no or a lower lr"
@@ -238,33 +239,63 @@ def load_checkpoint(path, modules, optimizers=None, schedulers=None, out_dir=Non
         raise
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
         raise TrainingError(f"cannot read checkpoint {file}: {e}") from None
-    state = json.loads(meta["state"])
+    step, state, extra = checks.parse_metadata(meta, file)
 
+    # every check first (resume.py), so a checkpoint that does not fit changes nothing
+    module_sds = {}
     for name, module in modules.items():
         prefix = f"module.{name}."
-        sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if not sd:
+        module_sds[name] = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not module_sds[name]:
             raise TrainingError(f"checkpoint {file} has no module {name!r} (it has: {meta.get('modules')})")
-        expected = set(module.state_dict())
-        missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
-        if missing or unexpected:
-            raise TrainingError(f"checkpoint {file} does not match module {name!r}: {len(missing)} keys missing "
-                                f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}")
-        try:
-            module.load_state_dict(sd)
-        except RuntimeError as e:
-            raise TrainingError(f"checkpoint {file} does not fit module {name!r}: {str(e).splitlines()[-1]}") from None
+        checks.check_module(module_sds[name], module, file, name)
+    states = []
     for kind, objects in (("optim", optimizers or {}), ("sched", schedulers or {})):
         for name, obj in objects.items():
             if name not in state[kind]:
                 raise TrainingError(f"checkpoint {file} has no {kind} state {name!r} (it has {sorted(state[kind])})")
             try:
-                obj.load_state_dict(_decode(state[kind][name], tensors))
-            except (ValueError, KeyError, RuntimeError) as e:
-                raise TrainingError(f"checkpoint {file}: {kind} state {name!r} does not fit: {e}") from None
+                sd = _decode(state[kind][name], tensors)
+            except (KeyError, TypeError, ValueError) as e:
+                raise TrainingError(f"checkpoint {file}: {kind} state {name!r} is damaged ({e!r})") from None
+            if kind == "optim":
+                checks.check_optimizer(sd, obj, file, name)
+            states.append((kind, name, obj, sd))
     if restore_rng:
-        set_rng_state(_decode(state["rng"], tensors))
-    return int(meta["step"]), json.loads(meta.get("extra") or "{}")
+        try:
+            rng = _decode(state["rng"], tensors)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise TrainingError(f"checkpoint {file}: its random-number state is damaged ({e!r})") from None
+        checks.check_rng(rng, file)
+
+    for name, module in modules.items():
+        try:
+            module.load_state_dict(module_sds[name])
+        except RuntimeError as e:
+            raise TrainingError(f"checkpoint {file} does not fit module {name!r}: {str(e).splitlines()[-1]}") from None
+    for kind, name, obj, sd in states:
+        try:
+            obj.load_state_dict(sd)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise TrainingError(f"checkpoint {file}: {kind} state {name!r} does not fit: {e}") from None
+    if restore_rng:
+        set_rng_state(rng)
+    return step, extra
+
+
+def checkpoint_extra(path, out_dir=None):
+    """(file, step, extra) of a checkpoint from its metadata alone (no tensors read): what a script compares with
+    its settings before it loads a model (resume.check_settings)."""
+    file = find_checkpoint(path, out_dir)
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise TrainingError(f"cannot read checkpoint {file}: {e}") from None
+    if meta.get("format") != FORMAT:
+        raise TrainingError(f"{file} is not a minidiff training checkpoint (no format={FORMAT} metadata)")
+    step, _, extra = checks.parse_metadata(meta, file)
+    return file, step, extra
 
 
 # ----------------------------------------------------------------------------------------------- loss log

@@ -156,7 +156,14 @@ _PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_"
              ("lora_te_", "text_encoder"), ("unet.", "unet"), ("text_encoder_2.", "text_encoder_2"),
              ("text_encoder.", "text_encoder"), ("model.diffusion_model.", "unet"), ("diffusion_model.", "unet"),
              ("base_model.model.", None))
-_OTHER_ADAPTERS = re.compile(r"hada_w1|lokr_w1|dora_scale|lora_magnitude_vector|oft_|\.diff(_b)?$")  # LoHa, LoKr, ...
+# adapters that are not plain LoRA/LoCon, by a key only they have (LyCORIS and peft names; ComfyUI's
+# comfy/weight_adapter/ reads the same keys): refused by name, never half-applied
+VARIANTS = ((r"hada_w1|hada_t1", "LoHa (LyCORIS Hadamard product)"), (r"lokr_w1|lokr_w2", "LoKr (LyCORIS Kronecker)"),
+            (r"\.lora_mid\.weight$", "LoCon with Tucker decomposition (lora_mid)"),
+            (r"\.(a1|a2|b1|b2)\.weight$", "GLoRA"), (r"\.on_input$|ia3_l", "IA3"),
+            (r"oft_blocks|oft_diag|\.oft_r$|oft_R|boft_", "OFT (orthogonal fine-tuning)"),
+            (r"dora_scale|lora_magnitude_vector", "DoRA"), (r"\.diff(_b)?$", "full weight-difference (diff)"),
+            (r"\.w_norm$|\.b_norm$", "LyCORIS norm"))
 
 
 def _split_key(key, default_component):
@@ -197,9 +204,11 @@ def read_lora(path, default_component="unet"):
 
 def parse_lora(tensors, metadata=None, default_component="unet", source="state dict"):
     """Groups a LoRA state dict into LoRAEntry's; the format is detected from the key style."""
-    others = [k for k in tensors if _OTHER_ADAPTERS.search(k)]
-    if others:
-        raise LoRAError(f"{source} holds a LoRA variant minidiff does not load (LoHa/LoKr/DoRA/diff), e.g. {others[0]}")
+    for pattern, variant in VARIANTS:
+        found = [k for k in tensors if re.search(pattern, k)]
+        if found:
+            raise LoRAError(f"{source} holds {variant} weights (e.g. key {found[0]}), a LoRA variant minidiff does "
+                            "not apply: it loads plain LoRA and LoCon (lora_down/lora_up or lora_A/lora_B)")
     entries, stray = {}, []
     for key, t in tensors.items():
         split = _split_key(key, default_component)
@@ -227,6 +236,12 @@ def parse_lora(tensors, metadata=None, default_component="unet", source="state d
     for e in entries.values():
         if e.alpha is None:  # diffusers / peft: alpha = rank unless diffusers wrote its LoraConfig into the metadata
             e.alpha = _peft_alpha(peft_meta, e.component, e.name, e.rank)
+        for role in ("down", "up"):
+            if not torch.isfinite(getattr(e, role)).all():
+                raise LoRAError(f"{source}: {e.keys[role]} holds NaN or inf values (a LoRA from a diverged training "
+                                "run?); applied, it would turn every image black")
+        if not math.isfinite(e.alpha):
+            raise LoRAError(f"{source}: {e.keys.get('alpha', e.name)} is {e.alpha}, not a finite alpha")
     return list(entries.values()), fmt
 
 
@@ -272,6 +287,8 @@ def load_lora(model, path, scale=1.0, name=None, prefix="unet", trainable=False)
     if unmatched:
         raise LoRAError(f"{len(unmatched)} of {len(entries)} LoRA modules match nothing in the model "
                         f"(components given: {sorted(models)}), e.g. {unmatched[:3]}")
+    if not math.isfinite(scale):
+        raise LoRAError(f"LoRA scale must be a finite number, got {scale}")
     for m, p, e in plan:
         module = m.get_submodule(p)
         if name in getattr(module, "adapters", {}):
