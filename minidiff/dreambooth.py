@@ -394,14 +394,8 @@ def train(unet, params, schedule, instance, klass, embed, cfg: TrainConfig, out_
         extra = {"settings": settings or {}} | ({"scaler": scaler.state_dict()} if scaler is not None else {})
         return state.save_checkpoint(out_dir, step, modules, {"optimizer": optimizer}, {"lr": lr_sched}, extra)
 
-    def agree(requested):  # every process stops after the same step
-        if ctx.world_size == 1:
-            return requested
-        flag = torch.tensor([float(requested)], device=device)
-        torch.distributed.all_reduce(flag)
-        return bool(flag.item())
-
-    for step in interrupt.steps(bar, checkpoint if ctx.is_main else lambda step: None, agree):
+    stop = interrupt.steps(bar, checkpoint if ctx.is_main else lambda step: None, lambda f: ddp.any_process(f, ctx))
+    for step in stop:  # CTRL-C: every process ends the step, process 0 writes a checkpoint, exit status 130
         sums = torch.zeros(3, device=device)
         for _ in range(cfg.grad_accum):
             batch = make_batch(instance, klass, cfg.batch_size * ctx.world_size, cfg.caption_dropout,

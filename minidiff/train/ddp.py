@@ -88,6 +88,15 @@ def average_gradients(params, ctx: Context):
         offset += g.numel()
 
 
+def any_process(flag: bool, ctx: Context) -> bool:
+    """True on every process when `flag` is True on any of them (e.g. CTRL-C reached one: all stop together)."""
+    if ctx.world_size == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=ctx.device)
+    dist.all_reduce(t)
+    return bool(t.item())
+
+
 def barrier(ctx: Context):
     if ctx.world_size > 1:
         dist.barrier()
