@@ -76,7 +76,8 @@ def parse_lora(spec):
     try:
         value = float(scale)
     except ValueError:
-        raise MinidiffError(f"--lora {spec}: the scale {scale!r} is not a number (expected PATH or PATH:SCALE)") from None
+        raise MinidiffError(f"--lora {spec}: the scale {scale!r} is not a number "
+                            "(expected PATH or PATH:SCALE)") from None
     if not math.isfinite(value):
         raise MinidiffError(f"--lora {spec}: the scale must be a finite number, got {scale}")
     return path, value

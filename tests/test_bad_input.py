@@ -163,7 +163,7 @@ def test_two_runs_into_one_out(tmp_path, capsys):
 def test_nan_and_inf_loras_and_scales_are_refused(trained, tmp_path, capsys):
     lora = trained[0] / "lora.safetensors"
     for value in ("nan", "inf"):
-        def poison(t, m):
+        def poison(t, m, value=value):
             key = next(k for k in sorted(t) if k.endswith(".lora_down.weight"))
             t[key] = t[key] * float(value)
 
@@ -207,7 +207,8 @@ def test_misleading_messages_now_name_the_problem(trained, tmp_path, capsys):
     fails(capsys, finetune.main, [*FT, "--lr", "inf", *o], "argument --lr: expected a finite number, got 'inf'")
     fails(capsys, finetune.main, [*FT, "--prior-weight", "nan", *o], "--prior-weight: expected a finite number")
     lora = trained[0] / "lora.safetensors"
-    fails(capsys, sample.main, ["--prompt", "x", *SAMPLE, *o, "--lora", f"{lora}:abc"], "the scale 'abc' is not a number")
+    fails(capsys, sample.main, ["--prompt", "x", *SAMPLE, *o, "--lora", f"{lora}:abc"],
+          "the scale 'abc' is not a number")
 
 
 @pytest.mark.parametrize("key, variant", [

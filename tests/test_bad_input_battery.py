@@ -1,6 +1,6 @@
 """A fresh battery of bad inputs (issue 18's second acceptance bar), invented after the 27 of test_bad_input.py:
 each must end in one line with exit status 2 (130 after CTRL-C) and lose nothing. docs/bad-input.md lists them
-(B1 .. B26) with their outcome. Helpers: badinput.py."""
+(B1 .. B29) with their outcome. Helpers: badinput.py."""
 
 import torch
 from safetensors import safe_open
