@@ -31,10 +31,12 @@ from minidiff.cli import ArgumentParser as Parser
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "minidiff" / "assets" / "tiny-sdxl"
 # what a checkpoint must share with the run that resumes it (minidiff/train/resume.py: changes are refused, listed);
-# --steps, the output, validation, device and precision flags may change
+# --steps, the output, validation, device and precision flags may change, and so may the number of processes as
+# long as the global batch (--batch-size x processes) stays the same
 RESUME_KEYS = ("instance_dir", "instance_prompt", "class_prompt", "num_class_images", "prior_weight", "no_prior",
-               "resolution", "fit", "train", "rank", "alpha", "targets", "train_text_encoder", "lr", "batch_size",
-               "grad_accum", "lr_schedule", "warmup", "seed", "min_snr_gamma", "noise_offset", "caption_dropout")
+               "resolution", "fit", "train", "rank", "alpha", "targets", "train_text_encoder", "lr",
+               "global_batch_size", "grad_accum", "lr_schedule", "warmup", "seed", "min_snr_gamma", "noise_offset",
+               "caption_dropout")
 
 
 def build_parser():
@@ -210,7 +212,8 @@ def run(args, ctx=None):
     # 1. what can be checked before loading the model: images, class images, the checkpoint, the output folder
     size = args.resolution or model_geometry(args.model, args.vae)[0]
     check_memory(args, size, device)
-    run_settings = {k: getattr(args, k) for k in RESUME_KEYS} | {"lr": lr, "resolution": size}
+    run_settings = {k: getattr(args, k, None) for k in RESUME_KEYS} | {
+        "lr": lr, "resolution": size, "global_batch_size": args.batch_size * ctx.world_size}
     if args.resume is not None:
         file, _, extra = state.checkpoint_extra(args.resume, out)
         resume.check_settings(extra.get("settings", {}), run_settings, RESUME_KEYS, file)

@@ -1,6 +1,6 @@
 """A fresh battery of bad inputs (issue 18's second acceptance bar), invented after the 27 of test_bad_input.py:
 each must end in one line with exit status 2 (130 after CTRL-C) and lose nothing. docs/bad-input.md lists them
-(B1 .. B29) with their outcome. Helpers: badinput.py."""
+(B1 .. B30) with their outcome. Helpers: badinput.py."""
 
 import torch
 from safetensors import safe_open
@@ -87,6 +87,8 @@ def test_b11_b12_b13_b16_b20_b24_resume_that_does_not_fit(trained, tmp_path, cap
           "is damaged: its metadata does not parse")
     fails(capsys, finetune.main, [*run, "--out", tmp_path / "c", "--resume", good, "--rank", "8"],  # B13
           "other settings: --rank 4 -> 8")
+    fails(capsys, finetune.main, [*run, "--out", tmp_path / "c", "--resume", good, "--batch-size", "2"],  # B30
+          "other settings: --global-batch-size 1 -> 2")
     fails(capsys, finetune.main, [*run, "--out", tmp_path / "d", "--resume", trained[0] / "lora.safetensors"],  # B16
           "not a minidiff training checkpoint")
     fails(capsys, finetune.main, [*run, "--out", tmp_path / "e", "--resume",  # B20
