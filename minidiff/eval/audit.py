@@ -84,12 +84,6 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
-def print_trainable(models, prefix="unet"):
-    rows = trainable_table(models, prefix)
-    print(format_table(rows))
-    return rows
-
-
 # ------------------------------------------------------------------------------------------ what a file holds
 def delta_norm(down: torch.Tensor, up: torch.Tensor, alpha: float) -> float:
     """||(alpha / r) B A||_F via the r x r Gram matrices (module docstring); float64 for accuracy."""

@@ -43,13 +43,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from .. import data, io
 from ..bundled import assets_dir
 from ..cli import ArgumentParser, exit_code
 from ..errors import CheckpointError, DataError
 from ..images import square
+from ..train import loop
 
 CLASSIFIER_PATH = assets_dir() / "classifier.safetensors"
 INPUT_SIZE = 64
@@ -181,16 +181,17 @@ def train_model(x, alpha, chars, poses, steps=600, batch=64, lr=3e-3, seed=0, de
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     model.train()
-    for _ in (bar := tqdm(range(steps), desc=desc)):
+
+    def step_fn(step):
         idx = torch.randint(0, len(x), (batch,), generator=g)
         logits_c, logits_p = model(augment(x[idx].clone(), alpha[idx], g))
         loss = F.cross_entropy(logits_c, chars[idx], label_smoothing=0.1) + F.cross_entropy(
             logits_p, poses[idx], label_smoothing=0.1)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        loop.optimizer_step(optimizer=opt, params=model.parameters(), lr_scheduler=sched)
+        return {"loss": loss.detach()}
+
+    loop.train(step_fn=step_fn, steps=steps, postfix=lambda logs: {"loss": f"{logs['loss'].item():.3f}"}, desc=desc)
     return model.eval()
 
 

@@ -2,7 +2,8 @@
 between them (pretrained.py reads the files and fills the modules; this file only renames keys, reads tensors through
 the renaming rules and reads sizes; it imports nothing from pretrained.py).
 
-Two layouts hold the same SDXL weights (reference notes `sdxl.md` sec. 2):
+Two layouts hold the same SDXL weights (diffusers' converter,
+https://github.com/huggingface/diffusers/blob/58eb52c0803e/scripts/convert_diffusers_to_original_sdxl.py):
 
     diffusers folder   unet/ vae/ text_encoder/ text_encoder_2/ tokenizer/ tokenizer_2/ scheduler/, each with its
                        config.json and `*.safetensors` (or `*.fp16.safetensors`, or shards + `*.safetensors.index.json`)

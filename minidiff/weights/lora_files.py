@@ -2,7 +2,8 @@
 (LoRALinear, inject_lora, merge, ...) are in lora.py, which this file imports and which never imports it back;
 `minidiff.lora.save_lora` / `minidiff.lora.load_lora` (the usual spellings) are aliases minidiff/__init__.py attaches.
 
-File namings (trainers.md §3; which tools read which: §3.4):
+File namings (https://github.com/kohya-ss/sd-scripts/blob/48d368fa/networks/lora.py,
+https://github.com/huggingface/diffusers/blob/58eb52c0803e/src/diffusers/utils/state_dict_utils.py):
     kohya      lora_unet_<original sgm module path, . -> _>.lora_down.weight / .lora_up.weight / .alpha
                lora_te1_text_model_encoder_layers_0_self_attn_q_proj..., lora_te2_... (ComfyUI, A1111, kohya)
     diffusers  unet.<module>.lora.down.weight / .lora.up.weight, text_encoder.<module>.lora_linear_layer.down.weight
@@ -117,7 +118,7 @@ def save_lora(model, path, format="kohya", metadata=None, prefix="unet", name=No
             "minidiff.rank": ",".join(map(str, sorted({a.rank for a in linear + conv}))),
             "minidiff.alpha": ",".join(f"{x:g}" for x in sorted({a.alpha for a in linear + conv})),
             "minidiff.targets": ",".join(sorted({a.targets for a in linear + conv}))}
-    if format == "kohya":  # the keys kohya's tools and the web UIs read (trainers.md 2.6, 3.5)
+    if format == "kohya":  # the keys kohya's tools and the web UIs read (sd-scripts networks/lora.py)
         args = {"conv_dim": str(conv[0].rank), "conv_alpha": f"{conv[0].alpha:g}"} if conv else {}
         meta.update({"ss_network_module": "networks.lora", "ss_network_dim": str(first.rank),
                      "ss_network_alpha": f"{first.alpha:g}", "ss_base_model_version": "sdxl_base_v1-0",
