@@ -1,4 +1,4 @@
-"""minidiff.weights.lora_files: LoRA files in the kohya, diffusers and peft layouts, both ways, against diffusers' and
+"""minidiff/lora/files.py: LoRA files in the kohya, diffusers and peft layouts, both ways, against diffusers' and
 peft's own loaders and savers on identical weights (text encoders and UNet), and one-line errors for bad files.
 """
 

@@ -25,8 +25,8 @@ import torch
 from ..cli import ArgumentParser, exit_code
 from ..errors import MinidiffError
 from ..images import save_png
+from ..lora import read_lora
 from ..run_folder import check_file_target
-from ..weights.lora_files import read_lora
 
 _BLOCK = re.compile(r"(down_blocks|up_blocks|input_blocks|output_blocks)[._](\d+)|(mid_block|middle_block)")
 

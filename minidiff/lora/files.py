@@ -1,6 +1,6 @@
 """LoRA files: the three namings people exchange adapters in, and save / read / load. The adapters themselves
-(LoRALinear, inject_lora, merge, ...) are in lora.py, which this file imports and which never imports it back;
-`minidiff.lora.save_lora` / `minidiff.lora.load_lora` (the usual spellings) are aliases minidiff/__init__.py attaches.
+(LoRALinear, inject_lora, merge, ...) are in layers.py, which this file imports and which never imports it back;
+`minidiff.lora` (lora/__init__.py) re-exports both, so `minidiff.lora.save_lora` is this file's save_lora.
 
 File namings (https://github.com/kohya-ss/sd-scripts/blob/48d368fa/networks/lora.py,
 https://github.com/huggingface/diffusers/blob/58eb52c0803e/src/diffusers/utils/state_dict_utils.py):
@@ -23,8 +23,8 @@ import torch.nn as nn
 
 from .. import io
 from ..errors import LoRAError
-from .layouts import diffusers_to_ldm_unet_key
-from ..lora import LoRAConv2d, LoRALinear, adapters_of, check_name, components, lora_layers, lora_shapes, wrap
+from ..weights.layouts import diffusers_to_ldm_unet_key
+from .layers import LoRAConv2d, LoRALinear, adapters_of, check_name, components, lora_layers, lora_shapes, wrap
 
 FORMATS = ("kohya", "diffusers", "peft")
 KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
