@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw
 
 from ..cli import ArgumentParser, exit_code
 from ..errors import MinidiffError
@@ -131,8 +132,6 @@ def format_audit(report, top=None) -> str:
 
 def draw_block_norms(blocks: dict, path, title="", metadata=None):
     """Horizontal PIL bar chart of ||delta_W||_F per block, saved as a PNG with `metadata` in its text chunks."""
-    from PIL import Image, ImageDraw
-
     row, left, width, top = 22, 150, 420, 34
     img = Image.new("RGB", (left + width + 90, top + row * len(blocks) + 16), "white")
     d = ImageDraw.Draw(img)

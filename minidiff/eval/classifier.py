@@ -40,9 +40,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
 
 from .. import data, io
 from ..bundled import assets_dir
@@ -152,9 +155,6 @@ def augment(x: torch.Tensor, alpha: torch.Tensor, g: torch.Generator) -> torch.T
 # ---------------------------------------------------------------------------------------------------------- training
 def kenney_set(poses=None, size=INPUT_SIZE):
     """The bundled drawings as (x [N,3,S,S] on white, alpha [N,1,S,S], character index [N], pose index [N])."""
-    import numpy as np
-    from PIL import Image
-
     poses = tuple(poses or data.POSES)
     pairs = [(c, p) for c in data.CHARACTERS for p in poses]
     paths = [data.kenney_path(c, p) for c, p in pairs]
@@ -234,8 +234,6 @@ def _report(model, poses, exact_pose=True) -> dict:
 # ------------------------------------------------------------------------------------------------------ load, predict
 def load_classifier(path=None) -> CharacterClassifier:
     """The shipped classifier (minidiff/assets/classifier.safetensors) or the one at `path`, in eval mode."""
-    from safetensors import safe_open
-
     path = Path(path or CLASSIFIER_PATH)
     if not path.is_file():
         raise CheckpointError(f"classifier weights not found at {path}; rebuild them with: {TRAIN_COMMAND}")

@@ -9,10 +9,27 @@ This file only re-exports them, so there is no circle: lora -> layers, lora -> f
 layers were minidiff/lora.py and the files minidiff/weights/lora_files.py, which imported each other; the public
 names did not change.)
 """
-from .files import FORMATS, LoRAEntry, lora_state_dict, load_lora, parse_lora, read_lora, save_lora
-from .layers import (TARGETS, Adapter, LoRAConv2d, LoRALinear, adapters_of, check_name, components, disable_lora,
-                     enable_lora, find_targets, inject_lora, lora_layers, lora_parameters, lora_shapes, merge_lora,
-                     set_lora_scale, unmerge_lora, wrap)
+from .files import FORMATS, LoRAEntry, load_lora, lora_state_dict, parse_lora, read_lora, save_lora
+from .layers import (
+                     TARGETS,
+                     Adapter,
+                     LoRAConv2d,
+                     LoRALinear,
+                     adapters_of,
+                     check_name,
+                     components,
+                     disable_lora,
+                     enable_lora,
+                     find_targets,
+                     inject_lora,
+                     lora_layers,
+                     lora_parameters,
+                     lora_shapes,
+                     merge_lora,
+                     set_lora_scale,
+                     unmerge_lora,
+                     wrap,
+)
 
 __all__ = ["TARGETS", "Adapter", "LoRALinear", "LoRAConv2d", "lora_shapes", "lora_layers", "find_targets", "wrap",
            "check_name", "inject_lora", "components", "adapters_of", "lora_parameters", "set_lora_scale",

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 
 from .. import io
 from ..errors import LoRAError
@@ -187,8 +188,6 @@ def _split_key(key, default_component):
 
 def read_lora(path, default_component="unet"):
     """Reads a LoRA safetensors file of any of the three namings: ([LoRAEntry], format, metadata)."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise LoRAError(f"LoRA file not found: {path}")

@@ -32,6 +32,9 @@ from __future__ import annotations
 
 import re
 
+from ..unet import UNetConfig
+from ..vae import VAEConfig
+
 # where each component sits in the original single file
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 CLIP_L_PREFIX, CLIP_G_PREFIX = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
@@ -250,8 +253,6 @@ def _count(keys, pattern) -> int:
 def infer_unet_config(view, pooled_dim=None):
     """The original file has no config.json: read the SDXL-family sizes off the tensor shapes (head width 64,
     GroupNorm 32, the rest as in SDXL)."""
-    from ..unet import UNetConfig
-
     keys, shape = view.keys(), view.shape
     levels = _count(keys, r"input_blocks\.(\d+)\.0\.op\.") + 1
     L = _count(keys, r"input_blocks\.(\d+)\.") // levels - 1
@@ -273,8 +274,6 @@ def infer_unet_config(view, pooled_dim=None):
 
 def infer_vae_config(view):
     """Sizes of an ldm-layout VAE read off its shapes; scaling factor and upcasting as SDXL's."""
-    from ..vae import VAEConfig
-
     keys, shape = view.keys(), view.shape
     levels = _count(keys, r"encoder\.down\.(\d+)\.")
     d = VAEConfig.sdxl().to_diffusers()
