@@ -50,15 +50,17 @@ def make_grid(x, nrow=None, pad=2):
     """[N, C, H, W] in [-1, 1] -> one PIL image, `nrow` images per row (default: about square), white gaps.
 
     torchvision.utils.make_grid: `pad` pixels between cells and around the border, so the grid is
-    (ncol * (W + pad) + pad) wide and (nrows * (H + pad) + pad) high, with ncol = min(nrow, N); a single image
-    comes back as it is.
+    (ncol * (W + pad) + pad) wide and (nrows * (H + pad) + pad) high, with ncol = min(nrow, N). (torchvision returns
+    a single image unpadded; it gets the same white border here, so every grid looks alike.)
     """
     if x.dim() == 3:
         x = x[None]
     if x.dim() != 4 or x.shape[0] == 0:
         raise ValueError(f"make_grid expects a non-empty [N,C,H,W] tensor, got shape {tuple(x.shape)}")
-    nrow = nrow or math.ceil(math.sqrt(x.shape[0]))
-    return to_pil(torchvision.utils.make_grid(x.detach().float().cpu(), nrow=nrow, padding=pad, pad_value=1.0))
+    x, nrow = x.detach().float().cpu(), nrow or math.ceil(math.sqrt(x.shape[0]))
+    if x.shape[0] == 1:
+        return to_pil(F.pad(x[0], (pad, pad, pad, pad), value=1.0))
+    return to_pil(torchvision.utils.make_grid(x, nrow=nrow, padding=pad, pad_value=1.0))
 
 
 # ----------------------------------------------------------------------------------------------- PNG files

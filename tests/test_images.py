@@ -23,7 +23,7 @@ def test_to_pil_from_pil_round_trip():
         images.to_pil(torch.zeros(4, 2, 2))
 
 
-@pytest.mark.parametrize("n,nrow,pad", [(6, 3, 2), (7, 3, 2), (5, 8, 0), (4, 2, 5)])
+@pytest.mark.parametrize("n,nrow,pad", [(6, 3, 2), (7, 3, 2), (5, 8, 0), (4, 2, 5), (1, 3, 2)])
 def test_make_grid_places_cells_by_hand(n, nrow, pad):
     x = torch.rand(n, 3, 9, 11) * 2 - 1
     ours = np.asarray(images.make_grid(x, nrow=nrow, pad=pad))
