@@ -18,7 +18,8 @@ Defaults are sized for a 2-core CPU (800 steps at batch 8, ~0.2 CPU-s a step) an
 few steps ancestral DDPM sampling (100 steps) beats deterministic DDIM, whose samples keep a veil of noise: the
 model's small eps errors at high noise (amplified by sigma_t in x_0) are never washed out by fresh noise.
 
-`--recipe seed` is the seed's notebook (baselines.md §1, Seachaos' "diffusion from scratch"): 5 deterministic steps
+`--recipe seed` is the seed's notebook (Seachaos' "diffusion from scratch", as run in
+https://github.com/maelysjb/Character-Generation-for-Comics/tree/c6e64b46): 5 deterministic steps
 of a linear blend x_a = (1 - a) x_0 + a n (not variance preserving), a small conv net fed the raw integer step that
 predicts the next, less noisy blend directly, MAE loss, Adam 8e-4, 400 steps at batch 2. Sampling applies the net
 5 times to Gaussian noise, without fresh noise. The regression pulls every output to (nearly) the same average of
@@ -38,7 +39,17 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from minidiff import data, io, run_folder
 from minidiff.cli import ArgumentParser as Parser
+from minidiff.cli import check_counts, exit_code
+from minidiff.errors import MinidiffError
+from minidiff.eval import metrics
+from minidiff.images import make_grid, save_png
+from minidiff.samplers import sample
+from minidiff.schedule import Schedule
+from minidiff.train import hardware, loop, resume, state
+from minidiff.unet import UNet, UNetConfig
 
 DEFAULTS = {  # per recipe; every one can be overridden on the command line
     "ho": dict(size=32, steps=800, batch_size=8, lr=1e-3, ema_decay=0.999, schedule="cosine", sampler="ddpm",
@@ -77,9 +88,6 @@ def build_parser():
 
 def resolve_args(args):
     """Fill the recipe defaults and check the numbers: MinidiffError (one line) on bad input."""
-    from minidiff.train import hardware
-    from minidiff.cli import check_counts
-    from minidiff.errors import MinidiffError
 
     for key, value in DEFAULTS[args.recipe].items():
         if getattr(args, key) is None:
@@ -118,19 +126,14 @@ def ddpm_loss(model, schedule, x0, cond=None):
 def train_step(model, optimizer, ema, loss_fn, clip=1.0):
     """One optimizer step on `loss_fn()` with grad-norm clipping, then the EMA update. Returns the detached loss."""
     loss = loss_fn()
-    optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    optimizer.step()
-    if ema is not None:
-        ema.update(model)
+    loop.optimizer_step(optimizer=optimizer, params=model.parameters(), max_grad_norm=clip, ema=ema, model=model)
     return loss.detach()
 
 
 # ---------------------------------------------------------------------------------------------- the seed's recipe
 class SeedNet(nn.Module):
-    """The seed notebook's network (Seachaos' Keras model, baselines.md §1), ported layer for layer.
+    """The seed notebook's network (Seachaos' Keras model, in the seed repository above), ported layer for layer.
 
     Step input: the raw integer t -> Dense(192) -> LayerNorm -> ReLU. block(x): relu(conv_a(x)) * relu(dense(t))
     + conv_b(x), LayerNorm over channels, ReLU (128 channels). Down: 3 x (block, maxpool) + block; an MLP
@@ -199,8 +202,6 @@ def seed_sample(model, noise):
 
 # ---------------------------------------------------------------------------------------------- the run
 def build_model(args):
-    from minidiff.unet import UNet, UNetConfig
-
     if args.recipe == "seed":
         return SeedNet(args.size), None
     widths = WIDTHS[args.size]
@@ -213,8 +214,6 @@ def build_model(args):
 @torch.no_grad()
 def generate(model, schedule, args, n=N_SAMPLES, progress=True):
     """n samples in [-1, 1] from the given model; the noise comes from seed + 1, never from the training RNG."""
-    from minidiff.samplers import sample
-
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(args.seed + SAMPLE_SEED_OFFSET)
     noise = torch.randn(n, 3, args.size, args.size, generator=g).to(device)
@@ -227,14 +226,6 @@ def generate(model, schedule, args, n=N_SAMPLES, progress=True):
 
 
 def run(args):
-    from tqdm import tqdm
-
-    from minidiff import data, io, run_folder
-    from minidiff.eval import metrics
-    from minidiff.train import hardware, interrupt, resume, state
-    from minidiff.images import make_grid, save_png
-    from minidiff.schedule import Schedule
-
     out = Path(args.out)
     if args.resume:
         state.find_checkpoint(args.resume, out)  # "checkpoint not found" before the folder is made
@@ -274,32 +265,28 @@ def run(args):
         save_png(make_grid(x, nrow=5), path, {"step": at_step, "seed": args.seed, "recipe": args.recipe,
                                               "weights": "EMA" if ema else "raw", "settings": settings})
 
-    t0 = time.time()
-    bar = tqdm(range(step + 1, args.steps + 1), initial=step, total=args.steps, desc=f"ddpm {args.recipe}",
-               dynamic_ncols=True)
-    def checkpoint(at_step):
-        return state.save_checkpoint(out, at_step, modules, {"adam": optimizer}, extra={"settings": settings})
-
-    for step in interrupt.steps(bar, on_stop=checkpoint):  # CTRL-C: a checkpoint after this step, exit 130
+    def step_fn(step):
         if ema is not None:  # warm-up: p_ema follows the net closely at first, then averages ~1/(1 - decay) steps
             ema.decay = min(args.ema_decay, (1 + step) / (10 + step))
-        loss = train_step(model, optimizer, ema, loss_fn)
-        state.check_finite(loss, step, hint="lower --lr")
-        log.log(step, loss=loss)
-        if step % 10 == 0 or step == args.steps:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        if args.sample_every and step % args.sample_every == 0:
-            write_grid(out / "samples" / f"step-{step:06d}.png", step, generate(sampler_model, schedule, args,
-                                                                               progress=False))
-        if (args.save_every and step % args.save_every == 0) or step == args.steps:
-            checkpoint(step)
-    bar.close()
-    train_seconds = time.time() - t0
+        return {"loss": train_step(model, optimizer, ema, loss_fn)}
+
+    def write_samples(step):
+        write_grid(out / "samples" / f"step-{step:06d}.png", step, generate(sampler_model, schedule, args,
+                                                                           progress=False))
+
+    def save(step):
+        return state.save_checkpoint(out, step, modules, {"adam": optimizer}, extra={"settings": settings})
+
+    summary = loop.train(step_fn=step_fn, steps=args.steps, start=step, log=log, hint="lower --lr",
+                         hooks=[(args.sample_every, write_samples, False), (args.save_every, save, True)],
+                         postfix=lambda logs: {"loss": f"{logs['loss'].item():.4f}"}, postfix_every=10,
+                         on_stop=save, desc=f"ddpm {args.recipe}", dynamic_ncols=True)
+    train_seconds = summary["seconds"]
 
     log.plot(title=f"DDPM ({args.recipe}): training loss")
-    t0 = time.time()
+    t0 = time.perf_counter()
     samples = generate(sampler_model, schedule, args)
-    sample_seconds = time.time() - t0
+    sample_seconds = time.perf_counter() - t0
     write_grid(out / "grid.png", args.steps, samples)
     result = metrics.evaluate(samples, dataset.tensors())
     result.update(recipe=args.recipe, steps=args.steps, size=args.size, seed=args.seed, sampler=args.sampler,
@@ -318,8 +305,6 @@ def main(argv=None):
 
         return tiny.main(argv[2:])
     args = build_parser().parse_args(argv)
-    from minidiff.cli import exit_code
-
     return exit_code(lambda: run(resolve_args(args)))
 
 

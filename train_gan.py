@@ -30,12 +30,19 @@ diversity 0.07-0.08 (the six training images: 0.117); Adam betas (0, 0.99) inste
 """
 
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+
+from minidiff import data, io, run_folder
+from minidiff.baselines import gan
 from minidiff.cli import ArgumentParser as Parser
+from minidiff.cli import check_counts, exit_code
+from minidiff.errors import MinidiffError
+from minidiff.eval import metrics
+from minidiff.images import make_grid, save_png
+from minidiff.train import hardware, loop, resume, state
 
 DEFAULTS = {  # per recipe; every one can be overridden on the command line
     "dcgan": dict(size=64, steps=600, batch_size=128, width=64, save_every=300, sample_every=200),
@@ -65,9 +72,6 @@ def build_parser():
 
 def resolve_args(args):
     """Fill the recipe defaults and check the numbers: MinidiffError (one line) on bad input."""
-    from minidiff.train import hardware
-    from minidiff.cli import check_counts
-    from minidiff.errors import MinidiffError
 
     for key, value in DEFAULTS[args.recipe].items():
         if getattr(args, key) is None:
@@ -92,7 +96,6 @@ def resolve_args(args):
 
 def load_training_images(args):
     """[N, 3, S, S] in [-1, 1]: --data, or the bundled six drawings."""
-    from minidiff import data
 
     source = args.data if args.data is not None else data.instance_images()
     return data.ImageFolder(source, args.size, fit=args.fit).tensors()
@@ -106,14 +109,6 @@ def batch_indices(n, batch_size):
 
 
 def run(args):
-    from tqdm import tqdm
-
-    from minidiff import io, run_folder
-    from minidiff.baselines import gan
-    from minidiff.eval import metrics
-    from minidiff.train import hardware, interrupt, resume, state
-    from minidiff.images import make_grid, save_png
-
     out = Path(args.out)
     if args.resume:
         state.find_checkpoint(args.resume, out)  # "checkpoint not found" before the folder is made
@@ -154,22 +149,20 @@ def run(args):
     def checkpoint(at_step):
         return state.save_checkpoint(out, at_step, modules, optimizers, extra={"config": asdict(cfg), "args": settings})
 
-    t0 = time.time()
-    bar = tqdm(range(step + 1, args.steps + 1), initial=step, total=args.steps, desc=f"gan {args.recipe}",
-               dynamic_ncols=True)
-    for step in interrupt.steps(bar, on_stop=checkpoint):  # CTRL-C: a checkpoint after this step, exit 130
-        logs = gan.train_step(G, D, opt_g, opt_d, reals[batch_indices(n, batch_size).to(device)], cfg, step, ema)
-        state.check_finite(logs["loss_d"] + logs["loss_g"], step, hint="lower --lr, or try --r1 auto")
-        log.log(step, **logs)
-        if step % 10 == 0 or step == args.steps:
-            bar.set_postfix({"D(x)": f"{logs['d_x']:.3f}", "D(G(z))": f"{logs['d_g_z']:.3f}",
-                             "L_D": f"{logs['loss_d']:.3f}", "L_G": f"{logs['loss_g']:.3f}"})
-        if args.sample_every and step % args.sample_every == 0:
-            write_grid(out / f"grid-{step:06d}.png", step)
-        if (args.save_every and step % args.save_every == 0) or step == args.steps:
-            checkpoint(step)
-    bar.close()
-    train_seconds = time.time() - t0
+    def step_fn(step):
+        return gan.train_step(G, D, opt_g, opt_d, reals[batch_indices(n, batch_size).to(device)], cfg, step, ema)
+
+    def postfix(logs):
+        return {"D(x)": f"{logs['d_x']:.3f}", "D(G(z))": f"{logs['d_g_z']:.3f}", "L_D": f"{logs['loss_d']:.3f}",
+                "L_G": f"{logs['loss_g']:.3f}"}
+
+    summary = loop.train(step_fn=step_fn, steps=args.steps, start=step, log=log, finite=("loss_d", "loss_g"),
+                         hint="lower --lr, or try --r1 auto",
+                         hooks=[(args.sample_every, lambda s: write_grid(out / f"grid-{s:06d}.png", s), False),
+                                (args.save_every, checkpoint, True)],
+                         postfix=postfix, postfix_every=10, on_stop=checkpoint, desc=f"gan {args.recipe}",
+                         dynamic_ncols=True)
+    train_seconds = summary["seconds"]
 
     log.plot(title=f"GAN ({args.recipe}): losses, D(x) and D(G(z))")
     log.plot(title=f"GAN ({args.recipe}): D(x) and D(G(z)), mean sigmoid", path=out / "d_outputs.png",
@@ -189,8 +182,6 @@ def run(args):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
-    from minidiff.cli import exit_code
-
     threads = torch.get_num_threads()
 
     def body():

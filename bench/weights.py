@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# diffusers' unet/config.json and vae/config.json of stabilityai/stable-diffusion-xl-base-1.0 (reference sdxl.md 1.1,
-# 4), written out here rather than derived from minidiff's config so that the oracle does not depend on our code.
+# diffusers' unet/config.json and vae/config.json of stabilityai/stable-diffusion-xl-base-1.0 (https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/blob/main/unet/config.json,
+# .../vae/config.json), written out here rather than derived from minidiff's config so that the oracle does not depend on our code.
 SDXL_UNET = dict(
     sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[320, 640, 1280],
     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
@@ -41,7 +41,7 @@ SDXL_VAE = dict(
 SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                       prediction_type="epsilon", timestep_spacing="leading", steps_offset=1,
                       interpolation_type="linear", use_karras_sigmas=False)
-# text_encoder/config.json and text_encoder_2/config.json of the same repo (reference sdxl.md 3): CLIP ViT-L/14 and
+# text_encoder/config.json and text_encoder_2/config.json of the same repo (https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/tree/main/text_encoder_2): CLIP ViT-L/14 and
 # OpenCLIP ViT-bigG/14, 123,060,480 and 694,659,840 parameters.
 SDXL_CLIP_L = dict(vocab_size=49408, max_position_embeddings=77, hidden_size=768, intermediate_size=3072,
                    num_hidden_layers=12, num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768)

@@ -280,12 +280,12 @@ def sdxl_components():
 
 
 def miniature_components():
-    """The bundled miniature's components (`tiny.build_pipeline`: same shapes as the shipped weights; pixel space,
-    so no VAE)."""
-    from minidiff.bundled import tiny
+    """The bundled miniature's components, loaded from what is shipped in minidiff/assets/tiny-sdxl (pixel space,
+    so no VAE). tests/test_docs.py recomputes the miniature's tables from them."""
+    from minidiff.bundled import assets_dir
+    from minidiff.weights.pretrained import load_pipeline
 
-    with tempfile.TemporaryDirectory() as tmp:
-        pipe = tiny.build_pipeline(tmp)
+    pipe = load_pipeline(assets_dir() / "tiny-sdxl", device="cpu")
     return {"unet": pipe.unet, "text_encoder": pipe.text.text_encoder, "text_encoder_2": pipe.text.text_encoder_2}
 
 

@@ -6,6 +6,10 @@ and one shape for every `main()`:
         return cli.exit_code(run, args)       # 0; 2 with one `error: ...` line; 130 after CTRL-C
 
 `python script.py` ends with `sys.exit(main())`; tests call `main([...])` in-process and read the status.
+
+Every parser also takes the spellings of diffusers' and kohya's training scripts, so a command line copied from
+their READMEs runs: `--snake_case` is read as `--snake-case` wherever this script has that flag, and the flags we
+name differently are translated by DIFFUSERS_FLAGS (flag -> the tokens it stands for; [] = our default already).
 """
 import argparse
 import errno
@@ -34,14 +38,60 @@ def finite_float(text):
     return value
 
 
+# diffusers' train_dreambooth_lora_sdxl.py flag -> ours, where the name (not only the _ / - spelling) differs
+DIFFUSERS_FLAGS = {
+    "--pretrained_model_name_or_path": ["--model"],
+    "--pretrained_vae_model_name_or_path": ["--vae"],
+    "--instance_data_dir": ["--instance-dir"],
+    "--class_data_dir": ["--class-dir"],
+    "--with_prior_preservation": [],  # prior preservation is on unless --no-prior
+    "--prior_loss_weight": ["--prior-weight"],
+    "--sample_batch_size": ["--class-batch-size"],
+    "--output_dir": ["--out"],
+    "--train_batch_size": ["--batch-size"],
+    "--max_train_steps": ["--steps"],
+    "--learning_rate": ["--lr"],
+    "--gradient_accumulation_steps": ["--grad-accum"],
+    "--lr_scheduler": ["--lr-schedule"],
+    "--lr_warmup_steps": ["--warmup"],
+    "--snr_gamma": ["--min-snr-gamma"],
+    "--checkpointing_steps": ["--save-every"],
+    "--resume_from_checkpoint": ["--resume"],
+    "--center_crop": ["--fit", "crop"],
+}
+
+
+def translate_flags(argv, known):
+    """argv with diffusers' spellings replaced by ours (see the module docstring); `known`: this parser's flags."""
+    out = []
+    for token in argv:
+        flag, eq, value = token.partition("=")
+        if not flag.startswith("--") or flag in known:
+            out.append(token)
+            continue
+        if flag in DIFFUSERS_FLAGS and (not DIFFUSERS_FLAGS[flag] or DIFFUSERS_FLAGS[flag][0] in known):
+            new = DIFFUSERS_FLAGS[flag]
+        elif flag.replace("_", "-") in known:
+            new = [flag.replace("_", "-")]
+        else:
+            new = [flag]
+        out += [new[0] + eq + value, *new[1:]] if new else []
+    return out
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors are one line and exit status 2, like every other user error. Float flags take
-    finite numbers only, and `--lr -1e-4` reads -1e-4 as the flag's value (then refused by the range check)."""
+    finite numbers only, and `--lr -1e-4` reads -1e-4 as the flag's value (then refused by the range check).
+    It reads diffusers' flag spellings too (translate_flags)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = NEGATIVE_NUMBER
         self.register("type", float, finite_float)  # type=float means a finite float, in every argument group
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args(translate_flags(args, self._option_string_actions), namespace)
 
     def error(self, message):
         command = self.prog if self.prog.startswith("python") else f"python {self.prog}"  # a script, or `python -m`

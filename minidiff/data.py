@@ -64,11 +64,6 @@ def instance_images(character=TARGET_CHARACTER, poses=INSTANCE_POSES):
     return [kenney_path(character, p) for p in poses]
 
 
-def held_out_images(character=TARGET_CHARACTER):
-    """The target character's poses that training never sees (for evaluation)."""
-    return instance_images(character, HELD_OUT_POSES)
-
-
 # ----------------------------------------------------------------------------------------------- one image
 def to_rgb_on_white(img):
     """Any PIL mode -> RGB; transparent pixels (alpha, or a palette's transparent index) become white."""

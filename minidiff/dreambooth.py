@@ -17,7 +17,7 @@ n' ~ N(0, I) of shape [B, C, 1, 1], one shift per row and channel, so the model 
 Every row carries its own conditioning: the context and pooled embedding of its own caption, and SDXL's
 micro-conditioning time_ids = (original h, w, crop top, left, target h, w) of its own image. diffusers' basic SDXL
 script gives the class rows the instance image's sizes and computes min-SNR from all 2B timesteps against B
-losses (shared/reference/trainers.md 1.3); here both come from the row itself and a test checks it by hand.
+losses (https://github.com/huggingface/diffusers/blob/58eb52c0803e/examples/dreambooth/train_dreambooth_lora_sdxl.py); here both come from the row itself and a test checks it by hand.
 
 Everything the frozen parts compute is computed once (`Examples`, `PromptCache`): the VAE encodes each image once
 (its posterior mean and std are kept and a fresh z_0 = mean + std * n is drawn per step; for a pixel-space model

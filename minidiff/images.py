@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from . import io
@@ -48,22 +49,18 @@ def from_pil(img):
 def make_grid(x, nrow=None, pad=2):
     """[N, C, H, W] in [-1, 1] -> one PIL image, `nrow` images per row (default: about square), white gaps.
 
-    Same arithmetic as torchvision.utils.make_grid: `pad` pixels between cells and around the border, so the grid is
-    (ncol * (W + pad) + pad) wide and (nrows * (H + pad) + pad) high, with ncol = min(nrow, N).
+    torchvision.utils.make_grid: `pad` pixels between cells and around the border, so the grid is
+    (ncol * (W + pad) + pad) wide and (nrows * (H + pad) + pad) high, with ncol = min(nrow, N). (torchvision returns
+    a single image unpadded; it gets the same white border here, so every grid looks alike.)
     """
     if x.dim() == 3:
         x = x[None]
     if x.dim() != 4 or x.shape[0] == 0:
         raise ValueError(f"make_grid expects a non-empty [N,C,H,W] tensor, got shape {tuple(x.shape)}")
-    n, c, h, w = x.shape
-    ncol = min(nrow or math.ceil(math.sqrt(n)), n)
-    nrows = math.ceil(n / ncol)
-    grid = torch.ones(c, nrows * (h + pad) + pad, ncol * (w + pad) + pad)  # 1.0 = white in [-1, 1]
-    for i in range(n):
-        r, col = divmod(i, ncol)
-        y0, x0 = pad + r * (h + pad), pad + col * (w + pad)
-        grid[:, y0 : y0 + h, x0 : x0 + w] = x[i].detach().float().cpu()
-    return to_pil(grid)
+    x, nrow = x.detach().float().cpu(), nrow or math.ceil(math.sqrt(x.shape[0]))
+    if x.shape[0] == 1:
+        return to_pil(F.pad(x[0], (pad, pad, pad, pad), value=1.0))
+    return to_pil(torchvision.utils.make_grid(x, nrow=nrow, padding=pad, pad_value=1.0))
 
 
 # ----------------------------------------------------------------------------------------------- PNG files

@@ -23,8 +23,7 @@ class LoRASwitch:
 
     def use(self, loras) -> list:
         """loras: [(path, scale)] -> the metadata [{file, scale, sha256}] of what is on now."""
-        from .lora import disable_lora, enable_lora, set_lora_scale
-        from .weights.lora_files import load_lora
+        from .lora import disable_lora, enable_lora, load_lora, set_lora_scale
         from .weights.pretrained import file_hash
 
         for path, _ in loras:

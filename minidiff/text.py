@@ -8,7 +8,8 @@ SDXL (Podell et al. 2023, arXiv 2307.01952, sec. 2.1-2.2) conditions its UNet on
     time_ids [B, 6]           = (h, w, top, left, target_h, target_w)   "micro-conditioning" on sizes and crop
 
 The UNet embeds `time_ids` with the timestep sinusoid and adds MLP([pooled || emb(time_ids)]) to the timestep
-embedding (reference notes: shared/reference/sdxl.md sec. 1.3 and 3).
+embedding (sgm `ConcatTimestepEmbedderND`,
+https://github.com/Stability-AI/generative-models/blob/0ad7de9a5cb5/sgm/modules/encoders/modules.py).
 
 Tokenization pads every prompt to 77 tokens and the UNet attends to all 77 positions (no attention mask), so the
 pad token matters numerically: CLIP-L pads with `<|endoftext|>`, bigG with `!` (id 0, open_clip's zero padding).
@@ -162,7 +163,7 @@ def _notice_long(prompt: str, n_tokens: int, body: int):
 
 
 class TextConditioner(nn.Module):
-    """Both SDXL text encoders and their tokenizers (sdxl.md sec. 3).
+    """Both SDXL text encoders and their tokenizers (https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/tree/main/text_encoder_2).
 
     `text_encoder` is a transformers `CLIPTextModel` (CLIP ViT-L/14, width C1 = 768), `text_encoder_2` a
     `CLIPTextModelWithProjection` (OpenCLIP ViT-bigG/14, width C2 = 1280, projection P = 1280). Any sizes work:

@@ -4,7 +4,8 @@ One config-driven family covers the SDXL base UNet, SD 1.5, a tiny SDXL for test
 Class and attribute names copy diffusers (as minSDXL does), so a diffusers `unet/` state dict loads with
 `load_state_dict(strict=True)`: `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight`, ...
 
-Shape of the network (SDXL numbers; reference notes `sdxl.md` 1.2, sgm `openaimodel.py` `UNetModel`):
+Shape of the network (SDXL numbers; sgm `UNetModel`,
+https://github.com/Stability-AI/generative-models/blob/0ad7de9a5cb5/sgm/modules/diffusionmodules/openaimodel.py):
 
     temb = MLP(sinusoid(t)) + MLP([pooled | sinusoid(time_ids)])              1280
     h = conv_in(x_t)                                                           skip s0
@@ -13,6 +14,19 @@ Shape of the network (SDXL numbers; reference notes `sdxl.md` 1.2, sgm `openaimo
     mid: ResBlock -> Transformer2D x mid_depth -> ResBlock
     up level l: (concat(h, skip.pop()) -> ResBlock -> Transformer2D) x (layers_per_block + 1) -> Upsample2D
     eps = conv_out(SiLU(GroupNorm(h)))
+
+The skips of SDXL at 1024 px (latent 4 x 128 x 128), pushed by the down path and popped LIFO by the up path
+(channels @ side; minSDXL `sdxl_rewrite.py` names them s0..s8 the same way):
+
+    conv_in                      4 -> 320 @128   s0 320
+    down_blocks.0 (no attention)  320 @128        s1 320, s2 320, downsample s3 320 @64
+    down_blocks.1 (depth 2)       320 -> 640 @64  s4 640, s5 640, downsample s6 640 @32
+    down_blocks.2 (depth 10)      640 -> 1280 @32 s7 1280, s8 1280
+    mid_block (depth 10)          1280 @32
+    up_blocks.0 (depth 10)   cat s8: 1280+1280 -> 1280, s7: 1280+1280 -> 1280, s6: 1280+640 -> 1280, upsample @64
+    up_blocks.1 (depth 2)    cat s5: 1280+640 -> 640,   s4: 640+640 -> 640,    s3: 640+320 -> 640,   upsample @128
+    up_blocks.2 (no attn.)   cat s2: 640+320 -> 320,    s1: 320+320 -> 320,    s0: 320+320 -> 320
+    conv_out                     320 -> 4 @128
 
 The config (UNetConfig, its presets and the diffusers config.json mapping) is in unet_config.py and imported here,
 so `from minidiff.unet import UNet, UNetConfig` is the whole model.
@@ -25,6 +39,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -107,12 +122,12 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])  # a list only so the key reads `to_out.0`
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
-        B, N, _ = x.shape
-        q, k, v = (t.view(B, t.shape[1], self.heads, -1).transpose(1, 2)  # [B, heads, tokens, d], no copy
-                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.to_out[0](out.transpose(1, 2).reshape(B, N, -1))
+        context = x if context is None else context                   # [B, M, C_ctx]; self-attention: M = N
+        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)  # views, no copy
+        k = rearrange(self.to_k(context), "b m (h d) -> b h m d", h=self.heads)
+        v = rearrange(self.to_v(context), "b m (h d) -> b h m d", h=self.heads)
+        out = F.scaled_dot_product_attention(q, k, v)                  # [B, heads, N, d]
+        return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))  # [B, N, C]
 
 
 class GEGLU(nn.Module):
@@ -123,7 +138,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, 2 * inner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, g = self.proj(x).chunk(2, dim=-1)  # views, no copy
+        a, g = self.proj(x).chunk(2, dim=-1)  # [B, N, inner] each: views, no copy
         return a * F.gelu(g) if torch.is_grad_enabled() else F.gelu(g).mul_(a)  # inference: one buffer less
 
 
@@ -135,7 +150,7 @@ class FeedForward(nn.Module):
         self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Dropout(0.0), nn.Linear(mult * dim, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](self.net[1](self.net[0](x)))
+        return self.net[2](self.net[1](self.net[0](x)))  # [B, N, dim] -> [B, N, 4 dim] -> [B, N, dim]
 
 
 class BasicTransformerBlock(nn.Module):
@@ -151,6 +166,7 @@ class BasicTransformerBlock(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        # x [B, N, dim] throughout; context [B, 77k, context_dim]
         x = self.attn1(self.norm1(x)).add_(x)  # Linear outputs: safe to add into in place
         if self.attn2 is not None:
             x = self.attn2(self.norm2(x), context).add_(x)
@@ -172,18 +188,18 @@ class Transformer2DModel(nn.Module):
         self.proj_out = nn.Linear(dim, dim) if linear else nn.Conv2d(dim, dim, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        B, C, H, W = x.shape
+        H, W = x.shape[2:]                                      # x [B, C, H, W]
         h = self.norm(x)
         if not self.linear:
             h = self.proj_in(h)
-        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)
+        h = rearrange(h, "b c h w -> b (h w) c")                # tokens [B, HW, C]
         if self.linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
-            h = maybe_checkpoint(block, h, context)
+            h = maybe_checkpoint(block, h, context)             # [B, HW, C]
         if self.linear:
             h = self.proj_out(h)
-        h = h.view(B, H, W, C).permute(0, 3, 1, 2)
+        h = rearrange(h, "b (h w) c -> b c h w", h=H, w=W)      # [B, C, H, W], a channels-last view
         if not self.linear:
             return x + self.proj_out(h.contiguous())
         return x + h  # x first: the sum comes out contiguous NCHW, no extra .contiguous() copy
@@ -260,7 +276,7 @@ class UpBlock2D(nn.Module):
 
     def forward(self, h, skips: list, temb, context=None, size=None):
         for i, resnet in enumerate(self.resnets):
-            h = maybe_checkpoint(resnet, torch.cat([h, skips.pop()], dim=1), temb)
+            h = maybe_checkpoint(resnet, torch.cat([h, skips.pop()], dim=1), temb)  # [B, C + C_skip, H, W] -> C
             if self.attentions is not None:
                 h = self.attentions[i](h, context)
         if self.upsamplers is not None:

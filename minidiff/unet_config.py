@@ -22,7 +22,8 @@ _DIFFUSERS_FIXED = dict(
 
 @dataclass
 class UNetConfig:
-    """Everything that shapes the UNet. Defaults = SDXL base (sdxl.md 1.1). Per-level tuples run top (full
+    """Everything that shapes the UNet. Defaults = SDXL base
+    (https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/blob/main/unet/config.json). Per-level tuples run top (full
     resolution) to bottom. transformer_depth[l] = 0 means no attention at level l; num_heads are true head counts
     (diffusers' `attention_head_dim` [5, 10, 20] is, despite its name, the same head counts)."""
     in_channels: int = 4

@@ -8,7 +8,8 @@ Synthesis with Latent Diffusion Models"). The UNet sees latents scaled to about 
 
 Attribute names are diffusers' AutoencoderKL keys (`encoder.down_blocks.0.resnets.0.conv1.weight`,
 `decoder.mid_block.attentions.0.to_q.weight`, `quant_conv`, ...). References: diffusers
-`autoencoders/autoencoder_kl.py`, `autoencoders/vae.py`; sgm `diffusionmodules/model.py`; sdxl.md section 4.
+`autoencoders/autoencoder_kl.py`, `autoencoders/vae.py`; sgm `diffusionmodules/model.py`;
+https://github.com/huggingface/diffusers/blob/58eb52c0803e/src/diffusers/models/autoencoders/autoencoder_kl.py.
 The SDXL VAE overflows in fp16 (madebyollin/sdxl-vae-fp16-fix): with `force_upcast` it runs in fp32 instead.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from .errors import CheckpointError, MinidiffError
@@ -57,11 +59,11 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
-        h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)  # [B, HW, C]
+        H, W = x.shape[2:]                                                     # x [B, C, H, W]
+        h = rearrange(self.group_norm(x), "b c h w -> b (h w) c")              # [B, HW, C]
         q, k, v = (f(h)[:, None] for f in (self.to_q, self.to_k, self.to_v))  # one head: [B, 1, HW, C]
-        h = self.to_out[0](F.scaled_dot_product_attention(q, k, v)[:, 0])
-        return x + h.transpose(1, 2).reshape(B, C, H, W)
+        h = self.to_out[0](F.scaled_dot_product_attention(q, k, v)[:, 0])      # [B, HW, C]
+        return x + rearrange(h, "b (h w) c -> b c h w", h=H, w=W)
 
 
 class MidBlock(nn.Module):
@@ -151,7 +153,7 @@ _DIFFUSERS_FIXED = dict(act_fn="silu", shift_factor=None, latents_mean=None, lat
 
 @dataclass
 class VAEConfig:
-    """AutoencoderKL shape; defaults = SDXL's VAE (sdxl.md section 4): 4 levels, downsampling 2^(levels-1) = 8."""
+    """AutoencoderKL shape; defaults = SDXL's VAE (https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/blob/main/vae/config.json): 4 levels, downsampling 2^(levels-1) = 8."""
     in_channels: int = 3
     out_channels: int = 3
     block_out_channels: tuple = (128, 256, 512, 512)

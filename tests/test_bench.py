@@ -68,7 +68,7 @@ def test_parent_runs_workers_and_writes_json(tmp_path, capsys):
 
 
 def test_budget_reproduces_sdxl_counts():
-    """2,567,463,684 UNet parameters and 5,806,080 rank-4 attention LoRA parameters (reference sdxl.md, the
+    """2,567,463,684 UNet parameters and 5,806,080 rank-4 attention LoRA parameters (the
     diffusers+peft count), ~6.8 TFLOP per forward at a 128x128 latent (issue 6)."""
     unet = budget.meta_unet("sdxl", torch.float16, lora_rank=4)
     n_lora = sum(p.numel() for p in budget.lora_parameters(unet))
@@ -88,7 +88,7 @@ def test_flop_counter_counts_two_flops_per_multiply_add():
 
 
 def test_sdxl_text_encoder_configs_have_the_published_sizes():
-    """CLIP ViT-L/14 123,060,480 and OpenCLIP bigG/14 694,659,840 parameters (reference sdxl.md 3)."""
+    """CLIP ViT-L/14 123,060,480 and OpenCLIP bigG/14 694,659,840 parameters (the hub configs of stabilityai/stable-diffusion-xl-base-1.0)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.device("meta"):

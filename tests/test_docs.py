@@ -119,3 +119,20 @@ def test_generated_blocks_are_filled_and_made_by_make_figures():
 
 def test_readme_links_the_walkthrough():
     assert "docs/walkthrough.md" in (ROOT / "README.md").read_text()
+
+
+def test_the_miniatures_numbers_are_those_of_the_shipped_model():
+    """docs/06-what-trains.md's miniature tables (tensors, parameters, shares, file sizes) equal what make_figures.py
+    computes now from the weights shipped in minidiff/assets/tiny-sdxl: replacing the miniature without rerunning
+    `python docs/make_figures.py` fails here. (Unlike the tests above this one loads the miniature: ~2 s.)"""
+    import sys
+
+    sys.path.insert(0, str(DOCS))
+    try:
+        import make_figures
+    finally:
+        sys.path.remove(str(DOCS))
+    modes, attn = make_figures.what_trains_table(make_figures.miniature_components)
+    blocks = dict(BLOCK.findall((DOCS / "06-what-trains.md").read_text()))
+    assert blocks["what-trains-miniature"].strip() == modes.strip(), "run python docs/make_figures.py"
+    assert blocks["trainable-attn-miniature"].strip() == f"```text\n{attn}\n```", "run python docs/make_figures.py"

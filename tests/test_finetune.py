@@ -1,4 +1,4 @@
-"""finetune.py end to end on a tiny random pixel-space SDXL-family pipeline saved with checkpoint.save_pipeline:
+"""finetune.py end to end on a tiny random pixel-space SDXL-family pipeline saved with weights.pretrained.save_pipeline:
 the files it writes, bit-exact resume, full fine-tuning, and one-line errors (exit status 2) for bad input; and
 (fullsize) on random weights at SDXL's exact shapes, with sample.py after it."""
 

@@ -74,7 +74,7 @@ def find_cycle(edges):
 
 
 def test_the_package_is_found():
-    assert {"minidiff", "minidiff.lora", "minidiff.weights.lora_files", "minidiff.io", "minidiff.cli"} <= set(MODULES)
+    assert {"minidiff", "minidiff.lora", "minidiff.lora.files", "minidiff.lora.layers", "minidiff.io", "minidiff.cli"} <= set(MODULES)
 
 
 def test_no_import_circle():
@@ -107,7 +107,7 @@ def test_cycle_finder_finds_a_function_level_circle(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("source, expected", [
-    ("from . import lora_files", "minidiff.weights.lora_files"),
+    ("from . import layouts", "minidiff.weights.layouts"),
     ("from ..lora import wrap", "minidiff.lora"),
     ("import finetune", "finetune"),
 ])

@@ -285,10 +285,11 @@ def test_full_sdxl_on_meta_attn_is_560_modules_and_5806080_params():
         unet = UNet(UNetConfig.sdxl())
     names = inject_lora(unet, "attn", rank=4)
     assert len(names) == 560
-    assert sum(p.numel() for p in lora_parameters(unet)) == 5_806_080  # trainers.md 3.6: 14 C r + 4096 r per block
-    assert len(inject_lora(unet, "attn-ff", rank=4, name="kohya")) == 722  # trainers.md 2.2
+    assert sum(p.numel() for p in lora_parameters(unet)) == 5_806_080  # 14 C r + 4096 r per block
+    assert len(inject_lora(unet, "attn-ff", rank=4, name="kohya")) == 722  # kohya networks/lora.py
     inject_lora(unet, ["resnets.0.conv1"], rank=2, name="conv")
-    # kohya's own names and shapes, as listed in trainers.md 3.2 (what sd-scripts writes for SDXL)
+    # kohya's own names and shapes, what sd-scripts writes for SDXL
+    # (https://github.com/kohya-ss/sd-scripts/blob/48d368fa/networks/lora.py)
     sd = lora_state_dict(unet, "kohya", name="kohya")
     assert len(sd) == 3 * 722
     for key, shape in [("input_blocks_4_1_proj_in.lora_down.weight", (4, 640)),

@@ -1,4 +1,4 @@
-"""minidiff.weights.lora_files: LoRA files in the kohya, diffusers and peft layouts, both ways, against diffusers' and
+"""minidiff/lora/files.py: LoRA files in the kohya, diffusers and peft layouts, both ways, against diffusers' and
 peft's own loaders and savers on identical weights (text encoders and UNet), and one-line errors for bad files.
 """
 
@@ -161,7 +161,7 @@ def test_unet_lora_we_save_loads_in_diffusers_pipeline(tmp_path, fmt):
 def test_unet_lora_made_by_peft_loads_here(tmp_path, alpha, style):
     """A LoRA trained the diffusers way: LoraConfig on diffusers' UNet, saved by save_lora_weights (as
     train_dreambooth_lora_sdxl.py does), or with peft keys + LoraConfig metadata, or converted to kohya names by
-    diffusers' convert_state_dict_to_kohya (diffusers-flavoured kohya, trainers.md 3.3)."""
+    diffusers' convert_state_dict_to_kohya (diffusers-flavoured kohya, https://github.com/huggingface/diffusers/blob/58eb52c0803e/src/diffusers/utils/state_dict_utils.py)."""
     from diffusers import StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
     from peft import LoraConfig, get_peft_model_state_dict

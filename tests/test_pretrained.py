@@ -55,7 +55,7 @@ def saved_diffusers_pipeline(tmp_path, seed=0, **save_kw):
 
 
 # ------------------------------------------------------------------ an independent diffusers -> original converter
-# Re-typed from diffusers scripts/convert_diffusers_to_original_sdxl.py (sdxl.md sec. 2): literal (ldm, diffusers)
+# Re-typed from diffusers scripts/convert_diffusers_to_original_sdxl.py: literal (ldm, diffusers)
 # prefix tables and sequential str.replace, for SDXL's structure (3 levels, 2 layers per block).
 UNET_TOP = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
             ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out."),

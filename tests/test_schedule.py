@@ -22,7 +22,7 @@ def test_betas_by_hand():
     assert lin.betas[1].item() == pytest.approx(1e-4 + (0.02 - 1e-4) / 999, rel=1e-12)
     sdxl = Schedule.scaled_linear()
     assert sdxl.betas[0].item() == pytest.approx(0.00085) and sdxl.betas[-1].item() == pytest.approx(0.012)
-    # sdxl.md §5: sigma_max = sigma(999) = 14.6146, sigma_min = sigma(0) = 0.0292, alpha_bar_999 = 0.00466
+    # diffusers EulerDiscreteScheduler with SDXL's config: sigma_max = sigma(999) = 14.6146, sigma_min = sigma(0) = 0.0292, alpha_bar_999 = 0.00466
     assert sdxl.sigmas[-1].item() == pytest.approx(14.6146, abs=1e-4)
     assert sdxl.sigmas[0].item() == pytest.approx(0.0292, abs=1e-4)
     assert sdxl.alpha_bar[-1].item() == pytest.approx(0.00466, abs=1e-5)
@@ -198,7 +198,7 @@ def test_min_snr_weight_matches_diffusers_training_scripts():
 
 
 def test_timesteps_by_hand():
-    """sdxl.md §5: leading n=50: 981, 961, ..., 1; n=10: 901 .. 1; trailing n=50: 999 .. 19; n=10: 999 .. 99."""
+    """diffusers' timestep spacings: leading n=50: 981, 961, ..., 1; n=10: 901 .. 1; trailing n=50: 999 .. 19; n=10: 999 .. 99."""
     assert timesteps(50)[:3].tolist() == [981, 961, 941] and timesteps(50)[-1] == 1
     assert timesteps(10).tolist() == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
     assert timesteps(50, "trailing")[0] == 999 and timesteps(50, "trailing")[-1] == 19

@@ -8,7 +8,6 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from minidiff import images
 from minidiff.train import state
 from minidiff.errors import TrainingError
 
@@ -161,7 +160,7 @@ def test_loss_log_truncates_on_resume(tmp_path, monkeypatch):
     assert resumed.series()["loss"] == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.4), (5, 0.5), (6, 9.0)]
     assert resumed.plot().is_file() and resumed.png == tmp_path / "loss.png"
     drawn = {}
-    monkeypatch.setattr(images, "plot_curves", lambda series, path, title="": drawn.update(series))
+    monkeypatch.setattr(state, "plot_curves", lambda series, path, title="": drawn.update(series))
     resumed.plot()
     assert sorted(drawn) == ["loss", "val"]  # learning rates live on another scale: not in loss.png
     state.LossLog(tmp_path)  # a fresh run in the same folder starts a new log

@@ -138,7 +138,7 @@ def test_odd_latent_size_matches_diffusers(make_cfg):
 
 
 def test_sdxl_norm_eps():
-    """ResBlock GroupNorm 1e-5, Transformer2D GroupNorm 1e-6, LayerNorm 1e-5 (sdxl.md 1.3 norm table)."""
+    """ResBlock GroupNorm 1e-5, Transformer2D GroupNorm 1e-6, LayerNorm 1e-5 (diffusers and sgm defaults)."""
     with torch.device("meta"):
         m = UNet(UNetConfig.sdxl())
     mods = dict(m.named_modules())

@@ -1,6 +1,6 @@
 """The GAN baseline: a DCGAN generator and discriminator, DiffAugment, the BCE and hinge losses, lazy R1.
 
-Two recipes (`GANConfig.dcgan()`, `GANConfig.data_efficient()`), see `docs` and `shared/reference/baselines.md`:
+Two recipes (`GANConfig.dcgan()`, `GANConfig.data_efficient()`), see docs/04-gan.md:
 
 * `dcgan` is the seed project's Keras notebook, faithfully: 64 px, latent 128, BatchNorm in both nets, sigmoid + BCE,
   Adam(2e-4, beta1=0.5), no augmentation. On six images the discriminator wins outright (D(x) -> 1, D(G(z)) -> 0) and
@@ -48,7 +48,8 @@ class GANConfig:
 
     @classmethod
     def data_efficient(cls, size=64, **kw):
-        """DiffAugment(color, translation, cutout) + spectral-norm D + hinge + EMA(0.999) (baselines.md §0, §5)."""
+        """DiffAugment(color, translation, cutout) + spectral-norm D + hinge + EMA(0.999) (Zhao et al. 2020, arXiv:2006.10738;
+        https://github.com/mit-han-lab/data-efficient-gans/blob/0b633951/DiffAugment_pytorch.py)."""
         return cls(recipe="data-efficient", size=size, **kw)
 
     @classmethod

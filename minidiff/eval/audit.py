@@ -21,12 +21,13 @@ import sys
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw
 
 from ..cli import ArgumentParser, exit_code
 from ..errors import MinidiffError
 from ..images import save_png
+from ..lora import read_lora
 from ..run_folder import check_file_target
-from ..weights.lora_files import read_lora
 
 _BLOCK = re.compile(r"(down_blocks|up_blocks|input_blocks|output_blocks)[._](\d+)|(mid_block|middle_block)")
 
@@ -84,12 +85,6 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
-def print_trainable(models, prefix="unet"):
-    rows = trainable_table(models, prefix)
-    print(format_table(rows))
-    return rows
-
-
 # ------------------------------------------------------------------------------------------ what a file holds
 def delta_norm(down: torch.Tensor, up: torch.Tensor, alpha: float) -> float:
     """||(alpha / r) B A||_F via the r x r Gram matrices (module docstring); float64 for accuracy."""
@@ -137,8 +132,6 @@ def format_audit(report, top=None) -> str:
 
 def draw_block_norms(blocks: dict, path, title="", metadata=None):
     """Horizontal PIL bar chart of ||delta_W||_F per block, saved as a PNG with `metadata` in its text chunks."""
-    from PIL import Image, ImageDraw
-
     row, left, width, top = 22, 150, 420, 34
     img = Image.new("RGB", (left + width + 90, top + row * len(blocks) + 16), "white")
     d = ImageDraw.Draw(img)

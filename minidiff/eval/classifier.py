@@ -40,16 +40,19 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
+from PIL import Image
+from safetensors import safe_open
 
 from .. import data, io
 from ..bundled import assets_dir
 from ..cli import ArgumentParser, exit_code
 from ..errors import CheckpointError, DataError
 from ..images import square
+from ..train import loop
 
 CLASSIFIER_PATH = assets_dir() / "classifier.safetensors"
 INPUT_SIZE = 64
@@ -152,9 +155,6 @@ def augment(x: torch.Tensor, alpha: torch.Tensor, g: torch.Generator) -> torch.T
 # ---------------------------------------------------------------------------------------------------------- training
 def kenney_set(poses=None, size=INPUT_SIZE):
     """The bundled drawings as (x [N,3,S,S] on white, alpha [N,1,S,S], character index [N], pose index [N])."""
-    import numpy as np
-    from PIL import Image
-
     poses = tuple(poses or data.POSES)
     pairs = [(c, p) for c in data.CHARACTERS for p in poses]
     paths = [data.kenney_path(c, p) for c, p in pairs]
@@ -181,16 +181,17 @@ def train_model(x, alpha, chars, poses, steps=600, batch=64, lr=3e-3, seed=0, de
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     model.train()
-    for _ in (bar := tqdm(range(steps), desc=desc)):
+
+    def step_fn(step):
         idx = torch.randint(0, len(x), (batch,), generator=g)
         logits_c, logits_p = model(augment(x[idx].clone(), alpha[idx], g))
         loss = F.cross_entropy(logits_c, chars[idx], label_smoothing=0.1) + F.cross_entropy(
             logits_p, poses[idx], label_smoothing=0.1)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        loop.optimizer_step(optimizer=opt, params=model.parameters(), lr_scheduler=sched)
+        return {"loss": loss.detach()}
+
+    loop.train(step_fn=step_fn, steps=steps, postfix=lambda logs: {"loss": f"{logs['loss'].item():.3f}"}, desc=desc)
     return model.eval()
 
 
@@ -233,8 +234,6 @@ def _report(model, poses, exact_pose=True) -> dict:
 # ------------------------------------------------------------------------------------------------------ load, predict
 def load_classifier(path=None) -> CharacterClassifier:
     """The shipped classifier (minidiff/assets/classifier.safetensors) or the one at `path`, in eval mode."""
-    from safetensors import safe_open
-
     path = Path(path or CLASSIFIER_PATH)
     if not path.is_file():
         raise CheckpointError(f"classifier weights not found at {path}; rebuild them with: {TRAIN_COMMAND}")

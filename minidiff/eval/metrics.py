@@ -35,8 +35,10 @@ import math
 
 import torch
 
+from ..data import CHARACTERS, POSES
 from ..errors import DataError
 from ..images import square
+from . import classifier as clf
 
 SIZE = 64
 WHITE = 240 / 255  # an sRGB pixel with all three channels >= WHITE counts as background
@@ -159,9 +161,6 @@ def evaluate(samples: torch.Tensor, train: torch.Tensor, target_character: str =
     character_counts (dict name -> count over all names, zeros included), size (the comparison side S), n_samples,
     n_train.
     """
-    from . import classifier as clf
-    from ..data import CHARACTERS, POSES
-
     if target_character not in CHARACTERS:
         raise DataError(f"target_character must be one of {', '.join(CHARACTERS)}, got {target_character!r}")
     _check(samples, "samples")

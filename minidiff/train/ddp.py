@@ -12,8 +12,8 @@ processes at batch B train like one process at batch W * B (tests/test_ddp.py ch
 gradients travel (5.8 M floats = 23 MB per step for rank 4), in one flat all-reduce. This is what
 torch.nn.parallel.DistributedDataParallel does for the trainable parameters, written out: DDP's bucketing overlaps
 communication with backward, which matters little for 23 MB, and its hooks interact badly with gradient
-checkpointing. Class images are split with `shard` (image i goes to process i mod W), and only process 0 writes
-files (`is_main`).
+checkpointing. Class images are made in chunks split round robin (chunk c on process c mod W; dreambooth.make_class_images),
+and only process 0 writes files (`is_main`).
 """
 from __future__ import annotations
 
@@ -56,11 +56,6 @@ def init(device: str | None = None) -> Context:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return Context(rank, world, local, torch.device(f"cuda:{local}" if cuda else "cpu"))
-
-
-def shard(items: list, ctx: Context) -> list:
-    """This process's share: items[rank], items[rank + W], ... (e.g. the class images each GPU generates)."""
-    return list(items)[ctx.rank::ctx.world_size]
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ from safetensors import safe_open
 
 from .. import io
 from ..errors import TrainingError
+from ..images import plot_curves
 from . import resume as checks
 
 FORMAT = "minidiff-checkpoint"
@@ -346,7 +347,5 @@ class LossLog:
 
     def plot(self, title="training loss", path=None, names=None):
         """Draw loss.png: the columns in `names`, default all but learning rates (lr*), which have another scale."""
-        from ..images import plot_curves
-
         series = {n: v for n, v in self.series().items() if (n in names if names else not n.startswith("lr"))}
         return plot_curves(series, path or self.png, title=title)

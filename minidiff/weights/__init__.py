@@ -1,3 +1,3 @@
 """Files of weights: pretrained models (pretrained.py: find, load, save), the key layouts between the original single
-file and diffusers (layouts.py), and LoRA files in kohya / diffusers / peft naming (lora_files.py, which imports
-lora.py, never the reverse)."""
+file and diffusers (layouts.py). LoRA files (kohya / diffusers / peft naming) are minidiff/lora/files.py's: a LoRA
+file is read only into a model that has LoRA layers, so the format sits beside the layers."""

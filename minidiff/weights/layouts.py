@@ -2,7 +2,8 @@
 between them (pretrained.py reads the files and fills the modules; this file only renames keys, reads tensors through
 the renaming rules and reads sizes; it imports nothing from pretrained.py).
 
-Two layouts hold the same SDXL weights (reference notes `sdxl.md` sec. 2):
+Two layouts hold the same SDXL weights (diffusers' converter,
+https://github.com/huggingface/diffusers/blob/58eb52c0803e/scripts/convert_diffusers_to_original_sdxl.py):
 
     diffusers folder   unet/ vae/ text_encoder/ text_encoder_2/ tokenizer/ tokenizer_2/ scheduler/, each with its
                        config.json and `*.safetensors` (or `*.fp16.safetensors`, or shards + `*.safetensors.index.json`)
@@ -30,6 +31,9 @@ SDXL), by the `infer_*_config` functions at the end.
 from __future__ import annotations
 
 import re
+
+from ..unet import UNetConfig
+from ..vae import VAEConfig
 
 # where each component sits in the original single file
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
@@ -249,8 +253,6 @@ def _count(keys, pattern) -> int:
 def infer_unet_config(view, pooled_dim=None):
     """The original file has no config.json: read the SDXL-family sizes off the tensor shapes (head width 64,
     GroupNorm 32, the rest as in SDXL)."""
-    from ..unet import UNetConfig
-
     keys, shape = view.keys(), view.shape
     levels = _count(keys, r"input_blocks\.(\d+)\.0\.op\.") + 1
     L = _count(keys, r"input_blocks\.(\d+)\.") // levels - 1
@@ -272,8 +274,6 @@ def infer_unet_config(view, pooled_dim=None):
 
 def infer_vae_config(view):
     """Sizes of an ldm-layout VAE read off its shapes; scaling factor and upcasting as SDXL's."""
-    from ..vae import VAEConfig
-
     keys, shape = view.keys(), view.shape
     levels = _count(keys, r"encoder\.down\.(\d+)\.")
     d = VAEConfig.sdxl().to_diffusers()

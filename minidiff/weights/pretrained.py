@@ -29,9 +29,22 @@ from safetensors import safe_open
 
 from .. import io
 from ..errors import CheckpointError
-from .layouts import (CLIP_G_PREFIX, PREFIX, View, convert_keys, detect_layout, infer_clip_config, infer_unet_config,
-                      infer_vae_config, text_model_level)
-from ..pipeline import SDXL_SCHEDULER
+from ..pipeline import SDXL_SCHEDULER, Pipeline
+from ..schedule import Schedule
+from ..text import TextConditioner
+from ..unet import UNet, UNetConfig
+from ..vae import AutoencoderKL, VAEConfig
+from .layouts import (
+    CLIP_G_PREFIX,
+    PREFIX,
+    View,
+    convert_keys,
+    detect_layout,
+    infer_clip_config,
+    infer_unet_config,
+    infer_vae_config,
+    text_model_level,
+)
 
 
 def file_hash(path) -> str:
@@ -183,8 +196,6 @@ def _locate(path, component: str, dtype=None):
 # ---------------------------------------------------------------------------------------------------- loaders
 def load_unet(path, dtype=None, device="cpu"):
     """The UNet of a diffusers folder (pipeline or unet/), a diffusers unet file, or an original single file."""
-    from ..unet import UNet, UNetConfig
-
     view, config, layout = _locate(path, "unet", dtype)
     if layout == "diffusers":
         config, (plan, unknown) = UNetConfig.from_diffusers(config), convert_keys(view.keys(), "diffusers")
@@ -201,8 +212,6 @@ def load_unet(path, dtype=None, device="cpu"):
 def load_vae(path, dtype=None, device="cpu"):
     """The AutoencoderKL of a diffusers folder (pipeline or vae/), a diffusers vae file, an ldm-layout VAE file
     (e.g. sdxl_vae.safetensors) or an original single file."""
-    from ..vae import AutoencoderKL, VAEConfig
-
     view, config, layout = _locate(path, "vae", dtype)
     if layout == "diffusers":
         config, (plan, unknown) = VAEConfig.from_diffusers(config), convert_keys(view.keys(), "diffusers")
@@ -247,8 +256,6 @@ def load_tokenizer(folder):
 def load_text(path, dtype=None, device="cpu", tokenizers=None):
     """TextConditioner: both encoders from `path`, tokenizers from `tokenizers` (a folder holding tokenizer/ and
     tokenizer_2/) or from `path` when it is a diffusers folder."""
-    from ..text import TextConditioner
-
     tok_dir = Path(tokenizers) if tokenizers else Path(path)
     if not (tok_dir / "tokenizer").is_dir() or not (tok_dir / "tokenizer_2").is_dir():
         if Path(path).is_file() and not tokenizers:
@@ -263,8 +270,6 @@ def load_text(path, dtype=None, device="cpu", tokenizers=None):
 
 def schedule_from_config(config: dict):
     """The training noise schedule of `scheduler/scheduler_config.json` (diffusers keys; missing ones = SDXL's)."""
-    from ..schedule import Schedule
-
     c = {**SDXL_SCHEDULER, **config}
     if c["prediction_type"] != "epsilon":
         raise CheckpointError(f"scheduler: prediction_type {c['prediction_type']!r} is not supported (epsilon only)")
@@ -280,8 +285,6 @@ def load_pipeline(path, dtype=None, device="cpu", vae=None, tokenizers=None):
     """A whole Pipeline from a diffusers folder or an original single file (+ tokenizers=DIR). `vae` replaces the
     VAE (a folder or file, e.g. the fp16-fix VAE). The VAE runs in float32 unless its config says it is fp16-safe
     (force_upcast false) or dtype is bfloat16. A folder without vae/ whose UNet takes RGB is pixel space."""
-    from ..pipeline import Pipeline
-
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no such model folder or file: {path}")

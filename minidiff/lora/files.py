@@ -1,8 +1,9 @@
 """LoRA files: the three namings people exchange adapters in, and save / read / load. The adapters themselves
-(LoRALinear, inject_lora, merge, ...) are in lora.py, which this file imports and which never imports it back;
-`minidiff.lora.save_lora` / `minidiff.lora.load_lora` (the usual spellings) are aliases minidiff/__init__.py attaches.
+(LoRALinear, inject_lora, merge, ...) are in layers.py, which this file imports and which never imports it back;
+`minidiff.lora` (lora/__init__.py) re-exports both, so `minidiff.lora.save_lora` is this file's save_lora.
 
-File namings (trainers.md §3; which tools read which: §3.4):
+File namings (https://github.com/kohya-ss/sd-scripts/blob/48d368fa/networks/lora.py,
+https://github.com/huggingface/diffusers/blob/58eb52c0803e/src/diffusers/utils/state_dict_utils.py):
     kohya      lora_unet_<original sgm module path, . -> _>.lora_down.weight / .lora_up.weight / .alpha
                lora_te1_text_model_encoder_layers_0_self_attn_q_proj..., lora_te2_... (ComfyUI, A1111, kohya)
     diffusers  unet.<module>.lora.down.weight / .lora.up.weight, text_encoder.<module>.lora_linear_layer.down.weight
@@ -19,11 +20,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 
 from .. import io
 from ..errors import LoRAError
-from .layouts import diffusers_to_ldm_unet_key
-from ..lora import LoRAConv2d, LoRALinear, adapters_of, check_name, components, lora_layers, lora_shapes, wrap
+from ..weights.layouts import diffusers_to_ldm_unet_key
+from .layers import LoRAConv2d, LoRALinear, adapters_of, check_name, components, lora_layers, lora_shapes, wrap
 
 FORMATS = ("kohya", "diffusers", "peft")
 KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
@@ -117,7 +119,7 @@ def save_lora(model, path, format="kohya", metadata=None, prefix="unet", name=No
             "minidiff.rank": ",".join(map(str, sorted({a.rank for a in linear + conv}))),
             "minidiff.alpha": ",".join(f"{x:g}" for x in sorted({a.alpha for a in linear + conv})),
             "minidiff.targets": ",".join(sorted({a.targets for a in linear + conv}))}
-    if format == "kohya":  # the keys kohya's tools and the web UIs read (trainers.md 2.6, 3.5)
+    if format == "kohya":  # the keys kohya's tools and the web UIs read (sd-scripts networks/lora.py)
         args = {"conv_dim": str(conv[0].rank), "conv_alpha": f"{conv[0].alpha:g}"} if conv else {}
         meta.update({"ss_network_module": "networks.lora", "ss_network_dim": str(first.rank),
                      "ss_network_alpha": f"{first.alpha:g}", "ss_base_model_version": "sdxl_base_v1-0",
@@ -186,8 +188,6 @@ def _split_key(key, default_component):
 
 def read_lora(path, default_component="unet"):
     """Reads a LoRA safetensors file of any of the three namings: ([LoRAEntry], format, metadata)."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise LoRAError(f"LoRA file not found: {path}")

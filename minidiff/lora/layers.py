@@ -1,5 +1,6 @@
 """LoRA: low-rank adapters on frozen Linear / Conv2d layers: the layers, the target presets and the model surgery
-(inject, merge / unmerge, multiplier, enable / disable). The three file namings live in weights/lora_files.py.
+(inject, merge / unmerge, multiplier, enable / disable). No file is read or written here: the three file namings
+are lora/files.py's, which imports this file, never the reverse.
 
 Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", eq. 3, with one term per named adapter n:
 
@@ -20,12 +21,6 @@ comes back to fp16 rounding only).
 State-dict keys of the model do not change: a wrapped `to_q` keeps its own `weight`/`bias` Parameters under the
 same names, and adds `lora_A.<adapter>` / `lora_B.<adapter>`. A plain base checkpoint therefore still loads with
 `model.load_state_dict(sd)` (strict) after injection: adapter tensors a checkpoint lacks entirely are left as they are.
-
-LoRA files (save_lora, load_lora, read_lora, parse_lora, lora_state_dict: kohya / diffusers / peft naming) are
-weights/lora_files.py's, which imports this file, never the reverse. The spellings earlier issues promised,
-`minidiff.lora.save_lora(model, path, format="kohya")`, `minidiff.lora.load_lora(model, path, scale=1.0)` and
-`from minidiff.lora import save_lora`, keep working: minidiff/__init__.py, which runs before any submodule, attaches
-those five names here as aliases.
 """
 
 import math
@@ -36,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import LoRAError
+from ..errors import LoRAError
 
 # Module-name patterns; a pattern matches a module when the module's dotted name ends with it.
 _ATTN = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)"
