@@ -22,6 +22,10 @@ Distance between two images (`pairwise_rmse`): per-pixel RMSE at S x S in [0,1] 
                        Background pixels are left out: pixels whose three sRGB values are all >= WHITE (240/255) are
                        the white canvas, and with ~75% of every Kenney image white they would drown the character's
                        colours. NaN when either set has no non-background pixel at all (e.g. blank white samples).
+* background_distance = mean_i sqrt( mean_{c, border pixels p} (s_i[c, p] - b[c])^2 ),  b = the mean colour of the
+                       training images' border pixels (white for the Kenney drawings); border = the outer ring of
+                       BORDER pixels of each S x S image. 0 = backgrounds as clean as the training images'; a
+                       uniformly tinted border lies |tint| away (pure noise of std 0.1 lies ~0.1 away).
 * identity           = share of samples with argmax_c p(c | sample) == target character and p >= 0.8
                        (`classifier.predict`: below that floor a sample is "unknown");
                        pose_counts / character_counts count the classifier's argmax labels over all samples.
@@ -39,6 +43,7 @@ from ..errors import DataError
 from ..images import square
 
 SIZE = 64
+BORDER = 3  # px of the S x S image that count as its background ring (the Kenney drawings stay clear of it)
 WHITE = 240 / 255  # an sRGB pixel with all three channels >= WHITE counts as background
 
 # sRGB (D65) -> CIE XYZ, IEC 61966-2-1; reference white D65 = row sums of the matrix (so sRGB white -> a = b = 0)
@@ -149,13 +154,28 @@ def palette_distance(samples01: torch.Tensor, train01: torch.Tensor) -> float:
     return sum(wasserstein_1d(p[:, c], q[:, c]) for c in range(3)) / 3
 
 
+# ------------------------------------------------------------------------------------------------------ background
+def border_pixels(images01: torch.Tensor, border: int = BORDER) -> torch.Tensor:
+    """[N,3,S,S] -> [N,3,P]: the pixels of the outer `border`-pixel ring of each image."""
+    ring = torch.ones(images01.shape[-2:], dtype=torch.bool)
+    ring[border:-border, border:-border] = False
+    return images01[..., ring]
+
+
+def background_distance(samples01: torch.Tensor, train01: torch.Tensor, border: int = BORDER) -> float:
+    """Mean over samples of the RMS distance of their border pixels to the training images' mean border colour."""
+    b = border_pixels(train01.double(), border).mean(dim=(0, 2))  # [3]
+    d = border_pixels(samples01.double(), border) - b[None, :, None]
+    return d.pow(2).mean(dim=(1, 2)).sqrt().mean().item()
+
+
 # ----------------------------------------------------------------------------------------------------------- all
 def evaluate(samples: torch.Tensor, train: torch.Tensor, target_character: str = "female_adventurer",
              classifier=None) -> dict:
     """All metrics of this module for generated `samples` against the `train` images (both [N,3,H,W] in [-1,1]).
 
     `classifier`: a loaded `classifier.CharacterClassifier`; None loads the shipped weights.
-    Returns nn_distance, memorized_fraction, palette_distance, diversity, identity (floats), pose_counts and
+    Returns nn_distance, memorized_fraction, palette_distance, diversity, background, identity (floats), pose_counts and
     character_counts (dict name -> count over all names, zeros included), size (the comparison side S), n_samples,
     n_train.
     """
@@ -175,6 +195,7 @@ def evaluate(samples: torch.Tensor, train: torch.Tensor, target_character: str =
         "memorized_fraction": memorized_fraction(d1, d2),
         "palette_distance": palette_distance(s, t),
         "diversity": diversity(s),
+        "background": background_distance(s, t),
         "identity": sum(c == target_character for c in characters) / len(characters),
         "pose_counts": {p: poses.count(p) for p in POSES},
         "character_counts": {c: characters.count(c) for c in (*CHARACTERS, clf.UNKNOWN)},
