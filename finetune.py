@@ -344,7 +344,7 @@ class Run:
         self.size, self.lr, self.out, self.files, self.models = size, lr, out, [], {"unet": pipe.unet}
         self.prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")
         self.base_hash = model_hash(args.model)
-        self.validation_prompts = [p for p in (args.validation_prompt or [args.instance_prompt]) if p]
+        self.validation_prompts = [p for p in (args.validation_prompt or default_validation_prompts(args)) if p]
 
     def autocast(self):
         enabled = self.autocast_dtype is not None
@@ -412,7 +412,7 @@ class Run:
         the cache, the VAE on the GPU only for the decode."""
         import dataclasses
 
-        from minidiff.images import make_grid, save_png
+        from minidiff.images import labelled_grid, save_png
         from minidiff.pipeline import generate, model_sampler
 
         a, pipe = self.args, self.pipe
@@ -428,11 +428,21 @@ class Run:
                               height=self.size, batch_size=1, progress=False)
         if pipe.vae is not None:
             pipe.vae.to("cpu")
-        path = save_png(make_grid(images, nrow=a.validation_images), self.out / "samples" / f"{label}.png",
+        grid = labelled_grid(images, self.validation_prompts, [f"seed {a.seed + i}" for i in range(a.validation_images)])
+        path = save_png(grid, self.out / "samples" / f"{label}.png",
                         {"prompts": self.validation_prompts, "seed": a.seed, "steps": a.validation_steps,
                          "sampler": model_sampler(vpipe), "cfg": 5.0, "training_step": label,
                          "model": str(a.model)})
         self.files.append(str(path))
+
+
+def default_validation_prompts(args):
+    """The instance prompt in the actions the bundled miniature knows (when it is the model), and the class prompt
+    (with prior preservation): the grid shows the subject in new poses beside what the class word still draws."""
+    prompts = [args.instance_prompt]
+    if Path(args.model) == DEFAULT_MODEL:
+        prompts = [f"{args.instance_prompt} {action}" for action in ("climbing", "walking", "jumping")]
+    return prompts + ([args.class_prompt] if not args.no_prior else [])
 
 
 def save_unet(unet, folder):

@@ -248,8 +248,12 @@ def noised(x0: Tensor, noise: Tensor, sigma: float, sampler: str) -> Tensor:
     return x if sampler in ("euler", "euler_a") else x / math.sqrt(sigma**2 + 1)
 
 
-def _randn(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-    """Unit noise shaped like x, drawn from `generator` on its own device (the global RNG if None), then moved."""
+def _randn(x: Tensor, generator) -> Tensor:
+    """Unit noise shaped like x, drawn from `generator` on its own device (the global RNG if None), then moved.
+    A list of generators draws row i of the batch from generator i (a batch then gives each row the noise it
+    would get alone)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([_randn(x[i : i + 1], g) for i, g in enumerate(generator)])
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, dtype=torch.float32, device=device).to(x.device)
 
@@ -266,8 +270,8 @@ def sample(denoise: Denoiser, schedule: Schedule, noise: Tensor, steps: int = 30
     """Run `sampler` for `steps` steps from unit Gaussian `noise` [B, C, H, W] and return x_0 (float32).
     `prediction`: what the denoiser outputs, "epsilon" or "v_prediction".
 
-    `generator` is the only source of randomness for the stochastic samplers (ddpm, euler_a, ddim with eta > 0):
-    same noise + same generator seed -> same result. `clip_x0` clamps the predicted x_0 of ddpm/ddim (pixel
+    `generator` (one, or one per row) is the only source of randomness for the stochastic samplers (ddpm,
+    euler_a, ddim with eta > 0): same noise + same generator seed -> same result. `clip_x0` clamps the predicted x_0 of ddpm/ddim (pixel
     models: 1.0, as diffusers' `clip_sample`); latent models leave it None.
 
     Editing an image x_0 = `init` (docs/07-sdedit-inpainting.md), as diffusers' img2img and inpaint pipelines do:

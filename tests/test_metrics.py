@@ -117,16 +117,19 @@ def test_bad_input_raises_data_error():
 
 
 def test_background_distance_hand_cases():
-    """White training borders; a sample whose border is tinted by (0.1, 0.2, 0.0) lies sqrt((0.01+0.04+0)/3) away,
-    whatever is in its middle; a white-bordered sample lies 0 away."""
+    """Training images white except a black middle (which differs between them); a sample tinted (0.9, 0.8, 1.0)
+    on the common background lies sqrt((0.01 + 0.04 + 0) / 3) away, whatever is in its middle; one white there
+    lies 0 away."""
     train = metrics.prepare(flat([[1, 1, 1]] * 2, 16), 16)
+    train[0, :, 4:12, 4:12], train[1, :, 6:14, 2:10] = 0.0, 0.5
+    mask = metrics.background_mask(train)
+    assert mask.sum() == 16 * 16 - 8 * 8 - 8 * 8 + 6 * 6  # white in both
     tinted = metrics.prepare(flat([[0.9, 0.8, 1.0]], 16), 16)
-    tinted[:, :, 4:12, 4:12] = 0.0  # a black character in the middle is not background
+    tinted[..., ~mask] = 0.0  # where a character may be is not background
     clean = metrics.prepare(flat([[1, 1, 1]], 16), 16)
-    clean[:, :, 3:13, 3:13] = 0.3
+    clean[..., ~mask] = 0.3
     assert metrics.background_distance(tinted, train) == pytest.approx(math.sqrt(0.05 / 3), rel=1e-6)
     assert metrics.background_distance(clean, train) == pytest.approx(0.0, abs=1e-9)
-    assert metrics.border_pixels(clean).shape == (1, 3, 16 * 16 - 10 * 10)
 
 
 def test_evaluate_returns_all_keys():

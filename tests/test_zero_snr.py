@@ -17,7 +17,7 @@ from diffusers import (  # noqa: E402
 )
 from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr  # noqa: E402
 
-from minidiff.checkpoint import schedule_from_config  # noqa: E402
+from minidiff.weights.pretrained import schedule_from_config  # noqa: E402
 from minidiff.dreambooth import diffusion_target  # noqa: E402
 from minidiff.samplers import init_noise_sigma, plan, sample  # noqa: E402
 from minidiff.schedule import Schedule, split_at  # noqa: E402
@@ -75,7 +75,7 @@ def test_v_prediction_zero_snr_loop_matches_diffusers(name, kind, spacing):
     steps = 13
     ref = reference(name, kind, spacing)
     noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    ts, sigmas = plan(ours(kind), steps, name, spacing)
+    _, sigmas = plan(ours(kind), steps, name, spacing)
     if name in ("euler", "euler_a", "dpmpp_2m"):
         ref.set_timesteps(steps)
         torch.testing.assert_close(sigmas, ref.sigmas.double(), rtol=1e-5, atol=1e-6)

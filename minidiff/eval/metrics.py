@@ -22,10 +22,10 @@ Distance between two images (`pairwise_rmse`): per-pixel RMSE at S x S in [0,1] 
                        Background pixels are left out: pixels whose three sRGB values are all >= WHITE (240/255) are
                        the white canvas, and with ~75% of every Kenney image white they would drown the character's
                        colours. NaN when either set has no non-background pixel at all (e.g. blank white samples).
-* background_distance = mean_i sqrt( mean_{c, border pixels p} (s_i[c, p] - b[c])^2 ),  b = the mean colour of the
-                       training images' border pixels (white for the Kenney drawings); border = the outer ring of
-                       BORDER pixels of each S x S image. 0 = backgrounds as clean as the training images'; a
-                       uniformly tinted border lies |tint| away (pure noise of std 0.1 lies ~0.1 away).
+* background_distance = mean_i sqrt( mean_{c, p in M} (s_i[c, p] - b[c])^2 ),  M = the pixels that are background
+                       (>= WHITE) in every training image (margins and corners the character never reaches), b = the
+                       training images' mean colour on M (white). 0 = backgrounds as clean as the training images';
+                       a uniform tint t lies |t| away; noise of std 0.1 lies ~0.1 away.
 * identity           = share of samples with argmax_c p(c | sample) == target character and p >= 0.8
                        (`classifier.predict`: below that floor a sample is "unknown");
                        pose_counts / character_counts count the classifier's argmax labels over all samples.
@@ -43,7 +43,6 @@ from ..errors import DataError
 from ..images import square
 
 SIZE = 64
-BORDER = 3  # px of the S x S image that count as its background ring (the Kenney drawings stay clear of it)
 WHITE = 240 / 255  # an sRGB pixel with all three channels >= WHITE counts as background
 
 # sRGB (D65) -> CIE XYZ, IEC 61966-2-1; reference white D65 = row sums of the matrix (so sRGB white -> a = b = 0)
@@ -155,17 +154,19 @@ def palette_distance(samples01: torch.Tensor, train01: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------ background
-def border_pixels(images01: torch.Tensor, border: int = BORDER) -> torch.Tensor:
-    """[N,3,S,S] -> [N,3,P]: the pixels of the outer `border`-pixel ring of each image."""
-    ring = torch.ones(images01.shape[-2:], dtype=torch.bool)
-    ring[border:-border, border:-border] = False
-    return images01[..., ring]
+def background_mask(train01: torch.Tensor) -> torch.Tensor:
+    """[S, S] bool: the pixels that are background (all channels >= WHITE) in every training image."""
+    return (train01 >= WHITE).all(dim=1).all(dim=0)
 
 
-def background_distance(samples01: torch.Tensor, train01: torch.Tensor, border: int = BORDER) -> float:
-    """Mean over samples of the RMS distance of their border pixels to the training images' mean border colour."""
-    b = border_pixels(train01.double(), border).mean(dim=(0, 2))  # [3]
-    d = border_pixels(samples01.double(), border) - b[None, :, None]
+def background_distance(samples01: torch.Tensor, train01: torch.Tensor) -> float:
+    """Mean over samples of the RMS distance of their pixels on `background_mask(train)` to the training images'
+    mean colour there (white for the Kenney drawings); NaN when the training images share no background pixel."""
+    mask = background_mask(train01)
+    if not mask.any():
+        return float("nan")
+    b = train01.double()[..., mask].mean(dim=(0, 2))  # [3]
+    d = samples01.double()[..., mask] - b[None, :, None]
     return d.pow(2).mean(dim=(1, 2)).sqrt().mean().item()
 
 

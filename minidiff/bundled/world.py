@@ -39,7 +39,7 @@ import random
 import numpy as np
 import torch
 
-from . import data
+from .. import data
 
 CLASS_WORD = {"female_person": "girl", "male_person": "man", "zombie": "zombie", "robot": "robot",
               "female_adventurer": "girl", "male_adventurer": "man"}
@@ -146,18 +146,34 @@ def caption(body: str, look: dict, pose: str, parts=(True, True, True, True)) ->
     return " ".join(words)
 
 
-def random_caption(body: str, look: dict, pose: str, rng: random.Random, keep=0.6) -> str:
+def random_caption(body: str, look: dict, pose: str, rng: random.Random, keep=0.6, name=None) -> str:
     """A caption with the looks, the action and the view each kept with probability `keep`; when looks are kept,
-    each region's colour is kept with probability `keep` too (so "a girl with blonde hair" is in distribution)."""
+    each region's colour is kept with probability `keep` too (so "a girl with blonde hair" is in distribution).
+    A named individual is "<name> <class>" instead of "a <class>" ("a picture of dax girl walking")."""
     part = [rng.random() < keep for _ in range(3)]
     some = {r: c for r, c in look.items() if rng.random() < keep} if part[0] else {}
-    return caption(body, some, pose, (part[0], part[1], part[2], True))
+    text = caption(body, some, pose, (part[0], part[1], part[2], True))
+    return text.replace("a picture of a ", f"a picture of {name} ", 1) if name else text
+
+
+# Named individuals: NAMES[i] is always the same individual (`named`), so pretraining teaches what DreamBooth asks
+# for later: a rare word before the class word picks one member of the class. "sks" is not a name: it stays unseen.
+NAMES = ("bix", "dax", "fen", "gub", "hol", "jot", "kip", "lum", "mox", "nib", "pim", "quo", "rud", "tez", "vop",
+         "wex", "yad", "zib", "bor", "cav", "dul", "fip", "gax", "hev", "jun", "kel", "lof", "mip", "nox", "pev",
+         "rax", "sul", "tib", "vek", "wib", "yul", "zop", "bem", "cuz", "dif")
+NAMED_SHARE = 0.25  # of pretraining rows show a named individual
+
+
+def named(seed=0) -> dict:
+    """name -> (body, look): the individuals the NAMES stand for, fixed by `seed`, bodies in turn."""
+    rng = random.Random(seed)
+    return {n: (b, rng.choice(looks(b))) for n, b in zip(NAMES, itertools.cycle(WORLD_BODIES))}
 
 
 def vocabulary() -> set:
     """Every word a world caption can contain."""
     words = {"a", "picture", "of", "with", "and", "in", "seen", "from", "the", *ACTION.values(), *VIEW.values(),
-             *CLASS_WORD.values(), *REGIONS_WORDS}
+             *CLASS_WORD.values(), *REGIONS_WORDS, *NAMES}
     for body in WORLD_BODIES:
         for r in REGIONS[body]:
             words |= set(palette(body, r))
@@ -216,6 +232,7 @@ class World:
         self.size, self.bodies = size, tuple(bodies)
         self.planes = {(b, p): planes(b, p, size) for b in self.bodies for p in data.POSES}
         self.looks = {b: looks(b) for b in self.bodies}
+        self.named = {n: (b, look) for n, (b, look) in named().items() if b in self.bodies}
 
     def render(self, body: str, pose: str, look: dict) -> torch.Tensor:
         """One individual, [3, S, S] in [-1, 1] on white."""
@@ -225,14 +242,19 @@ class World:
             x += plane[None] * torch.tensor(palette(body, r)[look[r]], dtype=torch.float32)[:, None, None] / 255.0
         return (x.clamp(0, 1) * 2 - 1)
 
-    def draw(self, n: int, rng: random.Random):
-        """n random rows: x [n, 3, S, S] in [-1, 1], and (body, pose, look) per row (body uniform, then pose and
-        look uniform)."""
+    def draw(self, n: int, rng: random.Random, named_share: float = 0.0):
+        """n random rows: x [n, 3, S, S] in [-1, 1], and (body, pose, look, name or None) per row: with probability
+        `named_share` a random named individual, else body uniform, then look uniform; pose uniform."""
         rows = []
         for _ in range(n):
-            body = rng.choice(self.bodies)
-            rows.append((body, rng.choice(data.POSES), rng.choice(self.looks[body])))
-        return torch.stack([self.render(*r) for r in rows]), rows
+            if rng.random() < named_share:
+                name = rng.choice(sorted(self.named))
+                body, look = self.named[name]
+            else:
+                name, body = None, rng.choice(self.bodies)
+                look = rng.choice(self.looks[body])
+            rows.append((body, rng.choice(data.POSES), look, name))
+        return torch.stack([self.render(*r[:3]) for r in rows]), rows
 
     def counts(self) -> dict:
         return {CLASS_WORD[b] + f" ({b})": len(self.looks[b]) for b in self.bodies}
