@@ -27,7 +27,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from dreambooth_table import instance_dir  # noqa: E402
 
-from minidiff import classifier, data, world  # noqa: E402
+from minidiff import data  # noqa: E402
+from minidiff.bundled import world  # noqa: E402
+from minidiff.eval import classifier  # noqa: E402
 from minidiff.data import load_image  # noqa: E402
 from minidiff.images import from_pil  # noqa: E402
 
@@ -47,6 +49,8 @@ def main(argv=None):
     p.add_argument("--character", default=data.TARGET_CHARACTER, choices=data.CHARACTERS)
     p.add_argument("--out", default=None, help="default: runs/finetune-default-CHARACTER")
     p.add_argument("--num", type=int, default=16)
+    p.add_argument("--lora", default=None, help="judge this finetune.py output instead of running finetune.py "
+                   "(e.g. the dreambooth table's lora-prior-seed0, which is the same command)")
     args = p.parse_args(argv)
     out = Path(args.out or f"runs/finetune-default-{args.character}").resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -56,14 +60,15 @@ def main(argv=None):
         ft += ["--instance-dir", str(instance_dir(args.character, out)), "--instance-prompt",
                f"a picture of sks {word}", "--class-prompt", f"a picture of a {word}"]
     prompt = f"a picture of sks {word} climbing"
-    sp = [sys.executable, "sample.py", "--lora", str(out / "finetune" / "lora.safetensors"), "--prompt", prompt,
-          "--num", str(args.num), "--out", str(out / "samples")]
-    walls = {"finetune_s": run(ft, out / "finetune.log"), "sample_s": run(sp, out / "sample.log")}
+    lora = Path(args.lora).resolve() if args.lora else out / "finetune" / "lora.safetensors"
+    sp = [sys.executable, "sample.py", "--lora", str(lora), "--prompt", prompt, "--num", str(args.num),
+          "--out", str(out / "samples")]
+    walls = {"finetune_s": None if args.lora else run(ft, out / "finetune.log"), "sample_s": run(sp, out / "sample.log")}
     files = sorted((out / "samples").glob("0*-seed*.png"))[: args.num]
     x = torch.stack([from_pil(load_image(f)) for f in files])
     chars, poses, _ = classifier.predict(x)
     recognised = sum(c == args.character for c in chars) / len(chars)
-    result = {"commands": [" ".join(ft[1:]), " ".join(sp[1:])], "prompt": prompt, "character": args.character,
+    result = {"commands": ([] if args.lora else [" ".join(ft[1:])]) + [" ".join(sp[1:])], "prompt": prompt, "character": args.character,
               "recognised": recognised, "bar_0.8": recognised >= 0.8, "verdicts": chars, "poses": poses,
               **walls}
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
