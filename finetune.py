@@ -68,7 +68,8 @@ def build_parser():
     g.add_argument("--train-text-encoder", action="store_true", help="LoRA on both text encoders' attention too")
     g = p.add_argument_group("optimization")
     g.add_argument("--steps", type=int, default=1000)
-    g.add_argument("--lr", type=float, default=None, help="default 1e-4 for LoRA, 5e-6 for --train full")
+    g.add_argument("--lr", type=float, default=None, help="default 1e-4 for LoRA, 5e-6 for --train full (SDXL); "
+                   "1e-3 and 1e-4 for the bundled miniature")
     g.add_argument("--batch-size", type=int, default=1, help="instance images per step (as many class images again)")
     g.add_argument("--grad-accum", type=int, default=1)
     g.add_argument("--lr-schedule", choices=("constant", "cosine", "linear"), default="constant")
@@ -207,7 +208,7 @@ def run(args, ctx=None):
         hardware.check_gpu(device)
     autocast_dtype, use_scaler = hardware.resolve_precision(args.mixed_precision, device)
     peaks = hardware.PeakMemory(device)  # peak memory of each phase, into the manifest (docs/performance.md)
-    lr = args.lr or (1e-4 if args.train == "lora" else 5e-6)
+    lr = args.lr or default_lr(args)
 
     # 1. what can be checked before loading the model: images, class images, the checkpoint, the output folder
     size = args.resolution or model_geometry(args.model, args.vae)[0]
@@ -344,7 +345,7 @@ class Run:
         self.size, self.lr, self.out, self.files, self.models = size, lr, out, [], {"unet": pipe.unet}
         self.prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")
         self.base_hash = model_hash(args.model)
-        self.validation_prompts = [p for p in (args.validation_prompt or [args.instance_prompt]) if p]
+        self.validation_prompts = [p for p in (args.validation_prompt or default_validation_prompts(args)) if p]
 
     def autocast(self):
         enabled = self.autocast_dtype is not None
@@ -412,7 +413,7 @@ class Run:
         the cache, the VAE on the GPU only for the decode."""
         import dataclasses
 
-        from minidiff.images import make_grid, save_png
+        from minidiff.images import labelled_grid, save_png
         from minidiff.pipeline import generate, model_sampler
 
         a, pipe = self.args, self.pipe
@@ -428,11 +429,29 @@ class Run:
                               height=self.size, batch_size=1, progress=False)
         if pipe.vae is not None:
             pipe.vae.to("cpu")
-        path = save_png(make_grid(images, nrow=a.validation_images), self.out / "samples" / f"{label}.png",
+        grid = labelled_grid(images, self.validation_prompts, [f"seed {a.seed + i}" for i in range(a.validation_images)])
+        path = save_png(grid, self.out / "samples" / f"{label}.png",
                         {"prompts": self.validation_prompts, "seed": a.seed, "steps": a.validation_steps,
                          "sampler": model_sampler(vpipe), "cfg": 5.0, "training_step": label,
                          "model": str(a.model)})
         self.files.append(str(path))
+
+
+def default_lr(args):
+    """SDXL's usual rates (LoRA 1e-4, full UNet 5e-6); the bundled miniature (1.2 M parameters) takes 10x / 20x
+    more: at 1e-4 its LoRA had not learned the character in 1000 steps (docs/dreambooth-table.md)."""
+    if Path(args.model) == DEFAULT_MODEL:
+        return 1e-3 if args.train == "lora" else 1e-4
+    return 1e-4 if args.train == "lora" else 5e-6
+
+
+def default_validation_prompts(args):
+    """The instance prompt in the actions the bundled miniature knows (when it is the model), and the class prompt
+    (with prior preservation): the grid shows the subject in new poses beside what the class word still draws."""
+    prompts = [args.instance_prompt]
+    if Path(args.model) == DEFAULT_MODEL:
+        prompts = [f"{args.instance_prompt} {action}" for action in ("climbing", "walking", "jumping")]
+    return prompts + ([args.class_prompt] if not args.no_prior else [])
 
 
 def save_unet(unet, folder):

@@ -52,7 +52,8 @@ def build_parser():
     a("--spacing", choices=("leading", "trailing", "linspace"), default=None,
       help="timestep spacing (default: the model's scheduler config, 'leading' for SDXL)")
     a("--karras", action="store_true", help="Karras sigmas (euler, euler_a, dpmpp_2m)")
-    a("--guidance-rescale", type=float, default=0.0, help="phi of Lin et al. 2023 (0.7 is usual; 0 = off)")
+    a("--guidance-rescale", type=float, default=None, help="phi of Lin et al. 2023 (0 = off; default: 0.7 for a "
+      "zero-terminal-SNR model such as the miniature, else 0)")
     a("--seed", type=int, default=0)
     a("--width", type=int, default=None, help="default: the model's native size (1024 for SDXL)")
     a("--height", type=int, default=None)
@@ -136,7 +137,7 @@ def run(args):
     lock = run_folder.claim(args.out)  # noqa: F841 (a writable folder, ours until run returns)
 
     from minidiff.images import make_grid, save_png
-    from minidiff.pipeline import generate, model_sampler
+    from minidiff.pipeline import default_guidance_rescale, generate, model_sampler
     from minidiff.train.hardware import PeakMemory, check_fits, resolve_device
     from minidiff.weights.pretrained import file_hash
 
@@ -152,6 +153,8 @@ def run(args):
             loras.append({"file": Path(path).name, "scale": scale, "sha256": file_hash(path)})
 
     args.sampler = args.sampler or model_sampler(pipe)
+    if args.guidance_rescale is None:
+        args.guidance_rescale = default_guidance_rescale(pipe)
     native = pipe.unet.config.sample_size * pipe.scale
     width, height = args.width or native, args.height or native
     runs = [p for p in prompts for _ in range(args.num)]

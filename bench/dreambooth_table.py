@@ -1,28 +1,30 @@
 #!/usr/bin/env python
 """The central comparison of the DreamBooth paper (Ruiz et al. 2022, arXiv 2208.12242, Table 1-3), in miniature.
 
-    python bench/dreambooth_table.py                  # bundled tiny SDXL, six drawings of female_adventurer
+    python bench/dreambooth_table.py                                 # female_adventurer as "sks girl", 3 seeds
+    python bench/dreambooth_table.py --character male_adventurer     # the second character, as "sks man"
 
-Four models, all from the bundled miniature (minidiff/assets/tiny-sdxl) and the six INSTANCE_POSES drawings of the
-target character, taught with finetune.py as "a picture of sks girl" (class "girl"):
+Four models, all from the bundled miniature (minidiff/assets/tiny-sdxl, whose world has many girls and men but never
+these two characters) and the six INSTANCE_POSES drawings of the character, taught with finetune.py's defaults
+(only --seed changes) as "a picture of sks <class>":
 
-    (a) base            the pretrained miniature, untouched (it never saw the target character)
-    (b) lora            LoRA, no prior preservation
-    (c) lora + prior    LoRA with prior preservation (class images "a picture of a girl" from the base model)
-    (d) full + prior    the whole UNet fine-tuned, with prior preservation
+    (a) base            the pretrained miniature, untouched
+    (b) lora            LoRA, no prior preservation (--no-prior)
+    (c) lora + prior    LoRA with prior preservation: `python finetune.py` exactly (class images from the base model)
+    (d) full + prior    the whole UNet fine-tuned, with prior preservation (--train full)
 
-Each is scored by the character classifier (minidiff/eval/classifier.py), which judges every sample independently:
+Each row is run with three seeds (fine-tune seed s, sampling seeds 1000 s + i) and reported as mean +- standard
+deviation over the seeds. Each sample is judged independently by the character classifier (minidiff/eval/classifier.py):
 
-    identity      share of "a picture of sks girl <action>" samples recognised as the target, for the actions of
-                  the held-out poses (climbing: climb1; walking: walk1, walk2, walk4..walk7)
+    identity      share of "a picture of sks <class> <action>" samples recognised as the character, for the
+                  actions of the held-out poses (climbing: climb1; walking: walk1, walk2, walk4..walk7)
     pose          share of those samples whose predicted pose family is the prompted one
-    drift         share of "a picture of a girl" samples recognised as the target (language drift: the class
-                  word itself turned into the subject)
-    diversity     mean pairwise RMS distance of the "a picture of a girl" samples (metrics.diversity), before
-                  (base) vs after; prior preservation should keep it near the base model's
+    drift         share of "a picture of a <class>" samples recognised as the character (the class word taken over)
+    background    metrics.background_distance of all samples (0 = the training drawings' white border)
+    diversity     mean pairwise RMS distance of the "a picture of a <class>" samples (metrics.diversity)
 
-Writes OUT/results.json, OUT/table.md and OUT/dreambooth-table.png (rows (a)-(d); columns: sks girl climbing,
-sks girl walking, a girl). Fine-tunes are skipped when OUT/<run>/manifest.json exists (delete to redo).
+Writes OUT/results.json, OUT/table.md and OUT/dreambooth-table.png (rows (a)-(d), seed 0; columns: sks climbing,
+sks walking, a <class>). Fine-tunes are skipped when their manifest.json exists (delete to redo).
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from minidiff import data  # noqa: E402
-from minidiff.bundled import tiny  # noqa: E402
+from minidiff.bundled import tiny, world  # noqa: E402
 from minidiff.eval import classifier, metrics  # noqa: E402
 from minidiff.weights.pretrained import load_pipeline, load_unet  # noqa: E402
 from minidiff.images import make_grid, save_png  # noqa: E402
@@ -55,74 +57,101 @@ RUNS = {  # name -> extra finetune.py flags
 LABELS = {"base": "(a) base model", "lora": "(b) LoRA", "lora-prior": "(c) LoRA + prior preservation",
           "full-prior": "(d) full fine-tune + prior preservation"}
 HELD_OUT_ACTIONS = ("climbing", "walking")  # families of data.HELD_OUT_POSES (climb1, walk1, walk2, walk4..7)
+METRICS = ("identity", "pose_accuracy", "drift", "background", "class_diversity")
 
 
-def finetune(name, args, out: Path):
-    """Start finetune.py for one row (None when its manifest exists already): a Popen to wait for."""
-    run_dir = out / name
-    if not (run_dir / "manifest.json").is_file():
-        cmd = [sys.executable, str(ROOT / "finetune.py"), "--model", str(args.model), "--out", str(run_dir),
-               "--steps", str(args.steps), "--num-class-images", str(args.class_images),
-               "--class-steps", str(args.sample_steps), "--class-dir", str(out / "class-images"),
-               "--validation-images", "0", "--seed", str(args.seed), "--device", "cpu", *RUNS[name]]
-        if name.startswith("full"):
-            cmd += ["--lr", str(args.full_lr)]
-        else:
-            cmd += ["--lr", str(args.lora_lr), "--rank", str(args.rank)]
-        print("$ " + " ".join(cmd), flush=True)
-        log = open(out / f"{name}.log", "w")
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}  # one thread each: see minidiff/bundled/tiny.py --threads
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    return None
+def instance_dir(character, out: Path) -> Path:
+    """A folder with the six INSTANCE_POSES drawings of `character` (finetune.py reads folders)."""
+    import shutil
+
+    folder = out / f"instance-{character}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in data.instance_images(character):
+        shutil.copyfile(p, folder / p.name)
+    return folder
+
+
+def finetune(name, seed, args, out: Path):
+    """Start finetune.py for one (row, seed) (None when its manifest exists already): a Popen to wait for."""
+    run_dir = out / f"{name}-seed{seed}"
+    if (run_dir / "manifest.json").is_file():
+        return None
+    word = world.CLASS_WORD[args.character]
+    cmd = [sys.executable, str(ROOT / "finetune.py"), "--model", str(args.model), "--out", str(run_dir),
+           "--instance-dir", str(instance_dir(args.character, out)),
+           "--instance-prompt", f"a picture of {tiny.IDENTIFIER} {word}", "--class-prompt", f"a picture of a {word}",
+           "--class-dir", str(out / "class-images"), "--validation-images", "0", "--seed", str(seed),
+           "--device", "cpu", *RUNS[name], *args.finetune_args]
+    print("$ " + " ".join(cmd), flush=True)
+    log = open(out / f"{name}-seed{seed}.log", "w")
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}  # one thread each: see minidiff/tiny.py --threads
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def finetune_all(args, out: Path) -> dict:
-    """(b) and (c) in parallel, then (d), which reuses (c)'s class images; returns the manifests."""
-    for group in (("lora", "lora-prior"), ("full-prior",)):
-        for name, proc in [(n, finetune(n, args, out)) for n in group]:
+    """All (row, seed) fine-tunes, two at a time; (c) of the first seed first, which makes the class images."""
+    jobs = [(n, s) for n in args.rows for s in args.seeds]
+    jobs.sort(key=lambda j: (j != ("lora-prior", args.seeds[0]), j))
+    first, rest = jobs[:1], jobs[1:]
+    for group in [first] + [rest[i:i + 2] for i in range(0, len(rest), 2)]:
+        for (name, seed), proc in [(j, finetune(*j, args, out)) for j in group]:
             if proc is not None and proc.wait() != 0:
-                raise SystemExit(f"finetune.py failed for {name}: see {out / (name + '.log')}")
-    return {name: json.loads((out / name / "manifest.json").read_text()) for name in RUNS}
+                raise SystemExit(f"finetune.py failed for {name} seed {seed}: see {out / f'{name}-seed{seed}.log'}")
+    return {j: json.loads((out / f"{j[0]}-seed{j[1]}" / "manifest.json").read_text()) for j in jobs}
 
 
-def load_row(name, args, out: Path):
+def load_row(name, seed, args, out: Path):
     """The pipeline of one row: the base model, plus the row's LoRA or fine-tuned UNet."""
     pipe = load_pipeline(args.model)
     if name.startswith("lora"):
-        load_lora(pipe.modules(), out / name / "lora.safetensors")
+        load_lora(pipe.modules(), out / f"{name}-seed{seed}" / "lora.safetensors")
     elif name.startswith("full"):
-        pipe.unet = load_unet(out / name / "unet")
+        pipe.unet = load_unet(out / f"{name}-seed{seed}" / "unet")
     return pipe
 
 
-def sample_row(pipe, args) -> dict:
-    """{prompt: images [n, 3, 32, 32]} for the held-out-action prompts and the class prompt (same seeds per row)."""
+def sample_row(pipe, seed, args) -> dict:
+    """{prompt: images [n, 3, 32, 32]} for the held-out-action prompts and the class prompt (same seeds per row),
+    with the model's own sampler settings (pipeline.generate's defaults)."""
     from minidiff.pipeline import generate
 
-    prompts = [f"a picture of {tiny.IDENTIFIER} {tiny.CLASS_WORD} {a}" for a in HELD_OUT_ACTIONS]
-    prompts.append(f"a picture of a {tiny.CLASS_WORD}")
-    return {p: generate(pipe, [p] * args.samples, steps=args.sample_steps, cfg=args.cfg, sampler=args.sampler,
-                        seed=args.seed + 1000, width=tiny.SIZE, height=tiny.SIZE, batch_size=args.samples,
-                        progress=False)
+    word = world.CLASS_WORD[args.character]
+    prompts = [f"a picture of {tiny.IDENTIFIER} {word} {a}" for a in HELD_OUT_ACTIONS]
+    prompts.append(f"a picture of a {word}")
+    return {p: generate(pipe, [p] * args.samples, steps=args.sample_steps, cfg=args.cfg, seed=1000 * seed,
+                        width=tiny.SIZE, height=tiny.SIZE, batch_size=args.samples, progress=False)
             for p in prompts}
 
 
-def score(images: dict, judge) -> dict:
-    """identity, pose accuracy, drift, class diversity (module docstring) of one row's samples."""
+def score(images: dict, judge, character, train) -> dict:
+    """identity, pose accuracy, drift, background, class diversity (module docstring) of one row's samples."""
     identity, pose, n = 0, 0, 0
     for prompt, x in images.items():
         chars, poses, _ = classifier.predict(x, judge)
         if prompt.startswith(f"a picture of {tiny.IDENTIFIER}"):
             action = prompt.split()[-1]
-            identity += sum(c == data.TARGET_CHARACTER for c in chars)
+            identity += sum(c == character for c in chars)
             pose += sum(tiny.ACTION[tiny.family(p)] == action for p in poses)
             n += len(chars)
         else:
-            drift = sum(c == data.TARGET_CHARACTER for c in chars) / len(chars)
-            class_chars = {c: chars.count(c) for c in data.CHARACTERS}
+            drift = sum(c == character for c in chars) / len(chars)
+            class_chars = {c: chars.count(c) for c in (*data.CHARACTERS, classifier.UNKNOWN)}
             diversity = metrics.diversity(metrics.prepare(x))
-    return {"identity": identity / n, "pose_accuracy": pose / n, "drift": drift, "class_diversity": diversity,
-            "class_sample_characters": class_chars}
+    size = tiny.SIZE
+    background = metrics.background_distance(metrics.prepare(torch.cat(list(images.values())), size),
+                                             metrics.prepare(train, size))
+    return {"identity": identity / n, "pose_accuracy": pose / n, "drift": drift, "background": background,
+            "class_diversity": diversity, "class_sample_characters": class_chars}
+
+
+def summary(per_seed: list) -> dict:
+    """mean and standard deviation (over seeds) of each metric."""
+    out = {}
+    for k in METRICS:
+        v = torch.tensor([r[k] for r in per_seed], dtype=torch.float64)
+        out[k] = v.mean().item()
+        out[k + "_std"] = v.std(unbiased=False).item()
+    return out
 
 
 def figure(rows: dict, path: Path, per_prompt=8):
@@ -146,56 +175,65 @@ def figure(rows: dict, path: Path, per_prompt=8):
 
 
 def markdown(results: dict) -> str:
-    lines = ["| model | identity (held-out poses) | pose accuracy | drift ('a girl' -> target) | class diversity |",
-             "|---|---|---|---|---|"]
+    word = world.CLASS_WORD[results["settings"]["character"]]
+    lines = [f"| model | identity (held-out poses) | pose accuracy | drift ('a {word}' -> target) | background "
+             "| class diversity | fine-tune wall s |", "|---|---|---|---|---|---|---|"]
     for name, r in results["rows"].items():
-        lines.append(f"| {LABELS[name]} | {r['identity']:.2f} | {r['pose_accuracy']:.2f} | {r['drift']:.2f} "
-                     f"| {r['class_diversity']:.3f} |")
+        cells = [f"{r[k]:.{3 if k in ('background', 'class_diversity') else 2}f} ± "
+                 f"{r[k + '_std']:.{3 if k in ('background', 'class_diversity') else 2}f}" for k in METRICS]
+        wall = f"{r['finetune_seconds']:.0f}" if "finetune_seconds" in r else "-"
+        lines.append(f"| {LABELS[name]} | " + " | ".join(cells) + f" | {wall} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="DreamBooth table in miniature: base / LoRA / LoRA+prior / full+prior.")
     p.add_argument("--model", default=str(tiny.TINY_DIR))
-    p.add_argument("--out", default="runs/dreambooth-table")
-    p.add_argument("--steps", type=int, default=400, help="fine-tuning steps of each run")
-    p.add_argument("--lora-lr", type=float, default=1e-3)
-    p.add_argument("--full-lr", type=float, default=1e-4)
-    p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--class-images", type=int, default=50)
-    p.add_argument("--samples", type=int, default=24, help="samples per prompt and row")
-    p.add_argument("--sample-steps", type=int, default=30, help="sampler steps (also of the class images)")
-    p.add_argument("--sampler", default="euler_a", help="of the scored samples (class images: finetune.py's euler)")
+    p.add_argument("--character", default=data.TARGET_CHARACTER, choices=data.CHARACTERS)
+    p.add_argument("--out", default=None, help="default: runs/dreambooth-table[-CHARACTER]")
+    p.add_argument("--rows", nargs="+", default=list(RUNS), choices=list(RUNS), help="fine-tuned rows to run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--samples", type=int, default=24, help="samples per prompt, row and seed")
+    p.add_argument("--sample-steps", type=int, default=30, help="sampler steps of the scored samples")
     p.add_argument("--cfg", type=float, default=5.0)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads of each process")
+    p.add_argument("--finetune-args", nargs=argparse.REMAINDER, default=[],
+                   help="extra finetune.py flags for every run (last on the command line)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    out, t0 = Path(args.out), time.time()
+    default_out = "runs/dreambooth-table" + ("" if args.character == data.TARGET_CHARACTER else f"-{args.character}")
+    out, t0 = Path(args.out or default_out), time.time()
     out.mkdir(parents=True, exist_ok=True)
     manifests = finetune_all(args, out)
     judge = classifier.load_classifier()
-    rows, results = {}, {"settings": vars(args), "command": "python bench/dreambooth_table.py " + " ".join(
-        sys.argv[1:] if argv is None else argv), "rows": {}}
-    for name in ("base", *RUNS):
-        torch.manual_seed(args.seed)
-        rows[name] = sample_row(load_row(name, args, out), args)
-        results["rows"][name] = score(rows[name], judge)
-        if name in manifests:
-            results["rows"][name]["finetune_seconds"] = manifests[name]["timings"]["total_s"]
+    train = data.load_tensor_set(data.instance_images(args.character), tiny.SIZE)
+    results = {"settings": vars(args), "command": "python bench/dreambooth_table.py " + " ".join(
+        sys.argv[1:] if argv is None else argv), "rows": {}, "per_seed": {}}
+    figure_rows = {}
+    for name in ("base", *args.rows):
+        per_seed = []
+        for seed in args.seeds:
+            images = sample_row(load_row(name, seed, args, out), seed, args)
+            per_seed.append(score(images, judge, args.character, train))
+            if seed == args.seeds[0]:
+                figure_rows[name] = images
+        results["per_seed"][name] = per_seed
+        results["rows"][name] = summary(per_seed)
+        walls = [manifests[(name, s)]["timings"]["total_s"] for s in args.seeds if (name, s) in manifests]
+        if walls:
+            results["rows"][name]["finetune_seconds"] = sum(walls) / len(walls)
         print(name, json.dumps(results["rows"][name]), flush=True)
-    base, b, c = (results["rows"][k] for k in ("base", "lora", "lora-prior"))
-    results["acceptance"] = {
-        "c_identity_ge_0.8": c["identity"] >= 0.8,
-        "prior_halves_drift": c["drift"] <= b["drift"] / 2,
-        "prior_identity_drop_le_0.1": b["identity"] - c["identity"] <= 0.1,
-        "base_class_diversity": base["class_diversity"],
-    }
+    if {"lora", "lora-prior"} <= set(args.rows):
+        b, c = results["rows"]["lora"], results["rows"]["lora-prior"]
+        results["acceptance"] = {
+            "c_identity_ge_0.8": c["identity"] >= 0.8, "c_pose_ge_0.7": c["pose_accuracy"] >= 0.7,
+            "prior_halves_drift": c["drift"] <= b["drift"] / 2,
+            "prior_identity_drop_le_0.1": b["identity"] - c["identity"] <= 0.1}
     results["minutes"] = round((time.time() - t0) / 60, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "table.md").write_text(markdown(results))
-    figure(rows, out / "dreambooth-table.png")
-    print(markdown(results) + json.dumps(results["acceptance"]) + f"\nwrote {out} in {results['minutes']} min")
+    figure(figure_rows, out / "dreambooth-table.png")
+    print(markdown(results) + json.dumps(results.get("acceptance")) + f"\nwrote {out} in {results['minutes']} min")
 
 
 if __name__ == "__main__":

@@ -61,10 +61,6 @@ class Pipeline:
         return {"unet": self.unet, "text_encoder": self.text.text_encoder, "text_encoder_2": self.text.text_encoder_2}
 
 
-def _stochastic(sampler: str, eta: float) -> bool:
-    return sampler in ("euler_a", "ddpm") or (sampler == "ddim" and eta > 0)
-
-
 def initial_noise(pipe: Pipeline, generators, height: int, width: int) -> torch.Tensor:
     """x_T ~ N(0, I), row i drawn from generators[i]: [N, C, height / scale, width / scale] on the pipeline's device."""
     shape = (pipe.unet.config.out_channels, height // pipe.scale, width // pipe.scale)
@@ -126,13 +122,19 @@ def model_sampler(pipe: Pipeline) -> str:
     return SAMPLER_OF_SCHEDULER.get(pipe.scheduler_config.get("_class_name"), "euler")
 
 
+def default_guidance_rescale(pipe: Pipeline) -> float:
+    """0.7 for a zero-terminal-SNR model (Lin et al. 2024 §3.4 recommend phi = 0.7 with it), else 0 (off)."""
+    return 0.7 if pipe.scheduler_config.get("rescale_betas_zero_snr") else 0.0
+
+
 @torch.no_grad()
 def generate(pipe: Pipeline, prompts, negative="", steps=30, cfg=5.0, sampler=None, seed=0, width=None,
-             height=None, guidance_rescale=0.0, batch_size=4, progress=True, spacing=None, karras=False, eta=0.0,
+             height=None, guidance_rescale=None, batch_size=4, progress=True, spacing=None, karras=False, eta=0.0,
              noise=None, init_images=None, strength=1.0, masks=None, prompt_2=None, negative_2=None) -> torch.Tensor:
     """Images [N, 3, height, width] in [-1, 1] for N prompts; image i uses seed + i (or row i of `noise`, unit
     Gaussian x_T). Guidance (cfg > 1) batches [uncond ; cond] into one UNet call per step. `spacing` defaults to
-    the model's scheduler config ("leading" for SDXL), `sampler` to the one its config names (Euler for SDXL).
+    the model's scheduler config ("leading" for SDXL), `sampler` to the one its config names (Euler for SDXL),
+    `guidance_rescale` to 0.7 for a zero-terminal-SNR model (Lin et al. 2024 §3.4), else 0.
     Size: width/height, else that of init_images, else 1024. Prompts are read in A1111's syntax ((word:1.3),
     [word], longer than 75 tokens in chunks; text.parse_emphasis); `prompt_2` / `negative_2` (default: the same)
     go to the second text encoder, as diffusers' prompt_2.
@@ -160,6 +162,8 @@ def generate(pipe: Pipeline, prompts, negative="", steps=30, cfg=5.0, sampler=No
     spacing = spacing or pipe.scheduler_config.get("timestep_spacing", "leading")
     sampler = sampler or model_sampler(pipe)
     steps_offset = pipe.scheduler_config.get("steps_offset", 1)
+    if guidance_rescale is None:
+        guidance_rescale = default_guidance_rescale(pipe)
     start = start_index(steps, strength) if init_images is not None else 0
     nine = inpainting_unet(pipe)
     if init_images is not None:
@@ -171,7 +175,7 @@ def generate(pipe: Pipeline, prompts, negative="", steps=30, cfg=5.0, sampler=No
         init_images = torch.zeros(n, 3, height, width) if init_images is None else init_images
     latent_size = (height // pipe.scale, width // pipe.scale)
     generators = [torch.Generator("cpu").manual_seed(int(seed) + i) for i in range(n)]
-    batch_size = 1 if _stochastic(sampler, eta) else max(1, batch_size)
+    batch_size = max(1, batch_size)  # stochastic samplers draw each row's noise from its own generator
     unet, dtype, guided = pipe.unet, next(pipe.unet.parameters()).dtype, cfg > 1
     out = []
     chunks = range(0, n, batch_size)
@@ -202,7 +206,8 @@ def generate(pipe: Pipeline, prompts, negative="", steps=30, cfg=5.0, sampler=No
             return guide(*eps.chunk(2), cfg, guidance_rescale) if guided else eps
 
         x0 = sample(denoise, pipe.schedule, x_T.to(pipe.device), steps=steps, sampler=sampler, spacing=spacing,
-                    eta=eta, karras=karras, generator=gens[0] if len(gens) == 1 else None, progress=progress,
-                    steps_offset=steps_offset, init=x0_init, start=start, mask=mask)
+                    eta=eta, karras=karras, generator=gens, progress=progress,
+                    steps_offset=steps_offset, init=x0_init, start=start, mask=mask,
+                    prediction=pipe.scheduler_config.get("prediction_type", "epsilon"))
         out.append(decode(pipe, x0))
     return torch.cat(out)

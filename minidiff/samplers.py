@@ -1,4 +1,4 @@
-"""Samplers: turn a noise-predicting denoiser `eps = denoise(x_in, t)` into images. Plus classifier-free guidance.
+"""Samplers: turn a denoiser `out = denoise(x_in, t)` (eps or v) into images. Plus classifier-free guidance.
 
 Five samplers, each reproducing the diffusers scheduler of the same name step for step (tests/test_samplers.py runs
 both loops side by side):
@@ -14,6 +14,11 @@ both loops side by side):
 "sigma space" is x = x_0 + sigma eps = x_t / sqrt(alpha_bar), sigma = sqrt((1 - alpha_bar) / alpha_bar). The Euler
 samplers therefore hand the denoiser x / sqrt(sigma^2 + 1), which is x_t again ("scale_model_input").
 
+The denoiser's output is eps or v (`prediction`, the model's scheduler config); each step first turns it into
+(x_0, eps) with `schedule.split_at`, so every sampler handles v-prediction as the diffusers scheduler does. Zero
+terminal SNR (alpha_bar_{T-1} = 0): alpha-space samplers use alpha_bar exactly (x_0 = -v at t = T-1), sigma-space
+ones use sigma_max = 4096 (alpha_bar floored at 2^-24, `Schedule.sigmas`), both as diffusers.
+
 The denoiser receives `t` as a 0-dim tensor on x's device (long for ddpm/ddim/dpmpp_2m, float32 for the Euler
 samplers, whose Karras timesteps are fractional) and broadcasts it over the batch, as diffusers' UNet does. The loop
 itself runs in float32; a denoiser in half precision casts its input and output itself.
@@ -27,7 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .errors import MinidiffError
-from .schedule import Schedule, karras_sigmas, timesteps
+from .schedule import Schedule, karras_sigmas, split_at, timesteps
 
 SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "dpmpp_2m")
 Denoiser = Callable[[Tensor, Tensor], Tensor]
@@ -59,7 +64,7 @@ def cfg(eps_uncond: Tensor, eps_cond: Tensor, scale: float, rescale: float = 0.0
 
 
 def ddpm_step(x_t: Tensor, eps: Tensor, alpha_bar_t: float, alpha_bar_prev: float, z: Optional[Tensor] = None,
-              clip_x0: Optional[float] = None) -> Tensor:
+              clip_x0: Optional[float] = None, x0: Optional[Tensor] = None) -> Tensor:
     """Ancestral DDPM step t -> t_prev (Ho et al. 2020 eq. 6-7 and Alg. 2, generalised to skipped steps):
 
         alpha'_t = alpha_bar_t / alpha_bar_prev,  beta'_t = 1 - alpha'_t
@@ -68,9 +73,12 @@ def ddpm_step(x_t: Tensor, eps: Tensor, alpha_bar_t: float, alpha_bar_prev: floa
                  + sqrt(alpha'_t) (1 - alpha_bar_prev) / (1 - alpha_bar_t) * x_t
         var      = max((1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta'_t, 1e-20)           ("fixed_small")
         x_prev   = mean + sqrt(var) z,   z ~ N(0, I)   (no z at t = 0)
+
+    `x0` given (v-prediction, `split_at`) replaces the x_0 line.
     """
     a_t, b_t = alpha_bar_t / alpha_bar_prev, 1 - alpha_bar_t / alpha_bar_prev
-    x0 = (x_t - math.sqrt(1 - alpha_bar_t) * eps) / math.sqrt(alpha_bar_t)
+    if x0 is None:
+        x0 = (x_t - math.sqrt(1 - alpha_bar_t) * eps) / math.sqrt(alpha_bar_t)
     if clip_x0 is not None:
         x0 = x0.clamp(-clip_x0, clip_x0)
     mean = (math.sqrt(alpha_bar_prev) * b_t / (1 - alpha_bar_t)) * x0 \
@@ -82,16 +90,18 @@ def ddpm_step(x_t: Tensor, eps: Tensor, alpha_bar_t: float, alpha_bar_prev: floa
 
 
 def ddim_step(x_t: Tensor, eps: Tensor, alpha_bar_t: float, alpha_bar_prev: float, eta: float = 0.0,
-              z: Optional[Tensor] = None, clip_x0: Optional[float] = None) -> Tensor:
+              z: Optional[Tensor] = None, clip_x0: Optional[float] = None, x0: Optional[Tensor] = None) -> Tensor:
     """DDIM step t -> t_prev (Song et al. 2021, eq. 12 and 16):
 
         x_0     = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)                     (clipped to +-clip_x0)
         sigma_t = eta * sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) * sqrt(1 - alpha_bar_t / alpha_bar_prev)
         x_prev  = sqrt(alpha_bar_prev) x_0 + sqrt(1 - alpha_bar_prev - sigma_t^2) eps + sigma_t z
 
-    eta = 0 is deterministic (an ODE solver); eta = 1 has the DDPM posterior's variance.
+    eta = 0 is deterministic (an ODE solver); eta = 1 has the DDPM posterior's variance. `x0` given
+    (v-prediction, `split_at`) replaces the x_0 line.
     """
-    x0 = (x_t - math.sqrt(1 - alpha_bar_t) * eps) / math.sqrt(alpha_bar_t)
+    if x0 is None:
+        x0 = (x_t - math.sqrt(1 - alpha_bar_t) * eps) / math.sqrt(alpha_bar_t)
     if clip_x0 is not None:
         x0 = x0.clamp(-clip_x0, clip_x0)
     sigma_t = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev))
@@ -238,8 +248,12 @@ def noised(x0: Tensor, noise: Tensor, sigma: float, sampler: str) -> Tensor:
     return x if sampler in ("euler", "euler_a") else x / math.sqrt(sigma**2 + 1)
 
 
-def _randn(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-    """Unit noise shaped like x, drawn from `generator` on its own device (the global RNG if None), then moved."""
+def _randn(x: Tensor, generator) -> Tensor:
+    """Unit noise shaped like x, drawn from `generator` on its own device (the global RNG if None), then moved.
+    A list of generators draws row i of the batch from generator i (a batch then gives each row the noise it
+    would get alone)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([_randn(x[i : i + 1], g) for i, g in enumerate(generator)])
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, dtype=torch.float32, device=device).to(x.device)
 
@@ -252,11 +266,12 @@ def sample(denoise: Denoiser, schedule: Schedule, noise: Tensor, steps: int = 30
            spacing: str = "leading", eta: float = 0.0, karras: bool = False,
            generator: Optional[torch.Generator] = None, progress: bool = True, steps_offset: int = 1,
            clip_x0: Optional[float] = None, init: Optional[Tensor] = None, start: int = 0,
-           mask: Optional[Tensor] = None) -> Tensor:
+           mask: Optional[Tensor] = None, prediction: str = "epsilon") -> Tensor:
     """Run `sampler` for `steps` steps from unit Gaussian `noise` [B, C, H, W] and return x_0 (float32).
+    `prediction`: what the denoiser outputs, "epsilon" or "v_prediction".
 
-    `generator` is the only source of randomness for the stochastic samplers (ddpm, euler_a, ddim with eta > 0):
-    same noise + same generator seed -> same result. `clip_x0` clamps the predicted x_0 of ddpm/ddim (pixel
+    `generator` (one, or one per row) is the only source of randomness for the stochastic samplers (ddpm,
+    euler_a, ddim with eta > 0): same noise + same generator seed -> same result. `clip_x0` clamps the predicted x_0 of ddpm/ddim (pixel
     models: 1.0, as diffusers' `clip_sample`); latent models leave it None.
 
     Editing an image x_0 = `init` (docs/07-sdedit-inpainting.md), as diffusers' img2img and inpaint pipelines do:
@@ -282,7 +297,8 @@ def sample(denoise: Denoiser, schedule: Schedule, noise: Tensor, steps: int = 30
         sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
         if sampler in ("euler", "euler_a"):
             t_in = torch.tensor(ts[i].item(), dtype=torch.float32, device=x.device)
-            eps = denoise(x / math.sqrt(sigma**2 + 1), t_in).float()
+            x_in = x / math.sqrt(sigma**2 + 1)  # = x_t, at alpha_bar = 1 / (sigma^2 + 1)
+            _, eps = split_at(denoise(x_in, t_in).float(), x_in, 1 / (sigma**2 + 1), prediction)
             if sampler == "euler":
                 x = euler_step(x, eps, sigma, sigma_next)
             else:
@@ -290,20 +306,21 @@ def sample(denoise: Denoiser, schedule: Schedule, noise: Tensor, steps: int = 30
             continue
 
         t = int(ts[i].item())
-        eps = denoise(x, torch.tensor(t, dtype=torch.long, device=x.device)).float()
+        out = denoise(x, torch.tensor(t, dtype=torch.long, device=x.device)).float()
         if sampler == "ddpm":
+            x0, eps = split_at(out, x, ab[t].item(), prediction)
             t_prev = int(ts[i + 1].item()) if i + 1 < len(ts) else -1
             ab_prev = ab[t_prev].item() if t_prev >= 0 else 1.0
             z = _randn(x, generator) if t > 0 else None
-            x = ddpm_step(x, eps, ab[t].item(), ab_prev, z, clip_x0)
+            x = ddpm_step(x, eps, ab[t].item(), ab_prev, z, clip_x0, x0)
         elif sampler == "ddim":
             t_prev = t - schedule.T // steps  # diffusers' DDIMScheduler: a fixed stride, whatever the spacing
             ab_prev = ab[t_prev].item() if t_prev >= 0 else ab[0].item()  # set_alpha_to_one=False
+            x0, eps = split_at(out, x, ab[t].item(), prediction)
             z = _randn(x, generator) if eta > 0 else None
-            x = ddim_step(x, eps, ab[t].item(), ab_prev, eta, z, clip_x0)
+            x = ddim_step(x, eps, ab[t].item(), ab_prev, eta, z, clip_x0, x0)
         else:  # dpmpp_2m
-            a, s = 1 / math.sqrt(sigma**2 + 1), sigma / math.sqrt(sigma**2 + 1)
-            x0 = (x - s * eps) / a
+            x0, _ = split_at(out, x, 1 / (sigma**2 + 1), prediction)  # alpha_bar = a^2 = 1 / (sigma^2 + 1)
             second_order = x0_prev is not None and i < len(ts) - 1  # lower_order_final: last step is first order
             x = dpmpp_2m_step(x, x0, sigma, sigma_next, x0_prev if second_order else None,
                               sigmas[i - 1].item() if second_order else None)

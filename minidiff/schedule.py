@@ -24,6 +24,9 @@ from torch import Tensor
 
 from .errors import MinidiffError
 
+ALPHA_BAR_FLOOR = 2.0**-24  # diffusers' sigma-space schedulers under rescale_betas_zero_snr: alphas_cumprod[-1] = 2**-24
+PREDICTIONS = ("epsilon", "v_prediction")
+
 
 @dataclass
 class Schedule:
@@ -38,7 +41,10 @@ class Schedule:
         self.betas = torch.as_tensor(self.betas, dtype=torch.float64).cpu()
         self.alphas = 1.0 - self.betas
         self.alpha_bar = torch.cumprod(self.alphas, dim=0)
-        self.sigmas = ((1.0 - self.alpha_bar) / self.alpha_bar).sqrt()
+        # sigma space cannot hold alpha_bar = 0 (zero terminal SNR, sigma = inf): like diffusers' Euler and DPM
+        # schedulers, sigmas read a zero alpha_bar as 2^-24 (sigma = 4096); alpha_bar itself stays exact
+        ab = torch.where(self.alpha_bar == 0, ALPHA_BAR_FLOOR, self.alpha_bar)
+        self.sigmas = ((1.0 - ab) / ab).sqrt()
 
     @property
     def T(self) -> int:
@@ -71,6 +77,21 @@ class Schedule:
         f = lambda u: math.cos((u + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
         betas = [min(1 - f((i + 1) / T) / f(i / T), max_beta) for i in range(T)]
         return cls(torch.tensor(betas, dtype=torch.float64))
+
+    def zero_terminal_snr(self) -> "Schedule":
+        """The same schedule rescaled to zero terminal SNR (Lin et al. 2024, arXiv 2305.08891, Algorithm 1):
+
+            s_t      = sqrt(alpha_bar_t)
+            s'_t     = (s_t - s_{T-1}) * s_0 / (s_0 - s_{T-1})     (shift so s'_{T-1} = 0, scale so s'_0 = s_0)
+            alpha_bar'_t = s'_t^2,  beta'_t = 1 - alpha_bar'_t / alpha_bar'_{t-1}   (beta'_{T-1} = 1)
+
+        At t = T-1 the image is gone (x_t = eps): a model started from pure noise sees what it was trained on, and
+        the image mean is no longer left in x_T for it to guess.
+        """
+        s = self.alpha_bar.sqrt()
+        s = (s - s[-1]) * s[0] / (s[0] - s[-1])
+        ab = s**2
+        return Schedule(1.0 - ab / torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]]))
 
     @classmethod
     def from_name(cls, name: str, T: int = 1000) -> "Schedule":
@@ -125,6 +146,18 @@ class Schedule:
         ab = self.alpha_bar
         return (x_t - self._at((1 - ab).sqrt(), t, x_t) * eps) / self._at(ab.sqrt(), t, x_t)
 
+    def split(self, out: Tensor, x_t: Tensor, t: Tensor, prediction: str = "epsilon") -> tuple[Tensor, Tensor]:
+        """(x_0, eps) from a network output `out` at x_t (alpha space), for both parametrisations:
+
+            epsilon:       eps = out,                                   x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)
+            v_prediction:  x_0 = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v
+                           eps = sqrt(alpha_bar_t) v + sqrt(1 - alpha_bar_t) x_t
+
+        (v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 and x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t)
+        eps, solved for x_0 and eps.) v stays finite at alpha_bar_t = 0, where eps-prediction cannot give x_0.
+        """
+        return split_at(out, x_t, self._at(self.alpha_bar, t, x_t), prediction)
+
     def v_target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """v-prediction target (Salimans & Ho 2022, appendix D):
 
@@ -152,8 +185,8 @@ class Schedule:
         clipped = torch.clamp(snr, max=gamma)
         if prediction == "epsilon":
             return clipped / snr
-        if prediction == "v_prediction":
-            return clipped / (snr + 1)
+        if prediction == "v_prediction":  # SNR = 0 (zero terminal SNR) gets weight 1, as diffusers' SDXL scripts do
+            return torch.where(snr == 0, torch.ones_like(snr), clipped / (snr + 1))
         raise MinidiffError(f"min_snr_weight: prediction must be 'epsilon' or 'v_prediction', got {prediction!r}")
 
     # ---- sigma space --------------------------------------------------------------------------------------------
@@ -177,6 +210,16 @@ class Schedule:
         low, high = log_sigmas[lo], log_sigmas[lo + 1]
         w = ((low - log_sigma) / (low - high)).clamp(0, 1)
         return (1 - w) * lo + w * (lo + 1)
+
+
+def split_at(out: Tensor, x_t: Tensor, alpha_bar, prediction: str = "epsilon") -> tuple[Tensor, Tensor]:
+    """`Schedule.split` at a given alpha_bar (a float, or a tensor broadcastable to x_t): (x_0, eps)."""
+    a, s = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
+    if prediction == "epsilon":
+        return (x_t - s * out) / a, out
+    if prediction == "v_prediction":
+        return a * x_t - s * out, a * out + s * x_t
+    raise MinidiffError(f"prediction_type must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
 
 
 def timesteps(n: int, spacing: str = "leading", T: int = 1000, steps_offset: int = 1) -> Tensor:

@@ -110,7 +110,8 @@ def test_latent_model_run_with_class_images(tmp_path):
                           "--noise-offset", "0.05", "--device", "cpu"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["settings"]["resolution"] == 16  # 8 x 8 latents x the VAE's 2x
-    assert Image.open(out / "samples" / "final.png").size == (20, 20)  # one 16 px image + 2 px border
+    w, h = Image.open(out / "samples" / "final.png").size  # rows: instance prompt, class prompt; one 16 px image
+    assert h == 4 * (2 * (16 + 2) + 2) + 22 and w > 4 * (16 + 4)  # each, 2 px gaps, 4x nearest, column labels on top
     assert Image.open(out / "class-images" / "class-00000.png").size == (16, 16)
 
 

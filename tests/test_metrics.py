@@ -116,6 +116,22 @@ def test_bad_input_raises_data_error():
         metrics.evaluate(torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8, 8), target_character="batman")
 
 
+def test_background_distance_hand_cases():
+    """Training images white except a black middle (which differs between them); a sample tinted (0.9, 0.8, 1.0)
+    on the common background lies sqrt((0.01 + 0.04 + 0) / 3) away, whatever is in its middle; one white there
+    lies 0 away."""
+    train = metrics.prepare(flat([[1, 1, 1]] * 2, 16), 16)
+    train[0, :, 4:12, 4:12], train[1, :, 6:14, 2:10] = 0.0, 0.5
+    mask = metrics.background_mask(train)
+    assert mask.sum() == 16 * 16 - 8 * 8 - 8 * 8 + 6 * 6  # white in both
+    tinted = metrics.prepare(flat([[0.9, 0.8, 1.0]], 16), 16)
+    tinted[..., ~mask] = 0.0  # where a character may be is not background
+    clean = metrics.prepare(flat([[1, 1, 1]], 16), 16)
+    clean[..., ~mask] = 0.3
+    assert metrics.background_distance(tinted, train) == pytest.approx(math.sqrt(0.05 / 3), rel=1e-6)
+    assert metrics.background_distance(clean, train) == pytest.approx(0.0, abs=1e-9)
+
+
 def test_evaluate_returns_all_keys():
     from minidiff import data
 
@@ -124,7 +140,8 @@ def test_evaluate_returns_all_keys():
     samples = data.load_tensor_set(paths[:3], 32)  # copies of three training images at generator resolution
     r = metrics.evaluate(samples, train)
     assert set(r) >= {"nn_distance", "memorized_fraction", "palette_distance", "diversity", "identity",
-                      "pose_counts", "character_counts"}
+                      "pose_counts", "character_counts", "background"}
+    assert r["background"] < 0.01  # the drawings' own border is the white they are drawn on
     assert r["size"] == 32  # compared at the samples' resolution, not blurred up to 64
     assert r["nn_distance"] < 0.03 and r["memorized_fraction"] == 1.0 and r["identity"] == 1.0
     assert r["palette_distance"] < 3.0 and r["diversity"] > 0.05

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from minidiff import data
-from minidiff.bundled import tiny
+from minidiff.bundled import tiny, world
 from minidiff.weights.pretrained import load_pipeline, load_tokenizer
 from minidiff.pipeline import generate
 
@@ -19,20 +19,33 @@ SHIPPED = tiny.TINY_DIR
 
 # ------------------------------------------------------------------------------------------------------ captions
 def test_caption_written_out_by_hand():
-    robot = "a picture of a robot with one eye in blue metal jumping seen from the front"
-    assert tiny.caption("robot", "jump") == robot
-    assert tiny.caption("female_person", "climb1", looks=False) == "a picture of a girl climbing seen from the back"
-    assert tiny.caption("zombie", "walk5", looks=False, action=False, view=False) == "a picture of a zombie"
+    look = {"hair": "blonde", "skin": "pale", "shirt": "red", "trousers": "grey"}
+    assert world.caption("female_person", look, "walk3") == ("a picture of a girl with blonde hair and pale skin in "
+                                                             "a red shirt and grey trousers walking seen from the side")
+    assert world.caption("robot", {"metal": "gold"}, "jump") == "a picture of a robot in gold metal jumping seen from " \
+                                                                 "the front"
+    assert world.caption("zombie", {}, "climb1", (False, True, True, True)) == \
+        "a picture of a zombie climbing seen from the back"
+    assert world.original_look("female_person") == {"hair": "black", "skin": "brown", "shirt": "green",
+                                                    "trousers": "purple"}
 
 
-def test_pretraining_excludes_the_target_and_never_says_sks():
-    assert data.TARGET_CHARACTER not in tiny.PRETRAIN_CHARACTERS and len(tiny.PRETRAIN_CHARACTERS) == 5
-    assert tiny.KIND["female_person"] == tiny.CLASS_WORD == "girl"
-    _, rows = tiny.pretraining_set()
-    assert len(rows) == 65 and {c for c, _ in rows} == set(tiny.PRETRAIN_CHARACTERS)
-    pretraining = tiny.pretraining_captions()
-    assert all(tiny.IDENTIFIER not in c.split() for c in pretraining)
-    assert "a picture of a girl" in pretraining  # the class prompt is in distribution
+def test_world_excludes_both_held_out_characters_and_the_targets_look():
+    assert data.TARGET_CHARACTER not in world.WORLD_BODIES and world.SECOND_CHARACTER not in world.WORLD_BODIES
+    assert world.CLASS_WORD[data.TARGET_CHARACTER] == tiny.CLASS_WORD == "girl"
+    assert world.CLASS_WORD[world.SECOND_CHARACTER] == "man" == world.CLASS_WORD["male_person"]  # class populated
+    girls = world.looks("female_person")
+    assert len(girls) == 468 and all(g["shirt"] != "blue" for g in girls)
+    assert not any(g["skin"] == "pale" and g["hair"] in ("brown", "red") for g in girls)
+    assert tiny.IDENTIFIER not in world.vocabulary()
+
+
+def test_recoloured_original_look_reproduces_the_drawing():
+    """Rendering a body in its own colours gives the drawing back (up to the nearest named colour)."""
+    scene = world.World(32, bodies=("zombie",))
+    x = scene.render("zombie", "idle", world.original_look("zombie"))
+    ref = data.load_tensor_set([data.kenney_path("zombie", "idle")], 32)[0]
+    assert (x - ref).abs().mean() < 0.02
 
 
 # ------------------------------------------------------------------------------------------------------ tokenizer
@@ -77,6 +90,9 @@ def test_shipped_model_is_a_small_pixel_space_sdxl(pipe):
     assert size <= 20 * 2**20, f"{size / 2**20:.1f} MiB"
     info = json.loads((SHIPPED / "train.json").read_text())
     assert info["characters"] == list(tiny.PRETRAIN_CHARACTERS)
+    assert {k: pipe.scheduler_config[k] for k in ("prediction_type", "rescale_betas_zero_snr", "timestep_spacing")} \
+        == {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    assert pipe.schedule.alpha_bar[-1] == 0  # zero terminal SNR
 
 
 def test_shipped_weights_same_seed_same_images(pipe):

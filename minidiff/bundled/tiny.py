@@ -1,31 +1,35 @@
-"""The miniature: a tiny SDXL (same UNet class, two tiny CLIPs, same loader) pretrained on the Kenney characters.
+"""The miniature: a tiny SDXL (same UNet class, two tiny CLIPs, same loader) pretrained on a world of Kenney characters.
 
 No SDXL weights can be downloaded where minidiff is built and tested, so minidiff ships its own small pretrained
 model of the same family (minidiff/assets/tiny-sdxl, a diffusers folder read by `checkpoint.load_pipeline`):
 
     UNet      UNetConfig.tiny_sdxl(in_channels=3, ...): 'text_time' added conditioning (pooled text + 6 size ids),
-              cross-attention on [CLIP-L-like (32) || bigG-like (64)] penultimate states, at 32 x 32 pixels
+              cross-attention on [CLIP-L-like (64) || bigG-like (128)] penultimate states at 16 x 16, 8 x 8 and in
+              the middle, at 32 x 32 pixels
     text      CLIPTextModel + CLIPTextModelWithProjection (transformers) with tiny configs, and a CLIP BPE
               tokenizer whose merges make every caption word ONE token (`build_tokenizer`); "sks" is in the
               vocabulary but in no pretraining caption (a rare identifier for DreamBooth). Pads as SDXL:
               tokenizer with <|endoftext|>, tokenizer_2 with "!".
-    schedule  SDXL's own (scaled_linear betas 0.00085 .. 0.012, eps prediction, leading spacing). DDPM's linear
-              betas were tried first: their sigma_max = 157 makes the default Euler sampler blow up the colours of
-              an imperfect pixel model (x_0 = x - sigma eps amplifies eps errors 157x); SDXL's sigma_max is 14.6.
+    schedule  DDPM's linear betas 1e-4 .. 0.02 rescaled to zero terminal SNR, v-prediction, trailing timesteps
+              (Lin et al. 2024), stored with diffusers' own keys (`SCHEDULER`). With SDXL's eps-prediction and
+              alpha_bar_T = 0.0047 the image mean survived in x_T (SNR ~ 3 for a 32 x 32 image's mean) and samples
+              started from pure noise came out with tinted, grainy backgrounds; at zero terminal SNR x_T is pure
+              noise in training as in sampling, and v stays a well-posed target there (v = -x_0).
     vae       none: pixel space. No VAE can be pretrained well in this budget, and a weak one would blur every
               sample; without it, what the samples show is what the UNet learned (the miniature stays honest).
 
-Pretraining data: every pose of 5 of the 6 Kenney characters (65 drawings, x-flipped at random), EXCLUDING the
-DreamBooth target `data.TARGET_CHARACTER` (female_adventurer), who is new to the model. Captions are generated
-(`caption`): character kind, looks, pose, view, e.g. "a picture of a robot with one eye in blue metal jumping seen
-from the front" (no comma, so that decoding a caption's tokens gives it back exactly). female_person is a "girl",
-the class word of the target. Each part but the kind is dropped at random so that short prompts ("a picture of a
-girl") are in distribution, and 10 % of rows are trained uncaptioned (all-zero context and pooled vector, what
-`pipeline.generate` uses as the unconditional input of classifier-free guidance).
+Pretraining data: the world of minidiff/bundled/world.py, individuals drawn afresh every step (4 bodies x 13 poses x their
+recoloured looks: 468 girls, 630 men, 126 zombies, 6 robots), x-flipped at random, captioned with their looks,
+action and view ("a picture of a girl with blonde hair and pale skin in a red shirt and grey trousers walking seen
+from the side"; each part dropped at random so "a picture of a girl" is in distribution and names the whole class).
+Neither the DreamBooth target `data.TARGET_CHARACTER` (female_adventurer, a "girl") nor the second test character
+`world.SECOND_CHARACTER` (male_adventurer, a "man") is in it. 10 % of rows are trained uncaptioned (all-zero
+context and pooled vector, what `pipeline.generate` uses as the unconditional input of classifier-free guidance).
 
-Loss (Ho et al. 2020 eq. 14, SDXL's conditioning): x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps,
-L = || eps - unet(x_t, t, context, pooled, time_ids) ||^2, with the UNet and both text encoders trained together
-(AdamW) and an EMA of all three shipped. Reproduce the shipped weights with `TRAIN_COMMAND` (see assets/README.md).
+Loss (Salimans & Ho 2022, SDXL's conditioning): x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps,
+v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0, L = || v - unet(x_t, t, context, pooled, time_ids) ||^2,
+with the UNet and both text encoders trained together (AdamW) and an EMA of all three shipped. Reproduce the
+shipped weights with `TRAIN_COMMAND` (see assets/README.md).
 """
 
 from __future__ import annotations
@@ -41,69 +45,41 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .. import data
 from ..cli import ArgumentParser, exit_code
-from . import assets_dir
+from . import assets_dir, world
 
 TINY_DIR = assets_dir() / "tiny-sdxl"
 SIZE = 32
+CHANNELS = (16, 32, 64)
 TRAIN_COMMAND = "python train_ddpm.py --preset tiny-sdxl --out minidiff/assets/tiny-sdxl"
 SCHEDULER = {"_class_name": "EulerAncestralDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
-             "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
-             "timestep_spacing": "leading", "steps_offset": 1}  # SDXL's own
+             "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "v_prediction",
+             "rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "steps_offset": 1}
 
 # ---------------------------------------------------------------------------------------------------- captions
-KIND = {"female_person": "girl", "male_adventurer": "boy", "male_person": "man", "robot": "robot",
-        "zombie": "zombie", "female_adventurer": "girl"}
-LOOKS = {"female_person": ("with black hair", "in a green shirt"),
-         "male_adventurer": ("with brown hair", "in a green shirt"),
-         "male_person": ("with black hair and a mustache", "in an orange vest"),
-         "robot": ("with one eye", "in blue metal"),
-         "zombie": ("with green skin", "in a purple shirt")}
-ACTION = {"climb": "climbing", "fall": "falling", "idle": "standing", "jump": "jumping", "walk": "walking"}
-VIEW = {"climb": "back", "fall": "front", "idle": "front", "jump": "front", "walk": "side"}
-PRETRAIN_CHARACTERS = tuple(c for c in data.CHARACTERS if c != data.TARGET_CHARACTER)
+ACTION, VIEW, family = world.ACTION, world.VIEW, world.family
+PRETRAIN_CHARACTERS = world.WORLD_BODIES
 IDENTIFIER, CLASS_WORD = "sks", "girl"
+SECOND_CLASS_WORD = world.CLASS_WORD[world.SECOND_CHARACTER]  # "man": the second DreamBooth check
 
 
-def family(pose: str) -> str:
-    """climb0 -> climb, walk5 -> walk (the pose family the classifier also reports)."""
-    return pose.rstrip("0123456789")
-
-
-def caption(character: str, pose: str, looks=True, action=True, view=True) -> str:
-    """'a picture of a <kind>[ <looks>][ <action>][ seen from the <view>]'."""
-    words = ["a picture of a", KIND[character]]
-    if looks and character in LOOKS:
-        words += list(LOOKS[character])
-    if action:
-        words.append(ACTION[family(pose)])
-    text = " ".join(words)
-    return text + f" seen from the {VIEW[family(pose)]}" if view else text
-
-
-def random_caption(character: str, pose: str, rng: random.Random, keep=0.6) -> str:
-    """A caption with each optional part (looks, action, view) kept with probability `keep`."""
-    return caption(character, pose, *(rng.random() < keep for _ in range(3)))
-
-
-def dreambooth_prompts() -> list[str]:
+def dreambooth_prompts(class_word=CLASS_WORD) -> list[str]:
     """The prompts DreamBooth and its evaluation use: 'a picture of sks girl[ <action>]', 'a picture of a girl[...]'."""
     out = []
-    for subject in (f"{IDENTIFIER} {CLASS_WORD}", f"a {CLASS_WORD}"):
+    for subject in (f"{IDENTIFIER} {class_word}", f"a {class_word}"):
         out += [f"a picture of {subject}"] + [f"a picture of {subject} {a}" for a in ACTION.values()]
     return out
 
 
-def pretraining_captions() -> list[str]:
-    """Every caption `random_caption` can produce for the pretraining characters."""
-    flags = [(a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1)]
-    return sorted({caption(ch, p, *f) for ch in PRETRAIN_CHARACTERS for p in data.POSES for f in flags})
-
-
 def all_captions() -> list[str]:
-    """The pretraining captions and the DreamBooth prompts: the words the tokenizer must keep whole."""
-    return pretraining_captions() + dreambooth_prompts()
+    """One full caption per individual of the world (walking), and the DreamBooth prompts of both classes."""
+    return [world.caption(b, look, "walk0") for b in world.WORLD_BODIES for look in world.looks(b)] + \
+        dreambooth_prompts() + dreambooth_prompts(SECOND_CLASS_WORD)
+
+
+def all_words() -> set:
+    """The words the tokenizer must keep whole: the world's captions and the identifier."""
+    return world.vocabulary() | {IDENTIFIER}
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizer
@@ -158,12 +134,12 @@ def bpe_tables(words) -> tuple[dict, list]:
 
 
 def build_tokenizer(folder, pad_token="<|endoftext|>", words=None):
-    """Write vocab.json + merges.txt for every word of `all_captions()` (and "sks") and return the CLIPTokenizerFast
+    """Write vocab.json + merges.txt for every word of `all_words()` (the world's and "sks") and return the CLIPTokenizerFast
     read back from them. SDXL pads tokenizer/ with <|endoftext|> and tokenizer_2/ with "!" (id 0)."""
     from transformers import CLIPTokenizerFast
 
     if words is None:
-        words = {w for c in all_captions() for w in c.split()} | {IDENTIFIER}
+        words = all_words()
     vocab, merges = bpe_tables(words)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -174,27 +150,27 @@ def build_tokenizer(folder, pad_token="<|endoftext|>", words=None):
 
 # ---------------------------------------------------------------------------------------------------- the model
 def text_configs(vocab_size: int):
-    """Tiny CLIPs of SDXL's structure: encoder 1 (CLIP-L's role) width 32, encoder 2 (bigG's) width 64 with a
-    64-d projection; 2 layers each (the context is the penultimate layer, the pooled vector the last)."""
+    """Tiny CLIPs of SDXL's structure: encoder 1 (CLIP-L's role) width 64, encoder 2 (bigG's) width 128 with a
+    128-d projection; 2 layers each (the context is the penultimate layer, the pooled vector the last)."""
     from transformers import CLIPTextConfig
 
     common = dict(vocab_size=vocab_size, max_position_embeddings=77, num_hidden_layers=2, bos_token_id=vocab_size - 2,
                   eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
-    c1 = CLIPTextConfig(hidden_size=32, intermediate_size=128, num_attention_heads=2, hidden_act="quick_gelu",
-                        projection_dim=32, **common)
-    c2 = CLIPTextConfig(hidden_size=64, intermediate_size=256, num_attention_heads=4, hidden_act="gelu",
+    c1 = CLIPTextConfig(hidden_size=64, intermediate_size=256, num_attention_heads=2, hidden_act="quick_gelu",
                         projection_dim=64, **common)
+    c2 = CLIPTextConfig(hidden_size=128, intermediate_size=512, num_attention_heads=4, hidden_act="gelu",
+                        projection_dim=128, **common)
     return c1, c2
 
 
 def unet_config():
-    """UNetConfig.tiny_sdxl in pixel space: 3 channels at 32 x 32, levels 32 -> 16 -> 8 with 16, 32, 64 channels,
-    one ResBlock per level (SDXL: 2), cross-attention at 8 x 8 and in the middle (SDXL: none at its top level
-    either). Sized for the CPU budget: ~1 M parameters, 0.24 GFLOP per image."""
+    """UNetConfig.tiny_sdxl in pixel space: 3 channels at 32 x 32, levels 32 -> 16 -> 8 with CHANNELS channels,
+    one ResBlock per level (SDXL: 2), cross-attention at 16 x 16, 8 x 8 and in the middle (SDXL: none at its top
+    level either), context 64 + 128 = 192 channels, pooled 128."""
     from ..unet import UNetConfig
 
-    return UNetConfig.tiny_sdxl(block_out_channels=(16, 32, 64), layers_per_block=1, transformer_depth=(0, 0, 1),
-                                head_dim=16, cross_attention_dim=96, pooled_dim=64, in_channels=3, sample_size=SIZE,
+    return UNetConfig.tiny_sdxl(block_out_channels=CHANNELS, layers_per_block=1, transformer_depth=(0, 1, 1),
+                                head_dim=16, cross_attention_dim=192, pooled_dim=128, in_channels=3, sample_size=SIZE,
                                 norm_num_groups=8)
 
 
@@ -202,10 +178,10 @@ def build_pipeline(tok_dir, seed=0):
     """A randomly initialised miniature Pipeline (tokenizers written to tok_dir/tokenizer, tok_dir/tokenizer_2)."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from ..weights.pretrained import schedule_from_config
     from ..pipeline import Pipeline
     from ..text import TextConditioner
     from ..unet import UNet2DConditionModel
+    from ..weights.pretrained import schedule_from_config
 
     torch.manual_seed(seed)
     tok = build_tokenizer(Path(tok_dir) / "tokenizer", "<|endoftext|>")
@@ -217,13 +193,6 @@ def build_pipeline(tok_dir, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------------- pretraining
-def pretraining_set():
-    """x [65, 3, 32, 32] in [-1, 1] (white padded), with (character, pose) per row, target character excluded."""
-    rows = [(c, p) for c in PRETRAIN_CHARACTERS for p in data.POSES]
-    x = data.load_tensor_set([data.kenney_path(c, p) for c, p in rows], SIZE, fit="pad")
-    return x, rows
-
-
 def size_ids(batch: int, gen: torch.Generator) -> torch.Tensor:
     """SDXL micro-conditioning for pretraining rows [batch, 6]: half of them the drawings' true ids (stored 128 x 96,
     padded, no crop: what dreambooth.size_ids gives them), half (32, 32, 0, 0, 32, 32), what `generate` passes at
@@ -242,16 +211,16 @@ def embed(text, captions: list[str]):
 
 
 def preview_prompts() -> list[str]:
-    """One prompt per (pretraining character, pose family) and the class prompts: what samples.png shows."""
-    return [caption(c, f + "0" if f in ("climb", "walk") else f, looks=False, view=False)
-            for c in PRETRAIN_CHARACTERS for f in ACTION]
+    """samples.png: per class word, the plain class prompt and one per action (rows: girl, man, zombie, robot)."""
+    words = [world.CLASS_WORD[b] for b in PRETRAIN_CHARACTERS]
+    return [f"a picture of a {w}" + (f" {a}" if a else "") for w in words for a in ("", *ACTION.values())]
 
 
 def save_snapshot(nets, pipe, out: Path, step: int, info: dict, preview=True):
     """Write the EMA weights as a diffusers folder (checkpoint.save_pipeline), train.json and a preview grid."""
-    from ..weights.pretrained import save_pipeline
     from ..pipeline import Pipeline
     from ..text import TextConditioner
+    from ..weights.pretrained import save_pipeline
 
     text = TextConditioner(pipe.text.tokenizer, nets["text_encoder"], pipe.text.tokenizer_2, nets["text_encoder_2"])
     snap = Pipeline(unet=nets["unet"], vae=None, text=text, schedule=pipe.schedule, name="tiny-sdxl",
@@ -269,17 +238,19 @@ def write_preview(pipe, path, step=None):
     from ..pipeline import generate
 
     prompts = preview_prompts()
-    settings = {"steps": 30, "cfg": 5.0, "sampler": "euler_a", "seed": 0, "width": SIZE, "height": SIZE}
+    settings = {"steps": 30, "cfg": 5.0, "sampler": "euler_a", "seed": 0, "width": SIZE, "height": SIZE,
+                "guidance_rescale": 0.7}
     x = generate(pipe, prompts, progress=False, **settings)
-    grid = make_grid(x.cpu(), nrow=len(ACTION))
+    grid = make_grid(x.cpu(), nrow=len(ACTION) + 1)
     save_png(grid.resize((grid.width * 4, grid.height * 4), 0), path,
              {"prompts": prompts, **settings, "training_step": step, "rows": list(PRETRAIN_CHARACTERS), "scale": 4})
 
 
-def pretrain(out_dir, steps=3000, batch_size=16, lr=1e-3, warmup=200, ema_decay=0.999, caption_dropout=0.1,
-             seed=0, device="cpu", save_every=200, progress=True, command=None) -> Path:
-    """Train the miniature from scratch on the 65 non-target drawings (module docstring) and write it to out_dir,
-    every `save_every` steps and at the end (so a run cut short still leaves a usable model)."""
+def pretrain(out_dir, steps=2500, batch_size=16, lr=1e-3, warmup=200, ema_decay=0.999, caption_dropout=0.1,
+             seed=0, device="cpu", save_every=250, progress=True, command=None) -> Path:
+    """Train the miniature from scratch on the world (minidiff/bundled/world.py: random individuals of 4 bodies x 13 poses,
+    x-flipped at random) and write it to out_dir every `save_every` steps and at the end (a run cut short still
+    leaves a usable model). Loss: v-prediction MSE on the zero-terminal-SNR schedule (module docstring)."""
     from ..train.state import EMA, LossLog, check_finite
 
     out, rng, gen = Path(out_dir), random.Random(seed), torch.Generator().manual_seed(seed)
@@ -288,26 +259,26 @@ def pretrain(out_dir, steps=3000, batch_size=16, lr=1e-3, warmup=200, ema_decay=
                                 "text_encoder_2": pipe.text.text_encoder_2}).to(device).train()
     ema = EMA(nets, ema_decay)
     opt = torch.optim.AdamW(nets.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    x, rows = pretraining_set()
-    x, alpha_bar = x.to(device), pipe.schedule.alpha_bar.float().to(device)
+    scene = world.World(SIZE)
+    schedule = pipe.schedule
     info = {"command": command, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
-            "ema_decay": ema_decay,
-            "caption_dropout": caption_dropout, "seed": seed, "device": str(device),
-            "torch_threads": torch.get_num_threads(), "characters": list(PRETRAIN_CHARACTERS)}
+            "ema_decay": ema_decay, "caption_dropout": caption_dropout, "seed": seed, "device": str(device),
+            "torch_threads": torch.get_num_threads(), "characters": list(PRETRAIN_CHARACTERS),
+            "individuals": scene.counts(), "parameters": sum(p.numel() for p in nets.parameters())}
     log, start = LossLog(out), time.time()
     for step in tqdm(range(1, steps + 1), desc="pretraining tiny-sdxl", disable=not progress):
-        idx = torch.randint(len(rows), (batch_size,), generator=gen)
-        x0 = x[idx]
-        flip = (torch.rand(batch_size, generator=gen) < 0.5).to(device)[:, None, None, None]
-        x0 = torch.where(flip, x0.flip(-1), x0)
-        captions = ["" if rng.random() < caption_dropout else random_caption(*rows[i], rng) for i in idx.tolist()]
+        x0, rows = scene.draw(batch_size, rng, world.NAMED_SHARE)
+        flip = (torch.rand(batch_size, generator=gen) < 0.5)[:, None, None, None]
+        x0 = torch.where(flip, x0.flip(-1), x0).to(device)
+        captions = ["" if rng.random() < caption_dropout else world.random_caption(b, look, p, rng, name=name)
+                    for b, p, look, name in rows]
         context, pooled = embed(pipe.text, captions)
-        t = torch.randint(0, len(alpha_bar), (batch_size,), generator=gen).to(device)
+        t = torch.randint(0, schedule.T, (batch_size,), generator=gen)
         eps = torch.randn(x0.shape, generator=gen).to(device)
-        ab = alpha_bar[t][:, None, None, None]
-        x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps  # q(x_t | x_0)
-        pred = nets["unet"](x_t, t, context=context, text_embeds=pooled, time_ids=size_ids(batch_size, gen).to(device))
-        loss = F.mse_loss(pred.float(), eps)
+        x_t = schedule.q_sample(x0, t, eps)  # q(x_t | x_0)
+        pred = nets["unet"](x_t, t.to(device), context=context, text_embeds=pooled,
+                            time_ids=size_ids(batch_size, gen).to(device))
+        loss = F.mse_loss(pred.float(), schedule.v_target(x0, eps, t))  # v = sqrt(ab) eps - sqrt(1 - ab) x_0
         check_finite(loss, step)
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, step / max(1, warmup))
@@ -322,7 +293,7 @@ def pretrain(out_dir, steps=3000, batch_size=16, lr=1e-3, warmup=200, ema_decay=
         if step % save_every == 0 or step == steps:
             info["minutes"] = round((time.time() - start) / 60, 2)
             save_snapshot(ema.module, pipe, out, step, info, preview=step == steps)
-            log.plot(title="tiny-sdxl pretraining loss (eps MSE)")
+            log.plot(title="tiny-sdxl pretraining loss (v MSE)")
     return out
 
 
@@ -331,13 +302,13 @@ def main(argv=None):
     p = ArgumentParser(prog="train_ddpm.py --preset tiny-sdxl",
                                 description="Pretrain the bundled miniature SDXL (minidiff/assets/tiny-sdxl).")
     p.add_argument("--out", default=str(TINY_DIR))
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--caption-dropout", type=float, default=0.1)
-    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: on a shared machine, more threads "

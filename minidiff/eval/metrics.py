@@ -22,6 +22,10 @@ Distance between two images (`pairwise_rmse`): per-pixel RMSE at S x S in [0,1] 
                        Background pixels are left out: pixels whose three sRGB values are all >= WHITE (240/255) are
                        the white canvas, and with ~75% of every Kenney image white they would drown the character's
                        colours. NaN when either set has no non-background pixel at all (e.g. blank white samples).
+* background_distance = mean_i sqrt( mean_{c, p in M} (s_i[c, p] - b[c])^2 ),  M = the pixels that are background
+                       (>= WHITE) in every training image (margins and corners the character never reaches), b = the
+                       training images' mean colour on M (white). 0 = backgrounds as clean as the training images';
+                       a uniform tint t lies |t| away; noise of std 0.1 lies ~0.1 away.
 * identity           = share of samples with argmax_c p(c | sample) == target character and p >= 0.8
                        (`classifier.predict`: below that floor a sample is "unknown");
                        pose_counts / character_counts count the classifier's argmax labels over all samples.
@@ -151,13 +155,30 @@ def palette_distance(samples01: torch.Tensor, train01: torch.Tensor) -> float:
     return sum(wasserstein_1d(p[:, c], q[:, c]) for c in range(3)) / 3
 
 
+# ------------------------------------------------------------------------------------------------------ background
+def background_mask(train01: torch.Tensor) -> torch.Tensor:
+    """[S, S] bool: the pixels that are background (all channels >= WHITE) in every training image."""
+    return (train01 >= WHITE).all(dim=1).all(dim=0)
+
+
+def background_distance(samples01: torch.Tensor, train01: torch.Tensor) -> float:
+    """Mean over samples of the RMS distance of their pixels on `background_mask(train)` to the training images'
+    mean colour there (white for the Kenney drawings); NaN when the training images share no background pixel."""
+    mask = background_mask(train01)
+    if not mask.any():
+        return float("nan")
+    b = train01.double()[..., mask].mean(dim=(0, 2))  # [3]
+    d = samples01.double()[..., mask] - b[None, :, None]
+    return d.pow(2).mean(dim=(1, 2)).sqrt().mean().item()
+
+
 # ----------------------------------------------------------------------------------------------------------- all
 def evaluate(samples: torch.Tensor, train: torch.Tensor, target_character: str = "female_adventurer",
              classifier=None) -> dict:
     """All metrics of this module for generated `samples` against the `train` images (both [N,3,H,W] in [-1,1]).
 
     `classifier`: a loaded `classifier.CharacterClassifier`; None loads the shipped weights.
-    Returns nn_distance, memorized_fraction, palette_distance, diversity, identity (floats), pose_counts and
+    Returns nn_distance, memorized_fraction, palette_distance, diversity, background, identity (floats), pose_counts and
     character_counts (dict name -> count over all names, zeros included), size (the comparison side S), n_samples,
     n_train.
     """
@@ -174,6 +195,7 @@ def evaluate(samples: torch.Tensor, train: torch.Tensor, target_character: str =
         "memorized_fraction": memorized_fraction(d1, d2),
         "palette_distance": palette_distance(s, t),
         "diversity": diversity(s),
+        "background": background_distance(s, t),
         "identity": sum(c == target_character for c in characters) / len(characters),
         "pose_counts": {p: poses.count(p) for p in POSES},
         "character_counts": {c: characters.count(c) for c in (*CHARACTERS, clf.UNKNOWN)},

@@ -30,7 +30,7 @@ from safetensors import safe_open
 from .. import io
 from ..errors import CheckpointError
 from ..pipeline import SDXL_SCHEDULER, Pipeline
-from ..schedule import Schedule
+from ..schedule import PREDICTIONS, Schedule
 from ..text import TextConditioner
 from ..unet import UNet, UNetConfig
 from ..vae import AutoencoderKL, VAEConfig
@@ -269,16 +269,21 @@ def load_text(path, dtype=None, device="cpu", tokenizers=None):
 
 
 def schedule_from_config(config: dict):
-    """The training noise schedule of `scheduler/scheduler_config.json` (diffusers keys; missing ones = SDXL's)."""
+    """The training noise schedule of `scheduler/scheduler_config.json` (diffusers keys; missing ones = SDXL's),
+    rescaled to zero terminal SNR when `rescale_betas_zero_snr` is true (Schedule.zero_terminal_snr)."""
     c = {**SDXL_SCHEDULER, **config}
-    if c["prediction_type"] != "epsilon":
-        raise CheckpointError(f"scheduler: prediction_type {c['prediction_type']!r} is not supported (epsilon only)")
+    if c["prediction_type"] not in PREDICTIONS:
+        raise CheckpointError(f"scheduler: prediction_type {c['prediction_type']!r} is not supported "
+                              f"(expected one of {', '.join(PREDICTIONS)})")
     T, kind = c["num_train_timesteps"], c["beta_schedule"]
     if kind in ("scaled_linear", "linear"):
-        return getattr(Schedule, kind)(T, c["beta_start"], c["beta_end"])
-    if kind == "squaredcos_cap_v2":
-        return Schedule.cosine(T)
-    raise CheckpointError(f"scheduler: beta_schedule {kind!r} is not one of scaled_linear, linear, squaredcos_cap_v2")
+        schedule = getattr(Schedule, kind)(T, c["beta_start"], c["beta_end"])
+    elif kind == "squaredcos_cap_v2":
+        schedule = Schedule.cosine(T)
+    else:
+        raise CheckpointError(f"scheduler: beta_schedule {kind!r} is not one of scaled_linear, linear, "
+                              "squaredcos_cap_v2")
+    return schedule.zero_terminal_snr() if c.get("rescale_betas_zero_snr") else schedule
 
 
 def load_pipeline(path, dtype=None, device="cpu", vae=None, tokenizers=None):
