@@ -189,7 +189,7 @@ def table(results) -> str:
 
 
 def _fmt(r):
-    return "" if not r else r.get("error", "")[:60] if "peak" not in r else f"{r['peak']:.2f}"
+    return "" if not r else r.get("error", "")[:60] if "peak" not in r else f"{r['peak']:.3f}"
 
 
 def main(argv=None):
@@ -224,6 +224,7 @@ def main(argv=None):
                 r = {"row": name, "impl": impl, "error": tail[0]}
             print(f"[memsim] {json.dumps(r)}", file=sys.stderr, flush=True)
             results.append(r)
+            _write(a.json, {"config": a.config, "latent": a.latent, "torch": torch.__version__, "results": results})
     print(table(results))
     _write(a.json, {"config": a.config, "latent": a.latent, "torch": torch.__version__, "results": results})
     return results

@@ -14,7 +14,7 @@ The per-channel scale keeps small channels out of e4m3's subnormals (kohya casts
 The first and last layers (conv_in, conv_out) stay in the compute dtype: tiny, and where errors are not averaged.
 The cast is a torch parametrization of `weight` (torch.nn.utils.parametrize): the module's code does not change, the
 fp8 tensor is `parametrizations.weight.original`, and LoRA layers wrap a stored layer keeping its storage
-(`wrap_stored`). Training the stored weights is not possible (LoRA only): they have no gradient.
+(`wrap_stored`). Stored weights are frozen (requires_grad False): LoRA trains on top of them.
 """
 from __future__ import annotations
 
@@ -82,8 +82,6 @@ def store(model: nn.Module, precision: str, compute_dtype: torch.dtype, scaled: 
     for _, m in list(_stored_layers(model)):
         if parametrize.is_parametrized(m, "weight"):
             continue
-        if m.weight.requires_grad:
-            raise MinidiffError("fp8 base weights are frozen: train LoRA adapters (--train lora), not the base")
         w8, scale = quantize(m.weight, scaled)
         m.weight = nn.Parameter(w8, requires_grad=False)
         parametrize.register_parametrization(m, "weight", CastUp(scale, compute_dtype), unsafe=True)

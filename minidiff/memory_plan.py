@@ -95,7 +95,7 @@ def _build(job, unet_config, vae_config, text_configs, dtype):
     unet.enable_gradient_checkpointing(job.checkpointing and job.kind != "sample")
     texts = [CLIPTextModel(text_configs[0]).to(dtype), CLIPTextModelWithProjection(text_configs[1]).to(dtype)] \
         if job.train_text_encoder else []
-    vae = AutoencoderKL(vae_config).float().requires_grad_(False) if job.kind == "sample" else None  # fp32 decode
+    vae = AutoencoderKL(vae_config).float().requires_grad_(False) if job.kind == "sample" and vae_config else None
     return unet.requires_grad_(job.kind == "full"), [te.requires_grad_(False) for te in texts], vae, None
 
 
@@ -202,3 +202,31 @@ def plan(job: Job, card: float | None, unet_config, vae_config=None, text_config
         if card is None or peaks["peak"] + MARGIN_GIB <= card:
             return cand, peaks, True
     return cand, peaks, False
+
+
+def prepare(pipe, job: Job, device, low_memory: bool = False) -> dict:
+    """Settle and apply what a run keeps on the GPU: with `low_memory`, the first of plan()'s jobs that fits the
+    card (on the CPU: the job as asked); the UNet's frozen weights stored in job.base_precision; the pipeline's VAE
+    tile. The job is simulated on a CUDA device or with `low_memory` (seconds to a minute at full size). Returns
+    what the manifest records: {base_precision, vae_tile, card_gib, simulated_peak_gib, simulated_phases, fits}."""
+    device = torch.device(device)
+    card, peaks, fits = card_gib(device), None, None
+    if low_memory or device.type == "cuda":
+        texts = (pipe.text.text_encoder.config, pipe.text.text_encoder_2.config) if job.train_text_encoder else None
+        vae_cfg = pipe.vae.config if pipe.vae is not None else None
+        if low_memory:
+            job, peaks, fits = plan(job, card, pipe.unet.config, vae_cfg, texts)
+        else:
+            peaks = simulate(job, pipe.unet.config, vae_cfg, texts)
+            fits = card is None or peaks["peak"] + MARGIN_GIB <= card
+    if job.kind != "full" and job.base_precision != job.precision:
+        store(pipe.unet, job.base_precision, DTYPES[job.precision])
+    if peaks:
+        print(f"memory: simulated peak {peaks['peak']:.2f} GiB (+ ~{MARGIN_GIB} GiB CUDA context and allocator)"
+              + (f" on a {card:.1f} GiB card" if card else "") + f"; base weights {job.base_precision}"
+              + (f", VAE tiles of {job.vae_tile}" if job.kind == "sample" and job.vae_tile else ""))
+    if job.kind == "sample":
+        pipe.vae_tile = job.vae_tile
+    return {"base_precision": job.base_precision, "vae_tile": job.vae_tile, "card_gib": card and round(card, 2),
+            "simulated_peak_gib": peaks and peaks["peak"], "simulated_phases": peaks, "fits": fits,
+            "margin_gib": MARGIN_GIB}
