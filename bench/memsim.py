@@ -54,7 +54,7 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 def configs(name):
     from weights import SDXL_CLIP_G, SDXL_CLIP_L, SDXL_VAE, unet_config
 
-    from minidiff import tiny
+    from minidiff.bundled import tiny
     theirs, ours = unet_config(name)
     if name == "sdxl":
         from transformers import CLIPTextConfig

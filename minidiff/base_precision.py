@@ -64,8 +64,7 @@ def _stored_layers(model: nn.Module):
 
 
 def _is_lora(m) -> bool:
-    from .lora import LoRALinear
-    return isinstance(m, LoRALinear)
+    return hasattr(m, "lora_A") and hasattr(m, "base_forward")  # lora.LoRALinear (lora.py imports this file)
 
 
 @torch.no_grad()
