@@ -58,6 +58,7 @@ def configs(name):
     theirs, ours = unet_config(name)
     if name == "sdxl":
         from transformers import CLIPTextConfig
+
         from minidiff.vae import VAEConfig
         return ours, theirs, VAEConfig.sdxl(), SDXL_VAE, (CLIPTextConfig(**SDXL_CLIP_L), CLIPTextConfig(**SDXL_CLIP_G))
     from minidiff.vae import VAEConfig
@@ -149,7 +150,8 @@ def _diffusers_sample(job, unet, vae, world, mem):
         latents = latents - 0.1 * (u + 5.0 * (c - u))
         del eps, u, c
         mem.phase("decode")
-        vae.decode(latents.float() / vae.config.scaling_factor).sample
+        image = vae.decode(latents.float() / vae.config.scaling_factor).sample
+        del image
 
 
 # ------------------------------------------------------------------------------------------------ rows and table

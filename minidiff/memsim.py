@@ -246,7 +246,8 @@ def meta_cuda():
     tensors' device type, like LoRALinear, behaves as on a GPU)."""
     import torch.utils.checkpoint as ckpt
 
-    saved = (torch.is_autocast_enabled, F.scaled_dot_product_attention, ckpt._checkpoint_without_reentrant_generator_impl)
+    saved = (torch.is_autocast_enabled, F.scaled_dot_product_attention,
+             ckpt._checkpoint_without_reentrant_generator_impl)
     is_enabled = saved[0]
 
     def enabled(device_type=None):

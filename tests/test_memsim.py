@@ -75,7 +75,8 @@ def test_fp8_unet_output_error_is_bounded_and_lora_trains_on_top():
         for p in unet.parameters():  # weights as fp16 holds them: the reference fp8 replaces
             p.copy_(p.half().float())
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([500, 20])
-    ctx, pooled = torch.randn(2, 77, cfg.cross_attention_dim), torch.randn(2, cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim)
+    pooled_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    ctx, pooled = torch.randn(2, 77, cfg.cross_attention_dim), torch.randn(2, pooled_dim)
     ids = torch.tensor([[128.0, 128, 0, 0, 128, 128]] * 2)
     with torch.no_grad():
         ref = unet(x, t, context=ctx, text_embeds=pooled, time_ids=ids)
