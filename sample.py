@@ -165,7 +165,7 @@ def run(args):
     memory = memory_plan.prepare(pipe, memory_plan.Job(
         "sample", latent=max(width, height) // pipe.scale, batch=min(args.batch_size, len(prompts) * args.num),
         precision=dtype_name, base_precision=args.base_precision or dtype_name, guidance=args.cfg > 1,
-        vae_tile=args.vae_tile or None), device, args.low_memory)
+        vae_tile=args.vae_tile or None), pipe.device, args.low_memory)
     runs = [p for p in prompts for _ in range(args.num)]
     rows = min(args.batch_size, len(runs)) * (2 if args.cfg > 1 else 1)  # (batches of 1 for euler_a and ddpm)
     check_fits(3 * rows * pipe.unet.config.block_out_channels[0] * (width // pipe.scale) * (height // pipe.scale)
