@@ -80,6 +80,11 @@ def build_parser():
     g.add_argument("--caption-dropout", type=float, default=0.0, help="probability of training a row uncaptioned")
     g.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "fp16", "bf16"))
     g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--base-precision", choices=("fp16", "bf16", "fp8"), default=None,
+                   help="how the frozen UNet is stored (default: the mixed precision's dtype); fp8: e4m3, cast up per "
+                   "layer at use (LoRA only)")
+    g.add_argument("--low-memory", action="store_true", help="simulate the step first and pick what fits the "
+                   "detected card: checkpointing, then fp8 base weights (docs/memory-budget.md)")
     g = p.add_argument_group("validation, saving, resuming")
     g.add_argument("--validation-prompt", action="append", default=None,
                    help="repeatable (default: the instance prompt); a grid is written at the end")
@@ -122,6 +127,8 @@ def check_args(args):
         raise MinidiffError(f"--min-snr-gamma must be positive, got {args.min_snr_gamma}")
     if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
         raise MinidiffError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    if args.train == "full" and args.base_precision == "fp8":
+        raise MinidiffError("--base-precision fp8 stores frozen weights: use it with --train lora")
     if args.train == "full" and args.train_text_encoder:
         raise MinidiffError("--train-text-encoder trains LoRA adapters: use it with --train lora")
     if not args.no_prior and args.num_class_images == 0:
@@ -191,7 +198,7 @@ def run(args, ctx=None):
     """Check, load, make class images, cache, train, save: returns the manifest dict (also in OUT/manifest.json).
     Under torchrun (`ctx` from minidiff.train.ddp.init) every process trains; only process 0 prints and writes
     files (other processes write only their share of the class images) and only it returns the manifest."""
-    from minidiff import data, io, run_folder
+    from minidiff import data, io, memory_plan, run_folder
     from minidiff.eval import audit
     from minidiff.train import ddp, hardware, resume, state
     from minidiff.weights import pretrained
@@ -229,6 +236,11 @@ def run(args, ctx=None):
     frozen_dtype = autocast_dtype if args.train == "lora" and autocast_dtype is not None else torch.float32
     print(f"loading {args.model} on {device} ({str(frozen_dtype).removeprefix('torch.')} weights)")
     pipe = pretrained.load_pipeline(args.model, dtype=frozen_dtype, device=device, vae=args.vae)
+    args.gradient_checkpointing |= args.low_memory
+    memory = memory_plan.prepare(pipe, memory_plan.Job(
+        args.train, latent=size // pipe.scale, batch=args.batch_size * (1 + prior), precision=_name(frozen_dtype),
+        base_precision=args.base_precision or _name(frozen_dtype), rank=args.rank, targets=args.targets,
+        checkpointing=args.gradient_checkpointing, train_text_encoder=args.train_text_encoder), device, args.low_memory)
     pipe.unet.requires_grad_(False)
     pipe.text.requires_grad_(False)
     if pipe.vae is not None:
@@ -303,13 +315,17 @@ def run(args, ctx=None):
                  "class_images": job.klass.paths if prior else []},
         "trainable": table, "files": sorted(set(job.files)), "timings": timings,
         "peak_memory_gib": {"of": peaks.what, **peaks.gib},
-        "final_loss": result["loss"], "resumed_from_step": result["resumed_from"],
+        "final_loss": result["loss"], "resumed_from_step": result["resumed_from"], "memory_plan": memory,
     }
     io.write_json(manifest, out / "manifest.json")
     print(f"done in {timings['total_s']:.1f}s ({timings['s_per_step']:.3f} s/step); wrote {out}")
     if peaks.gib:
         print(f"peak {peaks.what} by phase, GiB: " + ", ".join(f"{k} {v:.2f}" for k, v in peaks.gib.items()))
     return manifest
+
+
+def _name(dtype):
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
 
 
 def make_trainable(args, pipe):

@@ -63,6 +63,11 @@ def build_parser():
     a("--out", default="runs/sample")
     a("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     a("--dtype", choices=("fp16", "bf16", "fp32"), default=None, help="default: fp16 on CUDA, fp32 on CPU")
+    a("--base-precision", choices=("fp16", "bf16", "fp8"), default=None,
+      help="how the UNet's weights are stored (default: --dtype); fp8: e4m3, cast up per layer at use")
+    a("--vae-tile", type=int, default=64, help="decode latents wider than this in overlapping tiles (0: whole)")
+    a("--low-memory", action="store_true", help="simulate first and pick what fits the detected card: fp8 base "
+      "weights, smaller VAE tiles (docs/memory-budget.md)")
     return p
 
 
@@ -108,6 +113,8 @@ def check_args(args):
     for flag, v in {"--steps": args.steps, "--num": args.num, "--batch-size": args.batch_size}.items():
         if v <= 0:
             raise MinidiffError(f"{flag} must be a positive integer, got {v}")
+    if args.vae_tile < 0:
+        raise MinidiffError(f"--vae-tile must be >= 0 (0: decode whole), got {args.vae_tile}")
     for flag, v in {"--width": args.width, "--height": args.height}.items():
         if v is not None and (v <= 0 or v % 8):
             raise MinidiffError(f"{flag} must be a positive multiple of 8, got {v}")
@@ -136,6 +143,7 @@ def run(args):
 
     lock = run_folder.claim(args.out)  # noqa: F841 (a writable folder, ours until run returns)
 
+    from minidiff import memory_plan
     from minidiff.images import make_grid, save_png
     from minidiff.pipeline import default_guidance_rescale, generate, model_sampler
     from minidiff.train.hardware import PeakMemory, check_fits, resolve_device
@@ -157,6 +165,10 @@ def run(args):
         args.guidance_rescale = default_guidance_rescale(pipe)
     native = pipe.unet.config.sample_size * pipe.scale
     width, height = args.width or native, args.height or native
+    memory = memory_plan.prepare(pipe, memory_plan.Job(
+        "sample", latent=max(width, height) // pipe.scale, batch=min(args.batch_size, len(prompts) * args.num),
+        precision=dtype_name, base_precision=args.base_precision or dtype_name, guidance=args.cfg > 1,
+        vae_tile=args.vae_tile or None), pipe.device, args.low_memory)
     runs = [p for p in prompts for _ in range(args.num)]
     rows = min(args.batch_size, len(runs)) * (2 if args.cfg > 1 else 1)  # (batches of 1 for euler_a and ddpm)
     check_fits(3 * rows * pipe.unet.config.block_out_channels[0] * (width // pipe.scale) * (height // pipe.scale)
@@ -178,7 +190,8 @@ def run(args):
                 "steps": args.steps, "cfg": args.cfg, "sampler": args.sampler,
                 "spacing": args.spacing or pipe.scheduler_config.get("timestep_spacing", "leading"),
                 "karras": args.karras, "guidance_rescale": args.guidance_rescale, "width": width, "height": height,
-                "model": str(args.model), "vae": args.vae, "loras": loras, "dtype": dtype_name}
+                "model": str(args.model), "vae": args.vae, "loras": loras, "dtype": dtype_name,
+                "base_precision": memory["base_precision"], "vae_tile": memory["vae_tile"]}
     for i, (prompt, img) in enumerate(zip(runs, images)):
         path = save_png(img, out / f"{i:04d}-seed{args.seed + i}.png", {"prompt": prompt, "seed": args.seed + i,
                                                                         **settings})

@@ -178,7 +178,7 @@ def task_sample(args, dtype, out_file, n_images, batch):
     if args.impl == "ours":
         from minidiff.pipeline import Pipeline, generate
         from minidiff.schedule import Schedule
-        pipe = Pipeline(unet, vae, StubText(ctx, pooled), Schedule.scaled_linear())
+        pipe = Pipeline(unet, vae, StubText(ctx, pooled), Schedule.scaled_linear(), vae_tile=None)  # as diffusers
 
         def run():
             return generate(pipe, [str(i) for i in range(n_images)], negative="", steps=args.steps, cfg=5.0,

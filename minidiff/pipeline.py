@@ -46,6 +46,7 @@ class Pipeline:
     schedule: Schedule
     name: str = "minidiff"
     scheduler_config: dict = field(default_factory=lambda: dict(SDXL_SCHEDULER))
+    vae_tile: int | None = 64  # decode latents wider than this in overlapping tiles (vae.decode_tiled); None: whole
 
     @property
     def device(self) -> torch.device:
@@ -109,11 +110,17 @@ def _check_edit(images, masks, n, height, width):
 
 @torch.no_grad()
 def decode(pipe: Pipeline, x0: torch.Tensor) -> torch.Tensor:
-    """x_0 latents -> images in [-1, 1] (one at a time: a 1024^2 decode is memory-heavy), float32."""
+    """x_0 latents -> images in [-1, 1] (one at a time: a 1024^2 decode is memory-heavy), float32. Latents wider than
+    pipe.vae_tile are decoded in tiles overlapping by a quarter tile: the whole fp32 decode at 1024 px needs ~3 GiB,
+    more than the UNet's own working set (docs/memory-budget.md)."""
     if pipe.vae is None:
         return x0.float().clamp(-1, 1)
     dtype = next(pipe.vae.parameters()).dtype
-    out = [pipe.vae.decode((z[None] / pipe.vae.scaling_factor).to(dtype)).float() for z in x0]
+    tile = pipe.vae_tile
+
+    def one(z):
+        return pipe.vae.decode_tiled(z, tile, tile // 4) if tile else pipe.vae.decode(z)
+    out = [one((z[None] / pipe.vae.scaling_factor).to(dtype)).float() for z in x0]
     return torch.cat(out).clamp(-1, 1)
 
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..base_precision import wrap_stored
 from ..errors import LoRAError
 
 # Module-name patterns; a pattern matches a module when the module's dotted name ends with it.
@@ -183,7 +184,7 @@ def find_targets(model: nn.Module, targets="attn") -> list:
     regex = re.compile(r"(^|\.)(" + "|".join(f"(?:{p})" for p in patterns) + r")$")
     names = []
     for name, m in model.named_modules():
-        base_kind = nn.Linear if type(m) is LoRALinear else nn.Conv2d if type(m) is LoRAConv2d else type(m)
+        base_kind = nn.Conv2d if isinstance(m, LoRAConv2d) else nn.Linear if isinstance(m, LoRALinear) else type(m)
         if issubclass(base_kind, kinds) and regex.search(name):
             names.append(name)
     return names
@@ -194,7 +195,7 @@ def wrap(model: nn.Module, name: str) -> LoRALinear:
     module = model.get_submodule(name)
     if isinstance(module, LoRALinear):
         return module
-    layer = LoRAConv2d(module) if isinstance(module, nn.Conv2d) else LoRALinear(module)
+    layer = wrap_stored(module, LoRAConv2d if isinstance(module, nn.Conv2d) else LoRALinear)  # fp8 stays fp8
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, layer)
     return layer
