@@ -232,3 +232,33 @@ def test_full_size_controlnet_keys_and_shapes_match_diffusers(hub, tensors):
         ours = ControlNetModel(UNetConfig.from_diffusers(hub))
     assert shapes(ours) == shapes(ref)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
+
+
+# ------------------------------------------------------------------------------------------------------- sample.py
+def test_sample_py_control_flags(saved, nets, tmp_path, capsys):
+    import sample
+    from PIL import Image
+
+    from minidiff.images import read_png_metadata
+
+    ref, _ = saved
+    ref.save_pretrained(tmp_path / "model")
+    save_controlnet(nets[0][1], tmp_path / "cn")
+    sketch = Image.new("RGB", (50, 40), "white")
+    sketch.paste((0, 0, 0), (10, 18, 40, 22))  # a black bar
+    sketch.save(tmp_path / "sketch.png")
+    fast = ["--model", str(tmp_path / "model"), "--prompt", "a cat", "--steps", "2", "--width", "64", "--height",
+            "64", "--device", "cpu"]
+    for name, extra in (("plain", []), ("control", ["--control", f"{tmp_path / 'sketch.png'}:scribble:0.8",
+                                                    "--controlnet", str(tmp_path / "cn")])):
+        assert sample.main([*fast, *extra, "--out", str(tmp_path / name)]) == 0
+    assert "control image 50x40 resized to 64x64" in capsys.readouterr().err
+    meta = read_png_metadata(tmp_path / "control" / "0000-seed0.png")
+    assert meta["controls"] == [{"image": "sketch.png", "type": "scribble", "scale": 0.8,
+                                 "controlnet": str(tmp_path / "cn")}]
+    a, b = (Image.open(tmp_path / n / "0000-seed0.png") for n in ("plain", "control"))
+    assert a.tobytes() != b.tobytes()
+    for bad, message in (([f"--control={tmp_path / 'missing.png'}:canny"], "no such image file"),
+                         ([f"--control={tmp_path / 'sketch.png'}"], "needs --controlnet")):
+        assert sample.main([*fast, *bad, "--out", str(tmp_path / "bad")]) == 2
+        assert message in capsys.readouterr().err
