@@ -154,7 +154,7 @@ def parse_control(spec):
 def read_controls(args, width, height):
     """[(ControlNet, control image [1, 3, height, width] in [0, 1], scale)] from --control and --controlnet."""
     from minidiff.control_images import control_tensor, make_control
-    from minidiff.controlnet_files import load_controlnet
+    from minidiff.weights.controlnet_files import load_controlnet
     from minidiff.data import load_image
 
     nets = [load_controlnet(p) for p in args.controlnet]

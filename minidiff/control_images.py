@@ -41,7 +41,8 @@ def _conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """G_sigma * x with g(k) = exp(-k^2 / (2 sigma^2)) / sum, k = -r..r, r = ceil(3 sigma); separable (rows, columns)."""
+    """G_sigma * x with g(k) = exp(-k^2 / (2 sigma^2)) / sum, k = -r..r, r = ceil(3 sigma); separable (rows, then
+    columns)."""
     if sigma <= 0:
         return x
     r = max(1, math.ceil(3 * sigma))
@@ -145,7 +146,8 @@ def to_control(mask: torch.Tensor) -> torch.Tensor:
 
 
 def make_control(image: torch.Tensor, kind: str = "canny", **kw) -> torch.Tensor:
-    """The control image [3, H, W] in [0, 1] of `kind` (canny, scribble, image) made from `image` [3, H, W] in [0, 1]."""
+    """The control image [3, H, W] in [0, 1] of `kind` (canny, scribble, image) made from `image` [3, H, W] in
+    [0, 1]."""
     if kind == "canny":
         return to_control(canny(image, **kw))
     if kind == "scribble":
@@ -164,7 +166,8 @@ def control_tensor(image, height: int, width: int) -> torch.Tensor:
         image = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1) / 255.0
     if not isinstance(image, torch.Tensor) or image.ndim not in (3, 4) or image.shape[-3] != 3:
         got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise DataError(f"control image: expected a PIL image or a [3, H, W] / [N, 3, H, W] tensor in [0, 1], got {got}")
+        raise DataError(f"control image: expected a PIL image or a [3, H, W] / [N, 3, H, W] tensor in [0, 1], "
+                        f"got {got}")
     image = image.float()[None] if image.ndim == 3 else image.float()
     if tuple(image.shape[-2:]) != (height, width):
         print(f"notice: control image {image.shape[-1]}x{image.shape[-2]} resized to {width}x{height}",

@@ -14,7 +14,7 @@ Several ControlNets add their residuals (diffusers' MultiControlNetModel); each 
 
 Attribute names are diffusers' ControlNetModel state-dict keys (`controlnet_cond_embedding.conv_in.weight`,
 `controlnet_down_blocks.3.weight`, `down_blocks.1.attentions.0...`), so a diffusers ControlNet folder loads by name
-(controlnet_files.py; the original `control_model.*` layout through rules as for the UNet).
+(weights/controlnet_files.py; the original `control_model.*` layout through rules as for the UNet).
 """
 from __future__ import annotations
 

@@ -35,7 +35,8 @@ def test_canny_finds_a_square_outline_one_pixel_wide():
     e = canny(square(), sigma=1.0)
     # every edge pixel lies on the border between the square (rows/cols 12..35) and the background
     ys, xs = torch.nonzero(e, as_tuple=True)
-    on_border = ((ys - 11.5).abs() <= 1) | ((ys - 35.5).abs() <= 1) | ((xs - 11.5).abs() <= 1) | ((xs - 35.5).abs() <= 1)
+    near = lambda v, edge: (v - edge).abs() <= 1  # noqa: E731
+    on_border = near(ys, 11.5) | near(ys, 35.5) | near(xs, 11.5) | near(xs, 35.5)
     assert on_border.all()
     # each side's middle is crossed by exactly one edge pixel (non-maximum suppression thins to 1 px)
     for line in (e[24, :24], e[24, 24:], e[:24, 24], e[24:, 24]):

@@ -6,16 +6,16 @@ import torch
 from diffusers import ControlNetModel as DiffusersControlNet
 from diffusers import UNet2DConditionModel as DiffusersUNet
 from safetensors.torch import save_file
-from test_checkpoint import saved_diffusers_pipeline
 from test_pipeline import PROMPTS, unit_noise
+from test_pretrained import saved_diffusers_pipeline
 from test_unet import SD15_HUB, SDXL_HUB, diffusers_kwargs, inputs, shapes, small_sdxl
 
-from minidiff.checkpoint import load_pipeline
 from minidiff.controlnet import Control, ControlNetModel
-from minidiff.controlnet_files import load_controlnet, save_controlnet
 from minidiff.errors import CheckpointError, MinidiffError
 from minidiff.pipeline import generate
 from minidiff.unet import UNet, UNetConfig
+from minidiff.weights.controlnet_files import load_controlnet, save_controlnet
+from minidiff.weights.pretrained import load_pipeline
 
 HINT = (16, 32, 32, 64)  # a smaller condition encoder than SDXL's (16, 32, 96, 256), same 8x downsampling
 
@@ -89,7 +89,8 @@ def test_unet_takes_residuals_as_diffusers(small):
 def test_from_unet_copies_the_encoder_and_starts_at_zero(small):
     cfg, _, unet, _, _ = small
     net = ControlNetModel.from_unet(unet)
-    assert torch.equal(net.down_blocks[1].attentions[0].proj_in.weight, unet.down_blocks[1].attentions[0].proj_in.weight)
+    a, b = net.down_blocks[1].attentions[0], unet.down_blocks[1].attentions[0]
+    assert torch.equal(a.proj_in.weight, b.proj_in.weight)
     assert torch.equal(net.add_embedding.linear_1.weight, unet.add_embedding.linear_1.weight)
     x, kw = inputs(cfg, B=1, H=8, W=8)
     with torch.no_grad():
@@ -146,7 +147,7 @@ def test_sampling_matches_diffusers_controlnet_pipeline(saved, nets, case):
 # The original (ldm cldm) layout, written by an independent table: diffusers' own converter
 # (single_file_utils.convert_controlnet_checkpoint) must give back the diffusers keys from it.
 def to_original(state, L=2, levels=3):
-    from test_checkpoint import unet_to_original_key
+    from test_pretrained import unet_to_original_key
 
     out = {}
     n_blocks = len({k.split(".")[2] for k in state if k.startswith("controlnet_cond_embedding.blocks.")})
@@ -236,9 +237,9 @@ def test_full_size_controlnet_keys_and_shapes_match_diffusers(hub, tensors):
 
 # ------------------------------------------------------------------------------------------------------- sample.py
 def test_sample_py_control_flags(saved, nets, tmp_path, capsys):
-    import sample
     from PIL import Image
 
+    import sample
     from minidiff.images import read_png_metadata
 
     ref, _ = saved

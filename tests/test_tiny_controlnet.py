@@ -5,11 +5,19 @@ import random
 import pytest
 import torch
 
-from minidiff import tiny
-from minidiff.checkpoint import load_pipeline
+from minidiff.bundled import tiny
+from minidiff.bundled.tiny_controlnet import (
+    CONTROLNET_DIR,
+    TRAIN_COMMAND,
+    WorldSampler,
+    control_images,
+    held_out_controls,
+    target,
+    train,
+)
 from minidiff.controlnet import check_fits
-from minidiff.controlnet_files import load_controlnet
-from minidiff.tiny_controlnet import CONTROLNET_DIR, WorldSampler, control_images, held_out_controls, target, train
+from minidiff.weights.controlnet_files import load_controlnet
+from minidiff.weights.pretrained import load_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +49,7 @@ def test_a_few_training_steps_write_a_loadable_controlnet(pipe, tmp_path):
     assert (tmp_path / "train.json").is_file() and (tmp_path / "loss.csv").is_file()
 
 
-@pytest.mark.skipif(not CONTROLNET_DIR.exists(), reason="no shipped tiny ControlNet (python -m minidiff.tiny_controlnet)")
+@pytest.mark.skipif(not CONTROLNET_DIR.exists(), reason=f"no shipped tiny ControlNet ({TRAIN_COMMAND})")
 def test_shipped_controlnet_fits_and_steers_the_miniature(pipe):
     from minidiff.pipeline import generate
 

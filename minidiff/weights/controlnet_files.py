@@ -19,30 +19,15 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Tensors, fill
-from .controlnet import ControlNetModel
-from .errors import CheckpointError
-from .layouts import ldm_to_diffusers_unet_key
-from .unet_config import UNetConfig
+from .. import io
+from ..controlnet import ControlNetModel
+from ..errors import CheckpointError
+from ..unet_config import UNetConfig
+from .layouts import View, ldm_to_diffusers_unet_key
+from .pretrained import Tensors, fill
 
 CONTROL_PREFIX = "control_model."
 STEM = "diffusion_pytorch_model"
-
-
-class _Prefixed:
-    """The tensors of a file seen without a key prefix (what checkpoint.fill reads through)."""
-
-    def __init__(self, tensors: Tensors, prefix: str):
-        self.tensors, self.prefix = tensors, prefix
-
-    def keys(self):
-        return [k[len(self.prefix):] for k in self.tensors.keys() if k.startswith(self.prefix)]
-
-    def shape(self, key, how=None):
-        return list(self.tensors.shape(self.prefix + key))
-
-    def get(self, key, how=None):
-        return self.tensors.get(self.prefix + key)
 
 
 def ldm_to_diffusers_controlnet_key(key: str, config: UNetConfig, n_hint: int) -> str | None:
@@ -129,10 +114,10 @@ def load_controlnet(path, dtype=None, device="cpu") -> ControlNetModel:
         if not config_path.is_file():
             raise CheckpointError(f"{path}: a diffusers ControlNet file needs its config.json beside it")
         config, extras = controlnet_from_diffusers(json.loads(config_path.read_text()))
-        view, plan = _Prefixed(tensors, ""), {k: (k, None) for k in keys}
+        view, plan = View(tensors, ""), {k: (k, None) for k in keys}
     else:
         prefix = CONTROL_PREFIX if any(k.startswith(CONTROL_PREFIX) for k in keys) else ""
-        view = _Prefixed(tensors, prefix)
+        view = View(tensors, prefix)
         if not any(k.startswith("input_hint_block.") for k in view.keys()):
             raise CheckpointError(f"{path} is not a ControlNet (no controlnet_cond_embedding.* or "
                                   f"{CONTROL_PREFIX}input_hint_block.* keys)")
@@ -150,12 +135,7 @@ def load_controlnet(path, dtype=None, device="cpu") -> ControlNetModel:
 def save_controlnet(net: ControlNetModel, folder) -> Path:
     """Write `net` as a diffusers ControlNet folder (config.json + diffusion_pytorch_model.safetensors, atomic) that
     load_controlnet and diffusers' ControlNetModel.from_pretrained both read."""
-    from .training import atomic_save_file
-
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "config.json.tmp"
-    tmp.write_text(json.dumps(net.to_diffusers(), indent=2) + "\n")
-    tmp.replace(folder / "config.json")
-    atomic_save_file({k: v.contiguous() for k, v in net.state_dict().items()}, folder / f"{STEM}.safetensors")
+    io.write_json(net.to_diffusers(), folder / "config.json")
+    io.save_safetensors(net.state_dict(), folder / f"{STEM}.safetensors")
     return folder

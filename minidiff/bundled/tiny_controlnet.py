@@ -11,7 +11,8 @@
 
 Evaluation (`evaluate`): the target character's HELD_OUT_POSES, which nothing was trained on, as canny and scribble
 control images; samples of "a picture of a girl" with and without the control; the classifier's pose family of each
-sample against the control drawing's. Run `python -m minidiff.tiny_controlnet --out DIR` (train + evaluate + figure)
+sample against the control drawing's. Run `python -m minidiff.bundled.tiny_controlnet --out DIR` (train, evaluate,
+figure)
 or `--eval-only` on shipped weights.
 """
 from __future__ import annotations
@@ -28,16 +29,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import data, tiny
-from .control_images import make_control
-from .controlnet import ControlNetModel
-from .errors import exit_code
+from .. import data, io
+from ..cli import exit_code
+from ..control_images import make_control
+from ..controlnet import ControlNetModel
+from . import assets_dir, tiny
 
-CONTROLNET_DIR = Path(__file__).resolve().parent / "assets" / "tiny-controlnet"
+CONTROLNET_DIR = assets_dir() / "tiny-controlnet"
 HINT = (32,)  # conv_in 3 -> 32, SiLU, zero conv_out 32 -> the UNet's width: no downsampling in pixel space
 CANNY = dict(low=60, high=120, sigma=0.6)  # 32 px sprites: a light blur, OpenCV-unit thresholds
 SCRIBBLE = dict(threshold=0.9)  # everything not near-white is the figure: its skeleton is a stick figure
-TRAIN_COMMAND = "python -m minidiff.tiny_controlnet --out minidiff/assets/tiny-controlnet"
+TRAIN_COMMAND = "python -m minidiff.bundled.tiny_controlnet --out minidiff/assets/tiny-controlnet"
 PROMPT = "a picture of a girl"
 
 
@@ -54,7 +56,7 @@ class WorldSampler:
 
     def __init__(self, size=tiny.SIZE):
         try:
-            from . import world
+            from .. import world
         except ImportError:
             world = None
         self.world = world and world.World(size)
@@ -63,7 +65,7 @@ class WorldSampler:
 
     def draw(self, n: int, rng: random.Random):
         if self.world is not None:
-            from . import world
+            from .. import world
 
             x, rows = self.world.draw(n, rng)
             return x, [world.random_caption(b, look, p, rng) for b, p, look in rows]
@@ -83,8 +85,8 @@ def train(pipe, out_dir, steps=2500, batch_size=16, lr=1e-3, caption_dropout=0.5
           progress=True, command=None, minutes=None) -> ControlNetModel:
     """Train a ControlNet for pipe's UNet (frozen) and save its EMA weights to out_dir (diffusers layout), for
     `steps` steps or until `minutes` of wall-clock time have passed (then it saves and stops early)."""
-    from .controlnet_files import save_controlnet
-    from .training import EMA, LossLog, check_finite
+    from ..train.state import EMA, LossLog, check_finite
+    from ..weights.controlnet_files import save_controlnet
 
     torch.manual_seed(seed)
     rng, gen, out = random.Random(seed), torch.Generator().manual_seed(seed), Path(out_dir)
@@ -132,7 +134,7 @@ def train(pipe, out_dir, steps=2500, batch_size=16, lr=1e-3, caption_dropout=0.5
                     "cpu_minutes": round((time.process_time() - cpu) / 60, 2), "hint": list(HINT), "canny": CANNY,
                     "scribble": SCRIBBLE, "world": "world.World" if world.world is not None else "pretraining_set",
                     "parameters": sum(p.numel() for p in net.parameters())}
-            (out / "train.json").write_text(json.dumps(info, indent=2) + "\n")
+            io.write_json(info, out / "train.json")
         if last:
             break
     return ema.module.eval()
@@ -152,8 +154,8 @@ def evaluate(pipe, net, n=8, prompt=PROMPT, scale=1.0, steps=20, cfg=5.0, sample
     """({share of samples whose pose family is the control drawing's}, {(pose, kind or None): samples [n, 3, S, S]})
     over the target's held-out poses, seeds 0 .. n - 1 (a deterministic sampler, so a batch is one call). Shares per
     control kind, per pose, and without control (the same 2n uncontrolled samples judged against each pose)."""
-    from .classifier import load_classifier, pose_family, predict
-    from .pipeline import generate
+    from ..eval.classifier import load_classifier, pose_family, predict
+    from ..pipeline import generate
 
     model = load_classifier()
     kw = dict(steps=steps, cfg=cfg, sampler=sampler, width=tiny.SIZE, height=tiny.SIZE, batch_size=2 * n,
@@ -177,7 +179,7 @@ def evaluate(pipe, net, n=8, prompt=PROMPT, scale=1.0, steps=20, cfg=5.0, sample
 
 def figure(samples: dict, path, per_row=6):
     """Rows: each held-out pose x (canny, scribble, none); columns: the drawing, its control, then samples."""
-    from .images import make_grid, save_png
+    from ..images import make_grid, save_png
 
     cells = []
     for pose, kind, drawing, control in held_out_controls():
@@ -192,7 +194,7 @@ def figure(samples: dict, path, per_row=6):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minidiff.tiny_controlnet",
+    p = argparse.ArgumentParser(prog="python -m minidiff.bundled.tiny_controlnet",
                                 description="Train and evaluate the miniature's pose ControlNet.")
     p.add_argument("--model", default=str(tiny.TINY_DIR))
     p.add_argument("--out", default=str(CONTROLNET_DIR))
@@ -210,8 +212,8 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
 
     def run():
-        from .checkpoint import load_pipeline
-        from .controlnet_files import load_controlnet
+        from ..weights.controlnet_files import load_controlnet
+        from ..weights.pretrained import load_pipeline
 
         pipe = load_pipeline(a.model)
         t0 = time.time()
@@ -219,14 +221,15 @@ def main(argv=None):
             net = load_controlnet(a.out)
         else:
             net = train(pipe, a.out, a.steps, a.batch_size, a.lr, seed=a.seed, minutes=a.minutes,
-                        command=shlex.join(["python", "-m", "minidiff.tiny_controlnet", *argv]))
+                        command=shlex.join(["python", "-m", "minidiff.bundled.tiny_controlnet", *argv]))
         t1 = time.time()
         shares, samples = evaluate(pipe, net, a.n, sampler=a.sampler)
         figure(samples, Path(a.out) / "samples.png")
         result = {"pose_family_match": shares, "n_per_pose_and_kind": a.n, "held_out_poses": list(data.HELD_OUT_POSES),
-                  "prompt": PROMPT, "sampler": a.sampler, "train_minutes": round((t1 - t0) / 60, 2) if not a.eval_only else None,
+                  "prompt": PROMPT, "sampler": a.sampler,
+                  "train_minutes": None if a.eval_only else round((t1 - t0) / 60, 2),
                   "eval_minutes": round((time.time() - t1) / 60, 2)}
-        (Path(a.out) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        io.write_json(result, Path(a.out) / "eval.json")
         print(json.dumps(result, indent=2))
 
     return exit_code(run)
