@@ -82,9 +82,11 @@ def target(schedule_config: dict, x0, eps, alpha_bar):
 
 # --------------------------------------------------------------------------------------------------------- training
 def train(pipe, out_dir, steps=2500, batch_size=16, lr=1e-3, caption_dropout=0.5, ema_decay=0.99, seed=0,
-          progress=True, command=None, minutes=None) -> ControlNetModel:
+          progress=True, command=None, minutes=None, new_lr_mult=10.0) -> ControlNetModel:
     """Train a ControlNet for pipe's UNet (frozen) and save its EMA weights to out_dir (diffusers layout), for
-    `steps` steps or until `minutes` of wall-clock time have passed (then it saves and stops early)."""
+    `steps` steps or until `minutes` of wall-clock time have passed (then it saves and stops early). The parts that
+    start at zero (condition encoder, zero convs) learn at new_lr_mult x lr: both zero at first, they would otherwise
+    take thousands of steps to open (the paper's "sudden convergence"), more than a CPU budget has."""
     from ..train.state import EMA, LossLog, check_finite
     from ..weights.controlnet_files import save_controlnet
 
@@ -93,7 +95,11 @@ def train(pipe, out_dir, steps=2500, batch_size=16, lr=1e-3, caption_dropout=0.5
     unet = pipe.unet.eval().requires_grad_(False)
     pipe.text.requires_grad_(False)
     net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=HINT).train()
-    ema, opt = EMA(net, ema_decay), torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+    new = [p for n, p in net.named_parameters() if n.startswith("controlnet_")]  # condition encoder, zero convs
+    copied = [p for n, p in net.named_parameters() if not n.startswith("controlnet_")]  # the UNet's encoder copy
+    groups = [{"params": copied, "lr": lr, "base": lr},
+              {"params": new, "lr": lr * new_lr_mult, "base": lr * new_lr_mult}]
+    ema, opt = EMA(net, ema_decay), torch.optim.AdamW(groups, weight_decay=0.0)
     world, alpha_bar = WorldSampler(), pipe.schedule.alpha_bar.float()
 
     log, start, cpu = LossLog(out), time.time(), time.process_time()
@@ -115,7 +121,7 @@ def train(pipe, out_dir, steps=2500, batch_size=16, lr=1e-3, caption_dropout=0.5
         loss = F.mse_loss(pred.float(), target(pipe.scheduler_config, x0, eps, ab))
         check_finite(loss, step)
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, step / 100)
+            g["lr"] = g["base"] * min(1.0, step / 100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -128,7 +134,8 @@ def train(pipe, out_dir, steps=2500, batch_size=16, lr=1e-3, caption_dropout=0.5
         if step % 500 == 0 or last:
             save_controlnet(ema.module, out)
             log.plot(title="tiny ControlNet training loss")
-            info = {"command": command, "steps": step, "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
+            info = {"command": command, "steps": step, "batch_size": batch_size, "lr": lr, "new_lr_mult": new_lr_mult,
+                    "ema_decay": ema_decay,
                     "caption_dropout": caption_dropout, "seed": seed, "torch_threads": torch.get_num_threads(),
                     "minutes": round((time.time() - start) / 60, 2),
                     "cpu_minutes": round((time.process_time() - cpu) / 60, 2), "hint": list(HINT), "canny": CANNY,
@@ -149,10 +156,10 @@ def held_out_controls(kinds=("canny", "scribble")):
 
 
 @torch.no_grad()
-def evaluate(pipe, net, n=8, prompt=PROMPT, scale=1.0, steps=20, cfg=5.0, sampler="dpmpp_2m",
+def evaluate(pipe, net, n=8, prompt=PROMPT, scale=1.0, steps=30, cfg=5.0, sampler=None,
              progress=True) -> tuple[dict, dict]:
     """({share of samples whose pose family is the control drawing's}, {(pose, kind or None): samples [n, 3, S, S]})
-    over the target's held-out poses, seeds 0 .. n - 1 (a deterministic sampler, so a batch is one call). Shares per
+    over the target's held-out poses, seeds 0 .. n - 1 (the model's sampler by default). Shares per
     control kind, per pose, and without control (the same 2n uncontrolled samples judged against each pose)."""
     from ..eval.classifier import load_classifier, pose_family, predict
     from ..pipeline import generate
@@ -204,7 +211,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--minutes", type=float, default=None, help="stop training after this much wall-clock time")
     p.add_argument("--n", type=int, default=8, help="samples per held-out pose and control type")
-    p.add_argument("--sampler", default="dpmpp_2m", help="evaluation sampler (deterministic: one batch per case)")
+    p.add_argument("--sampler", default=None, help="evaluation sampler (default: the model's own)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval-only", action="store_true", help="evaluate the ControlNet in --out")
     argv = sys.argv[1:] if argv is None else list(argv)
