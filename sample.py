@@ -4,6 +4,11 @@ r"""Generate images with an SDXL-family model, optionally with LoRAs: one PNG pe
     python sample.py --prompt "a picture of sks girl" --lora runs/finetune/lora.safetensors
     python sample.py --model sdxl-base/ --vae sdxl-vae-fp16-fix/ --prompts comic.txt --seed 7 --num 2
     python sample.py --model sd_xl_base_1.0.safetensors --tokenizers sdxl-base/ --prompt "a robot" --steps 30
+    python sample.py --prompt "a picture of a girl" --control sketch.png:scribble:0.9      (pose from a sketch)
+
+--control IMAGE[:TYPE[:SCALE]] (repeatable; TYPE canny, scribble or image, default image; SCALE default 1) steers
+the pose with a ControlNet: the i-th --control uses the i-th --controlnet PATH (or the only one; with the bundled
+miniature, its tiny ControlNet minidiff/assets/tiny-controlnet).
 
     python sample.py --page examples/page.json              a comic page: panels, lettering, page.png, strip.png
     python sample.py --page examples/page.json --panel 3    re-render panel 3 only (the others stay byte-identical)
@@ -24,6 +29,7 @@ from minidiff.cli import ArgumentParser as Parser
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "minidiff" / "assets" / "tiny-sdxl"
+DEFAULT_CONTROLNET = ROOT / "minidiff" / "assets" / "tiny-controlnet"
 DEFAULT_PROMPTS = ("a picture of a girl", "a picture of a robot jumping", "a picture of a zombie walking",
                    "a picture of a boy climbing")
 SAMPLERS = ("euler", "euler_a", "ddim", "ddpm", "dpmpp_2m")
@@ -60,6 +66,11 @@ def build_parser():
     a("--num", type=int, default=1, help="images per prompt")
     a("--batch-size", type=int, default=4)
     a("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="repeatable; scale defaults to 1")
+    a("--control", action="append", default=[], metavar="IMAGE[:TYPE[:SCALE]]",
+      help="control image (repeatable): TYPE canny, scribble (made here from IMAGE) or image (used as is: a ready "
+      "pose or depth image; their estimators need weights minidiff does not have); SCALE defaults to 1")
+    a("--controlnet", action="append", default=[], metavar="PATH",
+      help="ControlNet folder or file for the --control images, in order (default: the miniature's tiny one)")
     a("--out", default="runs/sample")
     a("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     a("--dtype", choices=("fp16", "bf16", "fp32"), default=None, help="default: fp16 on CUDA, fp32 on CPU")
@@ -128,6 +139,48 @@ def check_args(args):
     for spec in args.lora:
         if not Path(parse_lora(spec)[0]).is_file():
             raise MinidiffError(f"--lora {spec}: no such file (expected PATH or PATH:SCALE)")
+    args.control = [parse_control(spec) for spec in args.control]
+    if args.control and not args.controlnet:
+        if Path(args.model) != DEFAULT_MODEL or not DEFAULT_CONTROLNET.exists():
+            raise MinidiffError("--control needs --controlnet PATH (a ControlNet made for this model)")
+        args.controlnet = [str(DEFAULT_CONTROLNET)]
+    if args.controlnet and len(args.controlnet) not in (1, len(args.control)):
+        raise MinidiffError(f"{len(args.control)} --control images but {len(args.controlnet)} --controlnet: give one "
+                            "ControlNet for all, or one per control image")
+
+
+def parse_control(spec):
+    """'sketch.png:scribble:0.8' -> (path, 'scribble', 0.8); the type defaults to 'image', the scale to 1."""
+    from minidiff.control_images import KINDS
+    from minidiff.errors import MinidiffError
+
+    parts, kind, scale = spec.split(":"), "image", 1.0
+    try:
+        scale = float(parts[-1]) if len(parts) > 1 else 1.0
+        parts = parts[:-1] if len(parts) > 1 else parts
+    except ValueError:
+        pass
+    if len(parts) > 1 and parts[-1] in KINDS:
+        kind, parts = parts[-1], parts[:-1]
+    path = ":".join(parts)
+    if not Path(path).is_file():
+        raise MinidiffError(f"--control {spec}: no such image file (expected IMAGE[:TYPE[:SCALE]], TYPE one of "
+                            f"{', '.join(KINDS)})")
+    return path, kind, scale
+
+
+def read_controls(args, width, height):
+    """[(ControlNet, control image [1, 3, height, width] in [0, 1], scale)] from --control and --controlnet."""
+    from minidiff.control_images import control_tensor, make_control
+    from minidiff.weights.controlnet_files import load_controlnet
+    from minidiff.data import load_image
+
+    nets = [load_controlnet(p) for p in args.controlnet]
+    out = []
+    for i, (path, kind, scale) in enumerate(args.control):
+        image = control_tensor(load_image(path), height, width)[0]  # resized first (with a notice), then processed
+        out.append((nets[min(i, len(nets) - 1)], make_control(image, kind)[None], scale))
+    return out
 
 
 def run(args):
@@ -174,12 +227,14 @@ def run(args):
     check_fits(3 * rows * pipe.unet.config.block_out_channels[0] * (width // pipe.scale) * (height // pipe.scale)
                * next(pipe.unet.parameters()).element_size(), pipe.device, "the first UNet level's activations",
                f"{width}x{height} is too large; the model's native size is {native}x{native}")
+    controls = [(net.to(pipe.device, pipe.unet.dtype), image, scale)
+                for net, image, scale in read_controls(args, width, height)]
     peaks.end("load")
     t0 = time.perf_counter()
     images = generate(pipe, runs, negative=args.negative, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
                       seed=args.seed, width=width, height=height, guidance_rescale=args.guidance_rescale,
                       batch_size=args.batch_size, spacing=args.spacing, karras=args.karras,
-                      prompt_2=args.prompt_2, negative_2=args.negative_2)
+                      prompt_2=args.prompt_2, negative_2=args.negative_2, controls=controls)
     seconds = time.perf_counter() - t0
     peaks.end("generate")
     print(f"{len(runs)} image(s) in {seconds:.1f} s ({seconds / len(runs):.2f} s/image"
@@ -191,7 +246,9 @@ def run(args):
                 "spacing": args.spacing or pipe.scheduler_config.get("timestep_spacing", "leading"),
                 "karras": args.karras, "guidance_rescale": args.guidance_rescale, "width": width, "height": height,
                 "model": str(args.model), "vae": args.vae, "loras": loras, "dtype": dtype_name,
-                "base_precision": memory["base_precision"], "vae_tile": memory["vae_tile"]}
+                "base_precision": memory["base_precision"], "vae_tile": memory["vae_tile"],
+                "controls": [{"image": Path(p).name, "type": k, "scale": sc, "controlnet": args.controlnet[
+                    min(i, len(args.controlnet) - 1)]} for i, (p, k, sc) in enumerate(args.control)]}
     for i, (prompt, img) in enumerate(zip(runs, images)):
         path = save_png(img, out / f"{i:04d}-seed{args.seed + i}.png", {"prompt": prompt, "seed": args.seed + i,
                                                                         **settings})

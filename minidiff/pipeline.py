@@ -137,7 +137,8 @@ def default_guidance_rescale(pipe: Pipeline) -> float:
 @torch.no_grad()
 def generate(pipe: Pipeline, prompts, negative="", steps=30, cfg=5.0, sampler=None, seed=0, width=None,
              height=None, guidance_rescale=None, batch_size=4, progress=True, spacing=None, karras=False, eta=0.0,
-             noise=None, init_images=None, strength=1.0, masks=None, prompt_2=None, negative_2=None) -> torch.Tensor:
+             noise=None, init_images=None, strength=1.0, masks=None, prompt_2=None, negative_2=None,
+             controls=()) -> torch.Tensor:
     """Images [N, 3, height, width] in [-1, 1] for N prompts; image i uses seed + i (or row i of `noise`, unit
     Gaussian x_T). Guidance (cfg > 1) batches [uncond ; cond] into one UNet call per step. `spacing` defaults to
     the model's scheduler config ("leading" for SDXL), `sampler` to the one its config names (Euler for SDXL),
@@ -152,7 +153,11 @@ def generate(pipe: Pipeline, prompts, negative="", steps=30, cfg=5.0, sampler=No
     binarised at 0.5) it is inpainting: a 4-channel UNet gets the known region put back at each step's noise
     level; a 9-channel inpainting UNet also sees [mask | z(image * (1 - mask))] beside x_t. Image i's generator
     draws, in order: the posterior sample of its init image (when used), x_T, that of its masked image (9-ch).
+
+    `controls`: ControlNets as [(net, image, scale)] or controlnet.Control (with start / end / guess mode); their
+    residuals are summed into every UNet call (image: [1 or N, 3, H, W] in [0, 1] or PIL, resized to the images').
     """
+    from .controlnet import ControlledDenoiser, prepare_controls
     from .samplers import cfg as guide
     from .samplers import sample, start_index
 
@@ -184,6 +189,7 @@ def generate(pipe: Pipeline, prompts, negative="", steps=30, cfg=5.0, sampler=No
     generators = [torch.Generator("cpu").manual_seed(int(seed) + i) for i in range(n)]
     batch_size = max(1, batch_size)  # stochastic samplers draw each row's noise from its own generator
     unet, dtype, guided = pipe.unet, next(pipe.unet.parameters()).dtype, cfg > 1
+    controls = prepare_controls(controls, unet, height, width, pipe.scale)
     out = []
     chunks = range(0, n, batch_size)
     for b in tqdm(chunks, desc="images", disable=not progress or len(chunks) < 2):
@@ -205,11 +211,13 @@ def generate(pipe: Pipeline, prompts, negative="", steps=30, cfg=5.0, sampler=No
                                            negative_2=negative_2, emphasis=True)
         context, pooled = context.to(pipe.device, dtype), pooled.to(pipe.device, dtype)
         ids = pipe.text.time_ids((height, width), (0, 0), (height, width), batch=len(context)).to(pipe.device, dtype)
+        control = ControlledDenoiser(controls, steps - start, guided)  # the steps the sampler runs
 
         def denoise(x, t):
-            x_in = torch.cat([x, x]) if guided else x
-            x_in = x_in.to(dtype) if cond is None else torch.cat([x_in.to(dtype), cond], dim=1)
-            eps = unet(x_in, t, context=context, text_embeds=pooled, time_ids=ids).float()
+            x_in = (torch.cat([x, x]) if guided else x).to(dtype)
+            residuals = control(x_in, t, context, pooled, ids, rows)  # ControlNets see x_t, not the 9-ch extras
+            x_in = x_in if cond is None else torch.cat([x_in, cond], dim=1)
+            eps = unet(x_in, t, context=context, text_embeds=pooled, time_ids=ids, **residuals).float()
             return guide(*eps.chunk(2), cfg, guidance_rescale) if guided else eps
 
         x0 = sample(denoise, pipe.schedule, x_T.to(pipe.device), steps=steps, sampler=sampler, spacing=spacing,

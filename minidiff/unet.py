@@ -299,6 +299,36 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         return maybe_checkpoint(self.resnets[1], self.attentions[0](h, context), temb)
 
 
+def check_inputs(net: nn.Module, x, context, text_embeds, time_ids, what="UNet"):
+    """One-line errors for inputs that do not fit `net` (a UNet or a ControlNet: its config and add_embedding)."""
+    c = net.config
+    if x.ndim != 4 or x.shape[1] != c.in_channels:
+        raise MinidiffError(f"{what}: expected x of shape [B, {c.in_channels}, H, W], got {tuple(x.shape)}")
+    got = None if context is None else tuple(context.shape)
+    if c.cross_attention_dim and (got is None or len(got) != 3 or got[-1] != c.cross_attention_dim):
+        raise MinidiffError(f"{what}: expected context [B, tokens, {c.cross_attention_dim}] (text states), got {got}")
+    if net.add_embedding is not None:
+        width = None if text_embeds is None or time_ids is None else (
+            text_embeds.shape[-1] + time_ids.shape[-1] * c.addition_time_embed_dim)
+        if width != c.projection_class_embeddings_input_dim:
+            raise MinidiffError(f"{what}: 'text_time' needs text_embeds [B, P] and time_ids [B, 6] with P + 6 * "
+                                f"{c.addition_time_embed_dim} = {c.projection_class_embeddings_input_dim}")
+
+
+def embed_time(net: nn.Module, x, t, text_embeds=None, time_ids=None) -> torch.Tensor:
+    """temb [B, 4 * ch0] = time_embedding(sinusoid(t)) [+ add_embedding([text_embeds | sinusoid(time_ids)])], for a
+    UNet or a ControlNet (both hold time_proj, time_embedding, add_time_proj, add_embedding). t: scalar or [B]."""
+    B = x.shape[0]
+    t = torch.as_tensor(t, device=x.device).reshape(-1)
+    if t.numel() not in (1, B):
+        raise MinidiffError(f"expected t as a scalar or [{B}] tensor, got {t.numel()} values")
+    temb = net.time_embedding(net.time_proj(t.expand(B)).to(x.dtype))
+    if net.add_embedding is not None:
+        ids = net.add_time_proj(time_ids.reshape(-1)).reshape(B, -1)
+        temb = temb + net.add_embedding(torch.cat([text_embeds, ids], dim=-1).to(temb.dtype))
+    return temb
+
+
 class UNet2DConditionModel(nn.Module):
     """eps = UNet(x_t, t, context, text_embeds, time_ids) (diffusers `unet_2d_condition.py`; sgm `openaimodel.py`
     `UNetModel`; minSDXL `sdxl_rewrite.py`). temb = time_embedding(sinusoid(t)) [+ add_embedding(
@@ -343,39 +373,24 @@ class UNet2DConditionModel(nn.Module):
                 m.gradient_checkpointing = on
         return self
 
-    def _check_inputs(self, x, context, text_embeds, time_ids):
-        c = self.config
-        if x.ndim != 4 or x.shape[1] != c.in_channels:
-            raise MinidiffError(f"UNet: expected x of shape [B, {c.in_channels}, H, W], got {tuple(x.shape)}")
-        got = None if context is None else tuple(context.shape)
-        if c.cross_attention_dim and (got is None or len(got) != 3 or got[-1] != c.cross_attention_dim):
-            raise MinidiffError(f"UNet: expected context [B, tokens, {c.cross_attention_dim}] (text states), got {got}")
-        if self.add_embedding is not None:
-            width = None if text_embeds is None or time_ids is None else (
-                text_embeds.shape[-1] + time_ids.shape[-1] * c.addition_time_embed_dim)
-            if width != c.projection_class_embeddings_input_dim:
-                raise MinidiffError(f"UNet: 'text_time' needs text_embeds [B, P] and time_ids [B, 6] with P + 6 * "
-                                    f"{c.addition_time_embed_dim} = {c.projection_class_embeddings_input_dim}")
-
-    def forward(self, x, t, context=None, text_embeds=None, time_ids=None) -> torch.Tensor:
+    def forward(self, x, t, context=None, text_embeds=None, time_ids=None, down_residuals=None,
+                mid_residual=None) -> torch.Tensor:
         """x [B, C, H, W], t scalar or [B] (int or float), context [B, tokens, D], text_embeds [B, P], time_ids
-        [B, 6] -> eps [B, C_out, H, W]."""
-        self._check_inputs(x, context, text_embeds, time_ids)
-        B = x.shape[0]
-        t = torch.as_tensor(t, device=x.device).reshape(-1)
-        if t.numel() not in (1, B):
-            raise MinidiffError(f"UNet: expected t as a scalar or [{B}] tensor, got {t.numel()} values")
-        t = t.expand(B)
-        temb = self.time_embedding(self.time_proj(t).to(x.dtype))
-        if self.add_embedding is not None:
-            ids = self.add_time_proj(time_ids.reshape(-1)).reshape(B, -1)
-            temb = temb + self.add_embedding(torch.cat([text_embeds, ids], dim=-1).to(temb.dtype))
+        [B, 6] -> eps [B, C_out, H, W]. `down_residuals` (one per skip, as pushed) and `mid_residual` are a
+        ControlNet's: added to the skips and to the middle block's output (diffusers' down_block_additional_residuals,
+        mid_block_additional_residual)."""
+        check_inputs(self, x, context, text_embeds, time_ids)
+        temb = embed_time(self, x, t, text_embeds, time_ids)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
             h, s = block(h, temb, context)
             skips += s
         h = self.mid_block(h, temb, context)
+        if down_residuals is not None:
+            skips = [s + r for s, r in zip(skips, down_residuals, strict=True)]
+        if mid_residual is not None:
+            h = h + mid_residual
         for block in self.up_blocks:
             n = len(block.resnets)
             size = skips[-n - 1].shape[-2:] if len(skips) > n else None  # the skip waiting after this block's
