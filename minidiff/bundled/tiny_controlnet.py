@@ -56,7 +56,7 @@ class WorldSampler:
 
     def __init__(self, size=tiny.SIZE):
         try:
-            from .. import world
+            from . import world
         except ImportError:
             world = None
         self.world = world and world.World(size)
@@ -65,10 +65,10 @@ class WorldSampler:
 
     def draw(self, n: int, rng: random.Random):
         if self.world is not None:
-            from .. import world
+            from . import world
 
             x, rows = self.world.draw(n, rng)
-            return x, [world.random_caption(b, look, p, rng) for b, p, look in rows]
+            return x, [world.random_caption(b, look, p, rng) for b, p, look, *_ in rows]
         idx = [rng.randrange(len(self.rows)) for _ in range(n)]
         return self.x[idx], [tiny.random_caption(*self.rows[i], rng) for i in idx]
 
