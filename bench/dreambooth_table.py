@@ -10,6 +10,8 @@ target character, taught with finetune.py as "a picture of sks girl" (class "gir
     (b) lora            LoRA, no prior preservation
     (c) lora + prior    LoRA with prior preservation (class images "a picture of a girl" from the base model)
     (d) full + prior    the whole UNet fine-tuned, with prior preservation
+    (e) ti + prior      textual inversion: only a new "sks" token's vectors learned (--train ti)
+    (f) pivotal + prior the new token and a LoRA learned together (--train lora --train-ti)
 
 Each is scored by the character classifier (minidiff/eval/classifier.py), which judges every sample independently:
 
@@ -45,15 +47,19 @@ from minidiff.bundled import tiny  # noqa: E402
 from minidiff.eval import classifier, metrics  # noqa: E402
 from minidiff.weights.pretrained import load_pipeline, load_unet  # noqa: E402
 from minidiff.images import make_grid, save_png  # noqa: E402
+from minidiff.weights.embedding_files import load_embedding  # noqa: E402
 from minidiff.lora import load_lora  # noqa: E402
 
 RUNS = {  # name -> extra finetune.py flags
     "lora": ["--no-prior"],
     "lora-prior": [],
     "full-prior": ["--train", "full"],
+    "ti-prior": ["--train", "ti"],
+    "pivotal-prior": ["--train-ti"],
 }
 LABELS = {"base": "(a) base model", "lora": "(b) LoRA", "lora-prior": "(c) LoRA + prior preservation",
-          "full-prior": "(d) full fine-tune + prior preservation"}
+          "full-prior": "(d) full fine-tune + prior preservation", "ti-prior": "(e) textual inversion + prior",
+          "pivotal-prior": "(f) pivotal tuning (LoRA + new token) + prior"}
 HELD_OUT_ACTIONS = ("climbing", "walking")  # families of data.HELD_OUT_POSES (climb1, walk1, walk2, walk4..7)
 
 
@@ -78,7 +84,7 @@ def finetune(name, args, out: Path):
 
 def finetune_all(args, out: Path) -> dict:
     """(b) and (c) in parallel, then (d), which reuses (c)'s class images; returns the manifests."""
-    for group in (("lora", "lora-prior"), ("full-prior",)):
+    for group in (("lora", "lora-prior"), ("full-prior",), ("ti-prior", "pivotal-prior")):
         for name, proc in [(n, finetune(n, args, out)) for n in group]:
             if proc is not None and proc.wait() != 0:
                 raise SystemExit(f"finetune.py failed for {name}: see {out / (name + '.log')}")
@@ -88,10 +94,12 @@ def finetune_all(args, out: Path) -> dict:
 def load_row(name, args, out: Path):
     """The pipeline of one row: the base model, plus the row's LoRA or fine-tuned UNet."""
     pipe = load_pipeline(args.model)
-    if name.startswith("lora"):
+    if name.startswith(("lora", "pivotal")):
         load_lora(pipe.modules(), out / name / "lora.safetensors")
     elif name.startswith("full"):
         pipe.unet = load_unet(out / name / "unet")
+    if name.startswith(("ti", "pivotal")):  # the learned "sks" token (textual inversion)
+        load_embedding(pipe.text, out / name / f"{tiny.IDENTIFIER}.safetensors")
     return pipe
 
 

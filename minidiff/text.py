@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .errors import MinidiffError
+from .textual_inversion import expand_prompt
 
 
 def _as_list(prompts, n=None):
@@ -170,6 +171,8 @@ class TextConditioner(nn.Module):
     components, so LoRA names such as `text_encoder.text_model.encoder.layers.0...` resolve on this module.
     """
 
+    force_zeros_for_empty_prompt = True  # SDXL: an empty negative prompt is all zeros (module docstring)
+
     def __init__(self, tokenizer, text_encoder, tokenizer_2, text_encoder_2):
         super().__init__()
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
@@ -190,6 +193,7 @@ class TextConditioner(nn.Module):
         length = tokenizer.model_max_length
         if not length or length > encoder.config.max_position_embeddings:  # unset (1e30) in some tokenizer files
             length = encoder.config.max_position_embeddings
+        prompts = [expand_prompt(p, tokenizer) for p in prompts]  # multi-vector embedding tokens: tok tok_1 ..
         counted = tokenizer(prompts, max_length=length + 1, truncation=True).input_ids  # L + 1: "too long"
         for prompt, ids in zip(prompts, counted):
             if len(ids) > length:
@@ -279,7 +283,7 @@ class TextConditioner(nn.Module):
             return context, pooled
         negative = _as_list(negative, context.shape[0])
         neg_context, neg_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
-        rows = [i for i, p in enumerate(negative) if p != ""]
+        rows = [i for i, p in enumerate(negative) if p != "" or not self.force_zeros_for_empty_prompt]
         if rows:
             if emphasis:
                 c, p = self.encode_weighted([negative[i] for i in rows], [neg_2[i] for i in rows], K)
