@@ -25,6 +25,7 @@ Variants (optional, one axis): `--lora-scales 0.5 1.0` or `--steps-list 10 30 10
 from __future__ import annotations
 
 import csv
+import json
 from io import StringIO
 import re
 import sys
@@ -71,6 +72,11 @@ def from_run(folder) -> list[str]:
     steps = sorted(folder.glob("*-step-*.safetensors"), key=lambda p: (int(re.findall(r"\d+", p.stem)[-1]), p.name))
     final = [p for p in sorted(folder.glob("*.safetensors")) if "-step-" not in p.name  # lora / sks.safetensors
              and p.name != "pytorch_lora_weights.safetensors"] + [p for p in [folder / "unet"] if p.is_dir()]
+    try:  # the final files repeat the last step file when --save-every divides --steps
+        last = int(json.loads((folder / "manifest.json").read_text())["settings"]["steps"])
+        final = [p for p in final if p.is_dir() or not any(f"-step-{last:06d}" in q.name for q in steps)]
+    except (OSError, ValueError, KeyError):
+        pass
     if not steps and not final:
         raise MinidiffError(f"--from {folder}: no *-step-*.safetensors, lora.safetensors or unet/ in it")
     return ["base", *map(str, steps), *map(str, final)]
