@@ -211,7 +211,14 @@ class TextConditioner(nn.Module):
     def _tokens(self, prompts, prompts_2):
         """Per encoder: [(ids, weights)] for each prompt (prompts_2, when given, for the second encoder)."""
         pairs = ((self.tokenizer, self.text_encoder, prompts), (self.tokenizer_2, self.text_encoder_2, prompts_2))
-        return [(tok, enc, [weighted_tokens(tok, p) for p in ps]) for tok, enc, ps in pairs]
+        return [(tok, enc, [weighted_tokens(tok, expand_prompt(p, tok)) for p in ps]) for tok, enc, ps in pairs
+                if enc is not None]  # (SD 1.x / 2.x: one encoder, text_sd.py)
+
+    def hidden_states(self, encoder, ids):
+        """(the states the context takes from `encoder` for token ids [N, L], its output): SDXL's penultimate
+        layer, before any final LayerNorm."""
+        out = encoder(ids, output_hidden_states=True)
+        return out.hidden_states[-2], out
 
     def count_chunks(self, prompts, prompts_2=None) -> int:
         """Chunks of 75 tokens the longest prompt needs (on either encoder)."""
@@ -237,13 +244,14 @@ class TextConditioner(nn.Module):
                     _notice_long(text, len(i), length - 2)
                 ci, cw = _chunks(i, w, tok, length, K)
                 ids, weights = ids + ci, weights + cw
-            out = enc(torch.tensor(ids, device=enc.device), output_hidden_states=True)
+            states_k, out = self.hidden_states(enc, torch.tensor(ids, device=enc.device))
             w = torch.tensor(weights, device=enc.device)
-            h = torch.stack([emphasize(z, wz) for z, wz in zip(out.hidden_states[-2], w)])  # [B * K, 77, C]
+            h = torch.stack([emphasize(z, wz) for z, wz in zip(states_k, w)])  # [B * K, 77, C]
             states.append(h.reshape(len(prompts), K * length, -1))
             if enc is self.text_encoder_2:
                 pooled = out.text_embeds.reshape(len(prompts), K, -1)[:, 0]
-        return torch.cat([states[0], states[1].to(states[0].dtype)], dim=-1), pooled
+        context = torch.cat([s.to(states[0].dtype) for s in states], dim=-1)
+        return context, pooled if pooled is not None else context.new_zeros(len(prompts), 0)
 
     def encode_prompts(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
         """context [B, L, C1 + C2] = [h_L^(-2) || h_G^(-2)], pooled [B, P] = bigG `text_embeds`."""

@@ -41,6 +41,13 @@ class SDTextConditioner(TextConditioner):
     def pooled_dim(self) -> int:
         return 0
 
+    def hidden_states(self, encoder, ids):
+        """LN_final(h^(layer)) for token ids [N, L] (the A1111-syntax path, encode_weighted), and the output."""
+        out = encoder(ids, output_hidden_states=self.layer != -1)
+        if self.layer == -1:
+            return out.last_hidden_state, out
+        return getattr(encoder, "text_model", encoder).final_layer_norm(out.hidden_states[self.layer]), out
+
     def encode_prompts(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
         """context [B, L, C] = LN_final(h^(layer)), pooled [B, 0]."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
