@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import csv
 import json
-from io import StringIO
 import re
 import sys
 from dataclasses import dataclass
+from io import StringIO
 from pathlib import Path
 
 import torch
@@ -53,7 +53,8 @@ def checkpoint_of(spec: str) -> Checkpoint:
         return Checkpoint("base", None, "base")
     path = Path(spec)
     if path.is_dir():
-        return Checkpoint(path.parent.name + "/" + path.name, str(path), "model" if (path / "unet").is_dir() else "unet")
+        kind = "model" if (path / "unet").is_dir() else "unet"
+        return Checkpoint(path.parent.name + "/" + path.name, str(path), kind)
     if path.suffix != ".safetensors" or not path.is_file():
         raise MinidiffError(f"--checkpoint {spec}: expected 'base', a .safetensors LoRA or embedding file, or a folder")
     from safetensors import safe_open
@@ -242,8 +243,8 @@ def quality_ratios(rows, good=1.0) -> dict:
 
 
 def score(sheet_path, good=1.0) -> dict:
-    """quality.csv and quality.png (ratio against the checkpoint's training step, read from its name: base = 0;
-    names without a number are numbered in sheet order) next to a filled sheet; returns the ratios."""
+    """quality.csv and quality.png (ratio against the checkpoint's training step, read from its name: base = 0; when
+    no name has a number, sheet order) next to a filled sheet; returns the ratios."""
     from . import io
     from .images import plot_curves
 
@@ -254,12 +255,15 @@ def score(sheet_path, good=1.0) -> dict:
     rated = {k: v[0] for k, v in ratios.items() if v[1]}
     if not rated:
         raise MinidiffError(f"{sheet_path}: no score filled in yet (1 = good, 0 = bad, blank = not rated)")
+    steps = {k: 0 if k.startswith("base") else int(n[-1]) if (n := re.findall(r"\d+", k.partition(" (")[0])) else None
+             for k in rated}
+    numbered = any(v for v in steps.values())  # step files: names without a step (lora.safetensors) stay off the plot
     series = {}
     for i, (k, r) in enumerate(rated.items()):
+        if numbered and steps[k] is None:
+            continue
         variant = k.partition(" (")[2].rstrip(")") or "quality ratio"
-        numbers = re.findall(r"\d+", k.partition(" (")[0])
-        step = 0 if k.startswith("base") else int(numbers[-1]) if numbers else i
-        series.setdefault(variant, []).append((step, r))
+        series.setdefault(variant, []).append((steps[k] if numbered else i, r))
     plot_curves(series, sheet_path.parent / "quality.png", title="quality ratio per checkpoint", log_y=False,
                 xlabel="training step of the checkpoint (base = 0)", ylabel="share of images rated good", smooth=0)
     for k, (r, m, n) in ratios.items():

@@ -7,8 +7,8 @@ A CLIP text encoder looks each token id up in its embedding table E [N, D]. A ne
           = V[id - first]      id >= first         the new token's vectors (the tokenizer's added tokens)
 
 and training minimises the usual diffusion loss over V alone: the UNet and both encoders stay frozen, so the result
-is a few kilobytes (weights/embedding_files.py writes it as A1111 / ComfyUI read it). SDXL has two encoders: the token gets
-vectors in each (`clip_l` [n, 768] and `clip_g` [n, 1280]). Pivotal tuning (finetune.py --train lora --train-ti)
+is a few kilobytes (weights/embedding_files.py writes it as A1111 / ComfyUI read it). SDXL has two encoders: the
+token gets vectors in each (`clip_l` [n, 768] and `clip_g` [n, 1280]). Pivotal tuning (finetune.py --train lora --train-ti)
 learns V and a LoRA together.
 
 `NewTokenEmbedding` replaces the encoder's `token_embedding` and holds E (frozen, shared) and V (a parameter):
@@ -30,7 +30,7 @@ class NewTokenEmbedding(nn.Module):
     def __init__(self, base: nn.Embedding, first: int):
         super().__init__()
         self.base, self.first = base, first
-        self.new = nn.Parameter(torch.zeros(0, base.embedding_dim, device=base.weight.device),  # fp32 
+        self.new = nn.Parameter(torch.zeros(0, base.embedding_dim, device=base.weight.device),  # fp32
                                 requires_grad=False)
 
     @property

@@ -92,8 +92,9 @@ def test_rank_and_module_dropout_by_hand():
 
 
 def test_text_encoder_lr_and_optimizers(tmp_path):
-    from minidiff.optimizers import make_optimizer
     from test_dreambooth import tiny_pipeline
+
+    from minidiff.optimizers import make_optimizer
 
     pipe = tiny_pipeline(tmp_path)
     args = finetune.build_parser().parse_args(["--train-text-encoder", "--text-encoder-lr", "5e-5", "--rank", "2"])
@@ -108,8 +109,9 @@ def test_text_encoder_lr_and_optimizers(tmp_path):
 
 def test_epochs_count_repeats(two_shapes, tmp_path, capsys):
     """--epochs 2 over 6 rows (2 images x 3 repeats) at batch 4 -> 2 * ceil(6 / 4) = 4 steps."""
-    from minidiff.weights.pretrained import save_pipeline
     from test_dreambooth import tiny_pipeline
+
+    from minidiff.weights.pretrained import save_pipeline
 
     model = save_pipeline(tiny_pipeline(tmp_path / "parts"), tmp_path / "tiny")
     assert finetune.main(["--model", model, "--instance-dir", tmp_path / "3_sks girl", "--no-prior", "--epochs", "2",

@@ -3,11 +3,11 @@ sample.py --unet DIR swaps a UNet into any model (minidiff/model_folder.py)."""
 
 import pytest
 import torch
+from test_dreambooth import tiny_pipeline
 
 import finetune
 import sample
 from minidiff.weights.pretrained import load_pipeline, load_unet, save_pipeline
-from test_dreambooth import tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +39,8 @@ def test_sample_unet_flag_swaps_the_unet(full_run, tmp_path):
     assert sample.main(["--model", str(out), *common, "--out", str(tmp_path / "a")]) == 0
     assert sample.main(["--model", str(base), "--unet", str(out / "unet"), *common, "--out", str(tmp_path / "b")]) == 0
     assert sample.main(["--model", str(base), *common, "--out", str(tmp_path / "c")]) == 0
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     a, b, c = (np.asarray(Image.open(tmp_path / x / "grid.png")) for x in "abc")
     assert (a == b).all() and not (a == c).all()

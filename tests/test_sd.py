@@ -13,13 +13,13 @@ import re
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_pretrained import OPEN_CLIP, VAE_ATTN, VAE_KW, VAE_MAP, with_text_model
+from test_text import clip_configs, make_tokenizer_dir
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizerFast
 
-from minidiff.weights.pretrained import load_pipeline, model_family, save_pipeline
 from minidiff.errors import CheckpointError
 from minidiff.pipeline import generate
-from test_pretrained import OPEN_CLIP, VAE_KW, VAE_MAP, VAE_ATTN, with_text_model
-from test_text import clip_configs, make_tokenizer_dir
+from minidiff.weights.pretrained import load_pipeline, model_family, save_pipeline
 
 UNET_SD_KW = dict(block_out_channels=(64, 64, 128, 128), layers_per_block=2, sample_size=16,
                   down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -223,12 +223,12 @@ def test_full_size_keys_shapes_and_config_inference_on_meta(name):
     """diffusers' own full-size UNet and VAE (meta device, no memory) against ours: every key and shape; the single
     file's sizes read off the shapes give back the same config (8 heads for SD 1.x, head width 64 for 2.x)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from test_pretrained import _Shapes
 
-    from minidiff.weights.layouts import View, infer_unet_config, infer_vae_config
     from minidiff.unet import UNet, UNetConfig
     from minidiff.vae import AutoencoderKL as OurVAE
     from minidiff.vae import VAEConfig
-    from test_pretrained import _Shapes
+    from minidiff.weights.layouts import View, infer_unet_config, infer_vae_config
 
     d = SD15_UNET if name == "sd15" else SD21_UNET
     vae_kw = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
@@ -255,9 +255,10 @@ def test_other_pipelines_and_mismatches_are_one_line(saved, tmp_path):
     with pytest.raises(CheckpointError, match="holds a FluxPipeline; minidiff loads StableDiffusionXLPipeline and "
                                               "StableDiffusionPipeline"):
         load_pipeline(tmp_path / "flux")
-    from minidiff.lora import inject_lora, load_lora, save_lora
-    from minidiff.errors import LoRAError
     from test_pretrained import saved_diffusers_pipeline
+
+    from minidiff.errors import LoRAError
+    from minidiff.lora import inject_lora, load_lora, save_lora
 
     _, sdxl_folder = saved_diffusers_pipeline(tmp_path / "sdxl")
     sdxl = load_pipeline(sdxl_folder)

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_dreambooth import tiny_pipeline
 
 from minidiff import sweep
-from minidiff.weights.pretrained import load_pipeline, save_pipeline
 from minidiff.lora import inject_lora, load_lora, save_lora
 from minidiff.pipeline import generate
-from test_dreambooth import tiny_pipeline
+from minidiff.weights.pretrained import load_pipeline, save_pipeline
 
 
 def test_quality_ratio_by_hand(tmp_path):

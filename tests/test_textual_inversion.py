@@ -5,15 +5,15 @@ e(id) = E[id] | V[id - first] by hand; wrong files in one line."""
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_sd import diffusers_sd, tiny_sd_parts
+from test_text import diffusers_sdxl, tiny_text_parts
 from transformers import CLIPTextModel, CLIPTokenizerFast
 
-from minidiff.weights.embedding_files import load_embedding, read_embedding, write_embedding
 from minidiff.errors import MinidiffError
 from minidiff.text import TextConditioner
 from minidiff.text_sd import SDTextConditioner
 from minidiff.textual_inversion import NewTokenEmbedding, add_token, expand_prompt
-from test_sd import diffusers_sd, tiny_sd_parts
-from test_text import diffusers_sdxl, tiny_text_parts
+from minidiff.weights.embedding_files import load_embedding, read_embedding, write_embedding
 
 PROMPTS = ["a mytok cat", "robot mytok, a dog"]
 
@@ -95,11 +95,11 @@ def test_finetune_ti_learns_only_the_token_and_sample_uses_it(tmp_path):
     import numpy as np
     from PIL import Image
     from safetensors import safe_open
+    from test_dreambooth import tiny_pipeline
 
     import finetune
     import sample
     from minidiff.weights.pretrained import save_pipeline
-    from test_dreambooth import tiny_pipeline
 
     model = save_pipeline(tiny_pipeline(tmp_path / "parts"), tmp_path / "tiny")
     fast = ["--model", model, "--no-prior", "--steps", "3", "--validation-images", "0", "--device", "cpu",
@@ -119,7 +119,8 @@ def test_finetune_ti_learns_only_the_token_and_sample_uses_it(tmp_path):
     common = ["--model", str(model), "--prompt", "a sks cat", "--steps", "2", "--width", "16", "--height", "16",
               "--device", "cpu"]
     assert sample.main([*common, "--out", str(tmp_path / "plain")]) == 0
-    assert sample.main([*common, "--embedding", str(tmp_path / "ti/sks.safetensors"), "--out", str(tmp_path / "e")]) == 0
+    embedding = str(tmp_path / "ti/sks.safetensors")
+    assert sample.main([*common, "--embedding", embedding, "--out", str(tmp_path / "e")]) == 0
     a, b = (np.asarray(Image.open(tmp_path / x / "grid.png")) for x in ("plain", "e"))
     assert not (a == b).all()
     assert finetune.main([*fast, "--train", "lora", "--train-ti", "--out", tmp_path / "pti"]) == 0
