@@ -8,8 +8,8 @@ A CLIP text encoder looks each token id up in its embedding table E [N, D]. A ne
 
 and training minimises the usual diffusion loss over V alone: the UNet and both encoders stay frozen, so the result
 is a few kilobytes (weights/embedding_files.py writes it as A1111 / ComfyUI read it). SDXL has two encoders: the
-token gets vectors in each (`clip_l` [n, 768] and `clip_g` [n, 1280]). Pivotal tuning (finetune.py --train lora --train-ti)
-learns V and a LoRA together.
+token gets vectors in each (`clip_l` [n, 768] and `clip_g` [n, 1280]). Pivotal tuning (finetune.py --train lora
+--train-ti) learns V and a LoRA together.
 
 `NewTokenEmbedding` replaces the encoder's `token_embedding` and holds E (frozen, shared) and V (a parameter):
 what trains is exactly V, and the audit table shows it.
