@@ -12,7 +12,8 @@
 Writes to --out: lora.safetensors (kohya names + alpha: loads in ComfyUI, A1111 and diffusers) and/or
 pytorch_lora_weights.safetensors (diffusers names), lora-step-XXXXXX.safetensors every --save-every steps with a
 resumable checkpoints/step-XXXXXX.safetensors, loss.csv + loss.png, samples/*.png validation grids and
-manifest.json (settings, what trained, files, timings). `--train full` writes unet/ (diffusers layout) instead.
+manifest.json (settings, what trained, files, timings). `--train full` writes unet/ (diffusers layout) instead,
+and links the base's frozen parts next to it: OUT is then a model folder (`sample.py --model OUT`).
 The loop itself lives in minidiff/dreambooth.py; this file parses flags, loads, caches, and writes files.
 """
 
@@ -60,16 +61,38 @@ def build_parser():
     g.add_argument("--no-generate", action="store_true", help="never generate class images (use what is there)")
     g.add_argument("--resolution", type=int, default=None, help="training size (default: the model's native size)")
     g.add_argument("--fit", choices=("pad", "crop"), default="pad", help="square images by padding or center crop")
+    g.add_argument("--buckets", action="store_true", help="aspect-ratio bucketing: each image at the bucket of about "
+                   "resolution^2 pixels nearest its shape, batches from one bucket (kohya enable_bucket)")
+    g.add_argument("--bucket-step", type=int, default=None, help="bucket sides are multiples of this (default: 64 "
+                   "from 512 px up, else 8)")
     g = p.add_argument_group("what trains")
-    g.add_argument("--train", choices=("lora", "full"), default="lora", help="full = classic DreamBooth UNet fine-tune")
+    g.add_argument("--train", choices=("lora", "full", "ti"), default="lora",
+                   help="full = classic DreamBooth UNet fine-tune; ti = textual inversion (a new token's vectors only)")
     g.add_argument("--rank", type=int, default=4)
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: = rank, scale 1)")
     g.add_argument("--targets", choices=("attn", "attn-ff", "all-linear"), default="attn")
     g.add_argument("--train-text-encoder", action="store_true", help="LoRA on both text encoders' attention too")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input (kohya network_dropout)")
+    g.add_argument("--rank-dropout", type=float, default=0.0, help="drop each rank of A x per sample (kohya)")
+    g.add_argument("--module-dropout", type=float, default=0.0, help="skip each adapter per forward (kohya)")
+    g.add_argument("--train-ti", action="store_true", help="with --train lora: also learn --ti-token's vectors "
+                   "(pivotal tuning)")
+    g.add_argument("--ti-token", default="sks", help="the new token textual inversion learns; it must appear in the "
+                   "captions (default 'sks', as in the default --instance-prompt)")
+    g.add_argument("--ti-vectors", type=int, default=1, help="vectors per text encoder for the new token")
+    g.add_argument("--ti-init", default=None, help="word whose embedding starts the vectors (default: the last word "
+                   "of --class-prompt)")
+    g.add_argument("--ti-lr", type=float, default=5e-3, help="learning rate of the token vectors")
     g = p.add_argument_group("optimization")
     g.add_argument("--steps", type=int, default=1000)
+    g.add_argument("--epochs", type=int, default=None, help="train this many passes over the instance images "
+                   "(each counted as often as its kohya 'N_' folder repeats it) instead of --steps")
     g.add_argument("--lr", type=float, default=None, help="default 1e-4 for LoRA, 5e-6 for --train full (SDXL); "
                    "1e-3 and 1e-4 for the bundled miniature")
+    g.add_argument("--text-encoder-lr", type=float, default=None, help="learning rate of text-encoder LoRA "
+                   "(default: --lr; kohya's text_encoder_lr)")
+    g.add_argument("--optimizer", choices=("adamw", "adafactor", "sgd"), default="adamw", help="torch's own "
+                   "optimizers (8-bit AdamW would need bitsandbytes, which minidiff does not depend on)")
     g.add_argument("--batch-size", type=int, default=1, help="instance images per step (as many class images again)")
     g.add_argument("--grad-accum", type=int, default=1)
     g.add_argument("--lr-schedule", choices=("constant", "cosine", "linear"), default="constant")
@@ -95,6 +118,8 @@ def build_parser():
     g.add_argument("--resume", default=None, help="a checkpoint file, an output folder, or 'latest' (in --out)")
     g.add_argument("--out", default="runs/finetune")
     g.add_argument("--format", choices=("kohya", "diffusers", "both"), default="kohya")
+    g.add_argument("--save-precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="dtype of the saved LoRA and embedding files")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     return p
 
@@ -127,10 +152,20 @@ def check_args(args):
         raise MinidiffError(f"--min-snr-gamma must be positive, got {args.min_snr_gamma}")
     if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
         raise MinidiffError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
-    if args.train == "full" and args.base_precision == "fp8":
+    if args.train != "lora" and args.base_precision == "fp8":
         raise MinidiffError("--base-precision fp8 stores frozen weights: use it with --train lora")
-    if args.train == "full" and args.train_text_encoder:
-        raise MinidiffError("--train-text-encoder trains LoRA adapters: use it with --train lora")
+    if args.train != "lora" and (args.train_text_encoder or args.train_ti):
+        raise MinidiffError("--train-text-encoder and --train-ti go with --train lora (--train ti learns the token alone)")
+    if (args.train == "ti" or args.train_ti) and not args.instance_dir and args.ti_token not in args.instance_prompt:
+        raise MinidiffError(f"--ti-token {args.ti_token!r} is not in --instance-prompt {args.instance_prompt!r}")
+    if args.ti_vectors <= 0 or args.ti_lr <= 0:
+        raise MinidiffError("--ti-vectors and --ti-lr must be positive")
+    if not all(0 <= p < 1 for p in (args.lora_dropout, args.rank_dropout, args.module_dropout)):
+        raise MinidiffError("--lora-dropout, --rank-dropout and --module-dropout must be in [0, 1)")
+    if args.epochs is not None and args.epochs <= 0 or args.bucket_step is not None and args.bucket_step % 8:
+        raise MinidiffError("--epochs must be positive and --bucket-step a positive multiple of 8")
+    if args.text_encoder_lr is not None and args.text_encoder_lr <= 0:
+        raise MinidiffError(f"--text-encoder-lr must be positive, got {args.text_encoder_lr}")
     if not args.no_prior and args.num_class_images == 0:
         raise MinidiffError("prior preservation needs --num-class-images > 0 (or pass --no-prior)")
     if not Path(args.model).exists():
@@ -144,8 +179,10 @@ def model_geometry(model, vae=None):
     was trained at is sample_size x the VAE's downscale (1 in pixel space). A single file: SDXL's (1024, 320, 8)."""
     try:
         unet = json.loads((Path(model) / "unet" / "config.json").read_text())
-    except (OSError, ValueError):
-        return 1024, 320, 8
+    except (OSError, ValueError):  # a single-file checkpoint: SD 1.x / 2.x at 512, SDXL at 1024
+        from minidiff.weights.pretrained import model_family
+
+        return (512, 320, 8) if Path(model).is_file() and model_family(model) == "sd" else (1024, 320, 8)
     vae_cfg = Path(vae) / "config.json" if vae else Path(model) / "vae" / "config.json"
     try:
         scale = 2 ** (len(json.loads(vae_cfg.read_text())["block_out_channels"]) - 1)
@@ -225,7 +262,12 @@ def run(args, ctx=None):
     if args.resume is not None:
         file, _, extra = state.checkpoint_extra(args.resume, out)
         resume.check_settings(extra.get("settings", {}), run_settings, RESUME_KEYS, file)
-    instance_set = data.ImageFolder(args.instance_dir or data.instance_images(), size, fit=args.fit)
+    buckets = data.bucket_sizes(size, args.bucket_step or (64 if size >= 512 else 8)) if args.buckets else None
+    instance_set = data.ImageFolder(args.instance_dir or data.instance_images(), size, fit=args.fit, buckets=buckets)
+    if args.epochs:  # an epoch: every instance row (repeats counted) once, in optimizer steps
+        rows_per_step = args.batch_size * args.grad_accum * ctx.world_size
+        args.steps = args.epochs * -(-len(instance_set.index) // rows_per_step)
+        print(f"{args.epochs} epoch(s) of {len(instance_set.index)} instance rows = {args.steps} steps")
     class_dir = Path(args.class_dir) if args.class_dir else out / "class-images"
     if prior and ctx.is_main:  # (it probes the folder with a test file: one process at a time)
         db.check_class_images(class_dir, args.num_class_images, can_generate=not args.no_generate)
@@ -260,9 +302,9 @@ def run(args, ctx=None):
     peaks.end("cache")
 
     # 4. what trains, printed before it does
-    models, params = make_trainable(args, pipe)
-    ddp.broadcast_parameters(params, ctx)  # identical already (same seed); cheap insurance
-    everything = {"unet": pipe.unet, "text_encoder": pipe.text.text_encoder, "text_encoder_2": pipe.text.text_encoder_2}
+    models, params, job.ti_tables = make_trainable(args, pipe, lr)
+    ddp.broadcast_parameters([p for g in params for p in g["params"]], ctx)  # same seed: cheap insurance
+    everything = pipe.modules()  # unet and the one (SD 1.x / 2.x) or two (SDXL) text encoders
     if pipe.vae is not None:
         everything["vae"] = pipe.vae
     table = audit.trainable_table(everything)
@@ -274,10 +316,10 @@ def run(args, ctx=None):
                          lr_schedule=args.lr_schedule, warmup=args.warmup, prior_weight=args.prior_weight,
                          min_snr_gamma=args.min_snr_gamma, noise_offset=args.noise_offset,
                          caption_dropout=args.caption_dropout, prediction_type=job.prediction_type,
+                         optimizer=args.optimizer,
                          save_every=args.save_every, validate_every=args.validate_every)
     primary = "diffusers" if args.format == "diffusers" else "kohya"
-    on_save = None if args.train == "full" else peaks.around(
-        "save", lambda step: job.save_lora(out / f"lora-step-{step:06d}.safetensors", primary, step))
+    on_save = None if args.train == "full" else peaks.around("save", lambda step: job.save_step(step, primary))
     on_validate = peaks.around("validation", lambda step: job.validate(f"step-{step:06d}"))
     peaks.end("setup")
     result = db.train(pipe.unet, params, pipe.schedule, job.instance, job.klass, job.embed, cfg, out,
@@ -291,11 +333,16 @@ def run(args, ctx=None):
 
     # 6. the result, a last grid, the manifest
     t = time.perf_counter()
-    if args.train == "full":
+    if args.train == "full":  # the run folder becomes a whole model: unet/ + the base's frozen parts linked in
+        from minidiff.weights.model_folder import complete_model_folder
+
         job.files += [str(p) for p in save_unet(pipe.unet, out / "unet")]
+        job.files += complete_model_folder(out, args.model, pipe, args.vae)
     for fmt, name in (("kohya", "lora.safetensors"), ("diffusers", "pytorch_lora_weights.safetensors")):
         if args.train == "lora" and args.format in (fmt, "both"):
             job.save_lora(out / name, fmt, args.steps)
+    if job.ti_tables:  # the token's vectors, A1111 SDXL layout: OUT/sks.safetensors
+        job.save_embedding(out / f"{args.ti_token}.safetensors")
     timings["save_s"] = time.perf_counter() - t
     peaks.end("save")
     t = time.perf_counter()
@@ -328,29 +375,39 @@ def _name(dtype):
     return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
 
 
-def make_trainable(args, pipe):
-    """LoRA adapters (fp32) on the frozen UNet (and text encoders), or the whole UNet: (models, parameters)."""
+def make_trainable(args, pipe, lr):
+    """LoRA adapters (fp32) on the frozen UNet (and text encoders), or the whole UNet, and/or a new token's vectors
+    (textual inversion): (modules to checkpoint, parameter groups with their learning rates, the TI tables)."""
     from minidiff import lora
+    from minidiff.textual_inversion import learn_token
 
-    models = {"unet": pipe.unet}
+    models, groups, tables = {"unet": pipe.unet}, [], {}
     if args.train == "full":
         pipe.unet.requires_grad_(True)
-        params = list(pipe.unet.parameters())
-    else:
-        lora.inject_lora(pipe.unet, args.targets, args.rank, args.alpha)
+        groups.append({"params": list(pipe.unet.parameters())})
+    elif args.train == "lora":
+        drop = dict(dropout=args.lora_dropout, rank_dropout=args.rank_dropout, module_dropout=args.module_dropout)
+        lora.inject_lora(pipe.unet, args.targets, args.rank, args.alpha, **drop)
+        groups.append({"params": lora.lora_parameters(pipe.unet)})
         if args.train_text_encoder:
-            models.update(text_encoder=pipe.text.text_encoder, text_encoder_2=pipe.text.text_encoder_2)
-            for name in ("text_encoder", "text_encoder_2"):
-                lora.inject_lora(models[name], "text", args.rank, args.alpha)
-                models[name].train()
-        params = [p for m in models.values() for p in lora.lora_parameters(m)]
+            text = {k: m for k, m in pipe.modules().items() if k != "unet"}
+            for m in text.values():
+                lora.inject_lora(m, "text", args.rank, args.alpha, **drop)
+                m.train()
+            models.update(text)
+            groups.append({"params": [p for m in text.values() for p in lora.lora_parameters(m)],
+                           "lr": args.text_encoder_lr or lr})
+    if args.train == "ti" or args.train_ti:  # the token's vectors V in every text encoder (textual_inversion.py)
+        tables = learn_token(pipe.text, args.ti_token, args.ti_vectors, args.ti_init or args.class_prompt.split()[-1])
+        models.update({f"ti_{k}": t for k, t in tables.items()})
+        groups.append({"params": [t.new for t in tables.values()], "lr": args.ti_lr})
     if args.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing(True)
         for name in ("text_encoder", "text_encoder_2"):
             if name in models:  # transformers' switch (renamed activation_checkpointing_enable in v5)
                 te = models[name]
                 (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
-    return models, params
+    return models, groups, tables
 
 
 class Run:
@@ -359,6 +416,8 @@ class Run:
     def __init__(self, args, pipe, device, autocast_dtype, size, lr, out, ctx):
         self.args, self.pipe, self.device, self.autocast_dtype, self.ctx = args, pipe, device, autocast_dtype, ctx
         self.size, self.lr, self.out, self.files, self.models = size, lr, out, [], {"unet": pipe.unet}
+        self.ti_tables = {}  # textual inversion: {'clip_l' | 'clip_g' | 'emb_params': NewTokenEmbedding}
+        self.save_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.save_precision]
         self.prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")
         self.base_hash = model_hash(args.model)
         self.validation_prompts = [p for p in (args.validation_prompt or default_validation_prompts(args)) if p]
@@ -399,10 +458,15 @@ class Run:
         a, pipe, device = self.args, self.pipe, self.device
         batch = 1 if self.size >= 512 else 8
         show = self.ctx.is_main
-        self.instance = db.encode_examples(instance_set, pipe.vae, device, a.instance_prompt, batch, show)
+        if a.buckets:
+            from minidiff.buckets import encode_buckets
+
+            self.instance = encode_buckets(instance_set, pipe.vae, device, a.instance_prompt, show)
+        else:
+            self.instance = db.encode_examples(instance_set, pipe.vae, device, a.instance_prompt, batch, show)
         self.klass = db.encode_examples(klass_set, pipe.vae, device, a.class_prompt, batch, show) if klass_set else None
         self.text_cache = None
-        if a.train_text_encoder:
+        if a.train_text_encoder or a.train == "ti" or a.train_ti:  # gradients flow through the encoders
             self.embed = lambda captions: db.encode_captions(pipe.text, captions)
         else:
             captions = self.instance.captions + (self.klass.captions if self.klass else []) + self.validation_prompts
@@ -421,8 +485,24 @@ class Run:
 
         meta = lora_metadata(self.args, self.lr, steps_done, self.size, self.base_hash, self.data_hash,
                              self.instance, self.klass, self.prediction_type)
-        lora.save_lora(self.models if len(self.models) > 1 else self.pipe.unet, path, format=fmt, metadata=meta)
+        carriers = {k: m for k, m in self.models.items() if not k.startswith("ti_")}
+        lora.save_lora(carriers if len(carriers) > 1 else self.pipe.unet, path, format=fmt, metadata=meta,
+                       dtype=self.save_dtype)
         self.files.append(str(path))
+
+    def save_embedding(self, path):
+        from minidiff.weights.embedding_files import write_embedding
+
+        vectors = {name: table.new for name, table in self.ti_tables.items()}
+        write_embedding(path, vectors, self.args.ti_token, self.save_dtype, {"minidiff.base_model_hash": self.base_hash})
+        self.files.append(str(path))
+
+    def save_step(self, step, fmt):
+        """Every --save-every steps: the LoRA and/or the token's vectors so far."""
+        if self.args.train == "lora":
+            self.save_lora(self.out / f"lora-step-{step:06d}.safetensors", fmt, step)
+        if self.ti_tables:
+            self.save_embedding(self.out / f"{self.args.ti_token}-step-{step:06d}.safetensors")
 
     def validate(self, label):
         """A grid of --validation-images per prompt (fixed seeds): no grad, eval mode, one image at a time, text from
@@ -456,6 +536,8 @@ class Run:
 def default_lr(args):
     """SDXL's usual rates (LoRA 1e-4, full UNet 5e-6); the bundled miniature (1.2 M parameters) takes 10x / 20x
     more: at 1e-4 its LoRA had not learned the character in 1000 steps (docs/dreambooth-table.md)."""
+    if args.train == "ti":
+        return args.ti_lr
     if Path(args.model) == DEFAULT_MODEL:
         return 1e-3 if args.train == "lora" else 1e-4
     return 1e-4 if args.train == "lora" else 5e-6
@@ -495,7 +577,9 @@ def lora_metadata(args, lr, steps, size, base_hash, data_hash, instance, klass, 
         "ss_caption_dropout_rate": str(args.caption_dropout), "ss_lr_scheduler": args.lr_schedule,
         "ss_lr_warmup_steps": str(args.warmup), "ss_gradient_accumulation_steps": str(args.grad_accum),
         "ss_batch_size_per_device": str(args.batch_size), "ss_mixed_precision": args.mixed_precision,
-        "ss_gradient_checkpointing": str(args.gradient_checkpointing), "ss_optimizer": "torch.optim.AdamW",
+        "ss_gradient_checkpointing": str(args.gradient_checkpointing),
+        "ss_optimizer": "torch.optim." + {"adamw": "AdamW", "adafactor": "Adafactor", "sgd": "SGD"}[args.optimizer],
+        "ss_text_encoder_lr": str(args.text_encoder_lr or lr),
         "ss_max_grad_norm": "1.0", "ss_training_comment": f"minidiff DreamBooth: {args.instance_prompt!r}",
         "minidiff.base_model_hash": base_hash, "minidiff.dataset_hash": data_hash,
         "minidiff.instance_prompt": args.instance_prompt,

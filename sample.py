@@ -42,6 +42,8 @@ def build_parser():
     a("--model", default=None, help="diffusers SDXL folder or original single .safetensors file "
       "(default: the bundled miniature, minidiff/assets/tiny-sdxl)")
     a("--vae", default=None, help="VAE folder or file to use instead of the model's (e.g. the SDXL fp16-fix VAE)")
+    a("--unet", default=None, help="a UNet to use instead of the model's: a folder (e.g. a full fine-tune's "
+      "OUT/unet) or file of the same architecture")
     a("--tokenizers", default=None, help="folder holding tokenizer/ and tokenizer_2/ (needed with a single file)")
     a("--prompt", action="append", default=None, help="repeatable")
     a("--prompts", default=None, help="a text file, one prompt per line")
@@ -71,6 +73,9 @@ def build_parser():
       "pose or depth image; their estimators need weights minidiff does not have); SCALE defaults to 1")
     a("--controlnet", action="append", default=[], metavar="PATH",
       help="ControlNet folder or file for the --control images, in order (default: the miniature's tiny one)")
+    a("--embedding", action="append", default=[], metavar="FILE[:TOKEN]", help="textual-inversion embedding "
+      "(.safetensors from A1111, ComfyUI, diffusers or finetune.py --train ti), repeatable; write its token (default: "
+      "the file's stem) in the prompt")
     a("--out", default="runs/sample")
     a("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     a("--dtype", choices=("fp16", "bf16", "fp32"), default=None, help="default: fp16 on CUDA, fp32 on CPU")
@@ -98,6 +103,12 @@ def parse_lora(spec):
     if not math.isfinite(value):
         raise MinidiffError(f"--lora {spec}: the scale must be a finite number, got {scale}")
     return path, value
+
+
+def parse_embedding(spec):
+    """'sks.safetensors' -> (path, None: the file's own token); 'x.safetensors:<tok>' -> (path, '<tok>')."""
+    path, sep, token = spec.rpartition(":")
+    return (path, token) if sep and path.endswith(".safetensors") else (spec, None)
 
 
 def read_prompts(args):
@@ -181,6 +192,9 @@ def read_controls(args, width, height):
         image = control_tensor(load_image(path), height, width)[0]  # resized first (with a notice), then processed
         out.append((nets[min(i, len(nets) - 1)], make_control(image, kind)[None], scale))
     return out
+    for spec in args.embedding:
+        if not Path(parse_embedding(spec)[0]).is_file():
+            raise MinidiffError(f"--embedding {spec}: no such file (expected FILE or FILE:TOKEN)")
 
 
 def run(args):
@@ -213,6 +227,13 @@ def run(args):
             load_lora(pipe.modules(), path, scale=scale)
             loras.append({"file": Path(path).name, "scale": scale, "sha256": file_hash(path)})
 
+    embeddings = []
+    for spec in args.embedding:
+        from minidiff.weights.embedding_files import load_embedding
+
+        path, token = parse_embedding(spec)
+        embeddings.append({"file": Path(path).name, "token": load_embedding(pipe.text, path, token),
+                           "sha256": file_hash(path)})
     args.sampler = args.sampler or model_sampler(pipe)
     if args.guidance_rescale is None:
         args.guidance_rescale = default_guidance_rescale(pipe)
@@ -245,7 +266,7 @@ def run(args):
                 "steps": args.steps, "cfg": args.cfg, "sampler": args.sampler,
                 "spacing": args.spacing or pipe.scheduler_config.get("timestep_spacing", "leading"),
                 "karras": args.karras, "guidance_rescale": args.guidance_rescale, "width": width, "height": height,
-                "model": str(args.model), "vae": args.vae, "loras": loras, "dtype": dtype_name,
+                "model": str(args.model), "unet": args.unet, "vae": args.vae, "loras": loras, "embeddings": embeddings, "dtype": dtype_name,
                 "base_precision": memory["base_precision"], "vae_tile": memory["vae_tile"],
                 "controls": [{"image": Path(p).name, "type": k, "scale": sc, "controlnet": args.controlnet[
                     min(i, len(args.controlnet) - 1)]} for i, (p, k, sc) in enumerate(args.control)]}
@@ -271,7 +292,9 @@ def load(args):
         check_gpu(device)
     dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    return load_pipeline(args.model, dtype=dtype, device=device, vae=args.vae, tokenizers=args.tokenizers), dtype_name
+    pipe = load_pipeline(args.model, dtype=dtype, device=device, vae=args.vae, tokenizers=args.tokenizers,
+                         unet=args.unet)
+    return pipe, dtype_name
 
 
 def run_page(args):

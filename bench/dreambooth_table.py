@@ -12,6 +12,8 @@ these two characters) and the six INSTANCE_POSES drawings of the character, taug
     (b) lora            LoRA, no prior preservation (--no-prior)
     (c) lora + prior    LoRA with prior preservation: `python finetune.py` exactly (class images from the base model)
     (d) full + prior    the whole UNet fine-tuned, with prior preservation (--train full)
+    (e) ti + prior      textual inversion: only a new "sks" token's vectors learned (--train ti)
+    (f) pivotal + prior the new token and a LoRA learned together (--train lora --train-ti)
 
 Each row is run with three seeds (fine-tune seed s, sampling seeds 1000 s + i) and reported as mean +- standard
 deviation over the seeds. Each sample is judged independently by the character classifier (minidiff/eval/classifier.py):
@@ -47,15 +49,19 @@ from minidiff.bundled import tiny, world  # noqa: E402
 from minidiff.eval import classifier, metrics  # noqa: E402
 from minidiff.weights.pretrained import load_pipeline, load_unet  # noqa: E402
 from minidiff.images import make_grid, save_png  # noqa: E402
+from minidiff.weights.embedding_files import load_embedding  # noqa: E402
 from minidiff.lora import load_lora  # noqa: E402
 
 RUNS = {  # name -> extra finetune.py flags
     "lora": ["--no-prior"],
     "lora-prior": [],
     "full-prior": ["--train", "full"],
+    "ti-prior": ["--train", "ti"],
+    "pivotal-prior": ["--train-ti"],
 }
 LABELS = {"base": "(a) base model", "lora": "(b) LoRA", "lora-prior": "(c) LoRA + prior preservation",
-          "full-prior": "(d) full fine-tune + prior preservation"}
+          "full-prior": "(d) full fine-tune + prior preservation", "ti-prior": "(e) textual inversion + prior",
+          "pivotal-prior": "(f) pivotal tuning (LoRA + new token) + prior"}
 HELD_OUT_ACTIONS = ("climbing", "walking")  # families of data.HELD_OUT_POSES (climb1, walk1, walk2, walk4..7)
 METRICS = ("identity", "pose_accuracy", "drift", "background", "class_diversity")
 
@@ -103,10 +109,13 @@ def finetune_all(args, out: Path) -> dict:
 def load_row(name, seed, args, out: Path):
     """The pipeline of one row: the base model, plus the row's LoRA or fine-tuned UNet."""
     pipe = load_pipeline(args.model)
-    if name.startswith("lora"):
-        load_lora(pipe.modules(), out / f"{name}-seed{seed}" / "lora.safetensors")
+    run = out / f"{name}-seed{seed}"
+    if name.startswith(("lora", "pivotal")):
+        load_lora(pipe.modules(), run / "lora.safetensors")
     elif name.startswith("full"):
-        pipe.unet = load_unet(out / f"{name}-seed{seed}" / "unet")
+        pipe.unet = load_unet(run / "unet")
+    if name.startswith(("ti", "pivotal")):  # the learned "sks" token (textual inversion)
+        load_embedding(pipe.text, run / f"{tiny.IDENTIFIER}.safetensors")
     return pipe
 
 

@@ -19,6 +19,7 @@ RGBA) give the default task: six drawings of `female_adventurer` (INSTANCE_POSES
 poses (HELD_OUT_POSES) and the five other characters are for evaluation.
 """
 
+import math
 import re
 import warnings
 from pathlib import Path
@@ -113,6 +114,33 @@ def fit_square(img, size, fit="pad"):
     return img
 
 
+# ----------------------------------------------------------------------------------------------- aspect-ratio buckets
+def bucket_sizes(size, step=64, max_ratio=2.0):
+    """kohya's buckets: sides (h, w) that are multiples of `step`, h * w <= size^2, aspect ratio at most `max_ratio`;
+    for w = step, 2 step, ..: h = the largest multiple of step with h * w <= size^2, and (w, h) as well."""
+    out = set()
+    for w in range(step, int(size * max_ratio) + 1, step):
+        h = size * size // w // step * step
+        if h >= step and max(w / h, h / w) <= max_ratio:
+            out |= {(h, w), (w, h)}
+    return sorted(out)
+
+
+def nearest_bucket(width, height, buckets):
+    """The bucket (h, w) whose aspect ratio is closest to the image's (in log ratio)."""
+    return min(buckets, key=lambda b: abs(math.log(width / height) - math.log(b[1] / b[0])))
+
+
+def fit_bucket(img, bucket):
+    """Scale `img` to cover the bucket (h, w), cut the middle: (image, (top, left) of the crop in the scaled image)."""
+    (bh, bw), (w, h) = bucket, img.size
+    scale = max(bw / w, bh / h)
+    W, H = max(bw, round(w * scale)), max(bh, round(h * scale))
+    top, left = (H - bh) // 2, (W - bw) // 2
+    img = img.resize((W, H), Image.Resampling.LANCZOS).crop((left, top, left + bw, top + bh))
+    return img, (top, left)
+
+
 # ----------------------------------------------------------------------------------------------- captions, folders
 def parse_kohya_name(name):
     """ "10_sks girl" -> (10, "sks girl"); a name without the N_ prefix -> None."""
@@ -175,10 +203,12 @@ class ImageFolder(torch.utils.data.Dataset):
     Every image is decoded once here and kept as uint8; unreadable files are skipped with a warning naming them.
     flip: mirror left-right with probability 1/2 per item (uses torch's global RNG, so a seed reproduces it).
     caption: the caption for images without a sidecar file (overrides the folder name's "trigger class").
-    Attributes: paths, captions, images (uint8 [3, S, S]) per distinct image; index maps item -> image (repeats).
+    buckets: a list of (h, w): each image goes to its nearest aspect ratio instead of a square (`fit_bucket`).
+    Attributes: paths, captions, images (uint8 [3, S, S], or [3, h, w] of its bucket) and crops ((top, left), with
+    buckets) per distinct image; index maps item -> image (repeats).
     """
 
-    def __init__(self, root_or_paths, size, fit="pad", flip=False, caption=None):
+    def __init__(self, root_or_paths, size, fit="pad", flip=False, caption=None, buckets=None):
         if isinstance(root_or_paths, (str, Path)):
             entries = scan_folder(root_or_paths)
             where = str(root_or_paths)
@@ -188,7 +218,7 @@ class ImageFolder(torch.utils.data.Dataset):
             if not entries:
                 raise DataError("no image paths given")
         self.size, self.fit, self.flip = int(size), fit, flip
-        self.images, self.captions, self.paths, self.index = [], [], [], []
+        self.images, self.captions, self.paths, self.index, self.crops = [], [], [], [], []
         skipped, tiny = [], []
         for path, repeats, folder_caption in entries:
             try:
@@ -198,7 +228,11 @@ class ImageFolder(torch.utils.data.Dataset):
                 continue
             if max(img.size) * TINY_FACTOR < self.size:
                 tiny.append(f"{path.name} ({img.size[0]}x{img.size[1]})")
-            pixels = fit_square(img, self.size, fit)
+            if buckets:
+                pixels, crop = fit_bucket(img, nearest_bucket(*img.size, buckets))
+                self.crops.append(crop)
+            else:
+                pixels = fit_square(img, self.size, fit)
             self.images.append(torch.from_numpy(np.asarray(pixels, dtype=np.uint8).copy()).permute(2, 0, 1))
             cap = read_caption(path)
             self.captions.append(cap if cap is not None else caption if caption is not None else folder_caption or "")

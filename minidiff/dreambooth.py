@@ -46,6 +46,7 @@ from tqdm import tqdm
 from .train import ddp, interrupt, state
 from .data import IMAGE_EXTS, ImageFolder, load_image
 from .errors import DataError, MinidiffError, TrainingError
+from .optimizers import make_optimizer
 from .text import time_ids as text_time_ids
 
 CLASS_NAME = "class-{:05d}.png"
@@ -258,6 +259,8 @@ def make_batch(instance: Examples, klass: Examples | None, batch_size, caption_d
     halves = [instance.draw(batch_size, caption_dropout, noise_offset, T)]
     if klass is not None:
         halves.append(klass.draw(batch_size, caption_dropout, noise_offset, T))
+    if len({h["z0"].shape[1:] for h in halves}) > 1:  # instance rows of a non-square bucket (buckets.py)
+        return {"parts": halves, "n_instance": batch_size, "captions": [c for h in halves for c in h["captions"]]}
     batch = {k: torch.cat([h[k] for h in halves]) for k in ("z0", "eps", "t", "time_ids")}
     batch["captions"] = [c for h in halves for c in h["captions"]]
     batch["n_instance"] = batch_size
@@ -269,6 +272,8 @@ def rows_of_rank(batch, ctx):
     and the same span of the class rows (module docstring). Unchanged for a single process."""
     if ctx is None or ctx.world_size == 1:
         return batch
+    if "parts" in batch:
+        raise TrainingError("aspect-ratio buckets with prior preservation run on one process (no torchrun)")
     n = batch["n_instance"]
     b = n // ctx.world_size
     mine = list(range(ctx.rank * b, (ctx.rank + 1) * b))
@@ -300,23 +305,32 @@ def prior_preservation_loss(pred, target, weights, n_instance, prior_weight=1.0)
     """L = mean_{b < n} w_b m_b + lambda * mean_{b >= n} w_b m_b with m_b the per-row MSE (in fp32).
     Returns (L, instance term, prior term); the prior term is 0 without class rows."""
     m = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.dim())))
+    return combine_rows(m, weights, n_instance, prior_weight)
+
+
+def combine_rows(m, weights, n_instance, prior_weight=1.0):
+    """(L, instance term, prior term) from the per-row MSE m_b [B] and weights w_b [B] (prior_preservation_loss)."""
     wm = weights * m
     instance = wm[:n_instance].mean()
-    prior = wm[n_instance:].mean() if pred.shape[0] > n_instance else torch.zeros_like(instance)
+    prior = wm[n_instance:].mean() if m.shape[0] > n_instance else torch.zeros_like(instance)
     return instance + prior_weight * prior, instance, prior
 
 
 def compute_loss(unet, batch, schedule, embed, prediction_type="epsilon", prior_weight=1.0, min_snr_gamma=None,
                  autocast_dtype=None):
-    """Noise the batch, run the UNet once on all rows, return (L, instance term, prior term)."""
-    z0, eps, t = batch["z0"], batch["eps"], batch["t"]
-    z_t = schedule.q_sample(z0, t, eps)
-    target = diffusion_target(schedule, z0, eps, t, prediction_type)
-    with torch.autocast(z0.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        context, pooled = embed(batch["captions"])
-        pred = unet(z_t, t, context=context, text_embeds=pooled, time_ids=batch["time_ids"])
-    weights = row_weights(schedule, t, min_snr_gamma, prediction_type)
-    return prior_preservation_loss(pred, target, weights, batch["n_instance"], prior_weight)
+    """Noise the batch, run the UNet once on all rows, return (L, instance term, prior term). A batch of two shapes
+    (instance rows of one aspect-ratio bucket, square class rows: "parts") runs it once per shape."""
+    m, weights = [], []
+    for part in batch.get("parts", [batch]):
+        z0, eps, t = part["z0"], part["eps"], part["t"]
+        z_t = schedule.q_sample(z0, t, eps)
+        target = diffusion_target(schedule, z0, eps, t, prediction_type)
+        with torch.autocast(z0.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            context, pooled = embed(part["captions"])
+            pred = unet(z_t, t, context=context, text_embeds=pooled, time_ids=part["time_ids"])
+        m.append(F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.dim()))))
+        weights.append(row_weights(schedule, t, min_snr_gamma, prediction_type))
+    return combine_rows(torch.cat(m), torch.cat(weights), batch["n_instance"], prior_weight)
 
 
 # ----------------------------------------------------------------------------------------------- training loop
@@ -337,6 +351,7 @@ class TrainConfig:
     prediction_type: str = "epsilon"
     max_grad_norm: float = 1.0
     weight_decay: float = 1e-4  # AdamW, as diffusers' DreamBooth-LoRA script
+    optimizer: str = "adamw"  # adamw | adafactor | sgd (optimizers.py)
     save_every: int = 0
     validate_every: int = 0
 
@@ -358,7 +373,8 @@ def lr_factor(step, steps, warmup=0, schedule="constant"):
 
 def train(unet, params, schedule, instance, klass, embed, cfg: TrainConfig, out_dir, modules, precision=(None, False),
           resume=None, on_save=None, on_validate=None, progress=True, ctx=None, settings=None):
-    """The DreamBooth loop: AdamW on `params`, lr warm-up/decay, gradient accumulation, clipping at 1, an fp16
+    """The DreamBooth loop: AdamW (or cfg.optimizer) on `params` (tensors, or groups {"params", "lr"}), lr
+    warm-up/decay, gradient accumulation, clipping at 1, an fp16
     GradScaler when `precision` asks for one, a loss log, checkpoints every `save_every` steps (`modules`:
     {name: module or state.Trainable} to store, with optimizer, lr schedule, step and RNG) and `resume`
     (a checkpoint file, out dir or "latest"). on_save(step) / on_validate(step) are called after those steps;
@@ -371,7 +387,9 @@ def train(unet, params, schedule, instance, klass, embed, cfg: TrainConfig, out_
     autocast_dtype, use_scaler = precision
     device = instance.mean.device
     ctx = ctx or ddp.Context(device=device)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = params if params and isinstance(params[0], dict) else [{"params": list(params)}]
+    params = [p for g in groups for p in g["params"]]
+    optimizer = make_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup, cfg.lr_schedule))
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None

@@ -285,3 +285,47 @@ def square(x: torch.Tensor, size: int, fill: float = 1.0) -> torch.Tensor:
     if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return x
+
+
+def _wrap(d, s, font, width):
+    """Greedy word wrap of `s` into lines no wider than `width` pixels."""
+    lines, line = [], ""
+    for word in s.split():
+        trial = f"{line} {word}".strip()
+        if line and d.textlength(trial, font=font) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    return lines + ([line] if line else [])
+
+
+def labelled_grid(rows, columns, path, metadata=None, cell=128):
+    """A sweep sheet: rows [(label, images [K, 3, H, W] in [-1, 1])], each image upscaled (nearest) to `cell` px
+    wide; the row label on the left; `columns` [(header, [sub-labels])] on top, each header over its sub-columns
+    (e.g. a prompt over its seeds). Written with save_png (metadata in the PNG). Returns the path."""
+    k = sum(len(subs) for _, subs in columns)
+    h, w = rows[0][1].shape[-2:]
+    cw, ch = cell, round(cell * h / w)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    font, small = _font(14), _font(12)
+    left = int(max(probe.textlength(label, font=font) for label, _ in rows)) + 16
+    head_lines = max(len(_wrap(probe, head, small, cw * len(subs) - 6)) for head, subs in columns)
+    top = 16 * head_lines + 24
+    sheet = Image.new("RGB", (left + k * (cw + 2) + 2, top + len(rows) * (ch + 2) + 2), WHITE)
+    d = ImageDraw.Draw(sheet)
+    x = left + 2
+    for head, subs in columns:
+        span = len(subs) * (cw + 2)
+        for i, line in enumerate(_wrap(d, head, small, span - 6)):
+            _text(d, (x + span // 2, 4 + 16 * i), line, small, "mt")
+        for j, sub in enumerate(subs):
+            _text(d, (x + j * (cw + 2) + cw // 2, top - 6), str(sub), small, "mb", fill=(90, 90, 90))
+        d.line([x - 1, 2, x - 1, sheet.height], fill=(200, 200, 200))
+        x += span
+    for r, (label, images) in enumerate(rows):
+        y = top + r * (ch + 2) + 2
+        _text(d, (8, y + ch // 2), label, font, "lm")
+        for j, img in enumerate(images[:k]):
+            sheet.paste(to_pil(img).resize((cw, ch), Image.Resampling.NEAREST), (left + 2 + j * (cw + 2), y))
+    return save_png(sheet, path, metadata or {})

@@ -59,7 +59,8 @@ class Pipeline:
 
     def modules(self) -> dict:
         """The trainable parts by their diffusers names (what minidiff.lora.load_lora takes)."""
-        return {"unet": self.unet, "text_encoder": self.text.text_encoder, "text_encoder_2": self.text.text_encoder_2}
+        both = {"unet": self.unet, "text_encoder": self.text.text_encoder, "text_encoder_2": self.text.text_encoder_2}
+        return {name: m for name, m in both.items() if m is not None}  # SD 1.x / 2.x: one text encoder
 
 
 def initial_noise(pipe: Pipeline, generators, height: int, width: int) -> torch.Tensor:

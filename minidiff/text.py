@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .errors import MinidiffError
+from .textual_inversion import expand_prompt
 
 
 def _as_list(prompts, n=None):
@@ -171,6 +172,8 @@ class TextConditioner(nn.Module):
     components, so LoRA names such as `text_encoder.text_model.encoder.layers.0...` resolve on this module.
     """
 
+    force_zeros_for_empty_prompt = True  # SDXL: an empty negative prompt is all zeros (module docstring)
+
     def __init__(self, tokenizer, text_encoder, tokenizer_2, text_encoder_2):
         super().__init__()
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
@@ -191,6 +194,7 @@ class TextConditioner(nn.Module):
         length = tokenizer.model_max_length
         if not length or length > encoder.config.max_position_embeddings:  # unset (1e30) in some tokenizer files
             length = encoder.config.max_position_embeddings
+        prompts = [expand_prompt(p, tokenizer) for p in prompts]  # multi-vector embedding tokens: tok tok_1 ..
         counted = tokenizer(prompts, max_length=length + 1, truncation=True).input_ids  # L + 1: "too long"
         for prompt, ids in zip(prompts, counted):
             if len(ids) > length:
@@ -208,7 +212,14 @@ class TextConditioner(nn.Module):
     def _tokens(self, prompts, prompts_2):
         """Per encoder: [(ids, weights)] for each prompt (prompts_2, when given, for the second encoder)."""
         pairs = ((self.tokenizer, self.text_encoder, prompts), (self.tokenizer_2, self.text_encoder_2, prompts_2))
-        return [(tok, enc, [weighted_tokens(tok, p) for p in ps]) for tok, enc, ps in pairs]
+        return [(tok, enc, [weighted_tokens(tok, expand_prompt(p, tok)) for p in ps]) for tok, enc, ps in pairs
+                if enc is not None]  # (SD 1.x / 2.x: one encoder, text_sd.py)
+
+    def hidden_states(self, encoder, ids):
+        """(the states the context takes from `encoder` for token ids [N, L], its output): SDXL's penultimate
+        layer, before any final LayerNorm."""
+        out = encoder(ids, output_hidden_states=True)
+        return out.hidden_states[-2], out
 
     def count_chunks(self, prompts, prompts_2=None) -> int:
         """Chunks of 75 tokens the longest prompt needs (on either encoder)."""
@@ -234,13 +245,14 @@ class TextConditioner(nn.Module):
                     _notice_long(text, len(i), length - 2)
                 ci, cw = _chunks(i, w, tok, length, K)
                 ids, weights = ids + ci, weights + cw
-            out = enc(torch.tensor(ids, device=enc.device), output_hidden_states=True)
+            states_k, out = self.hidden_states(enc, torch.tensor(ids, device=enc.device))
             w = torch.tensor(weights, device=enc.device)
-            h = torch.stack([emphasize(z, wz) for z, wz in zip(out.hidden_states[-2], w)])  # [B * K, 77, C]
+            h = torch.stack([emphasize(z, wz) for z, wz in zip(states_k, w)])  # [B * K, 77, C]
             states.append(h.reshape(len(prompts), K * length, -1))
             if enc is self.text_encoder_2:
                 pooled = out.text_embeds.reshape(len(prompts), K, -1)[:, 0]
-        return torch.cat([states[0], states[1].to(states[0].dtype)], dim=-1), pooled
+        context = torch.cat([s.to(states[0].dtype) for s in states], dim=-1)
+        return context, pooled if pooled is not None else context.new_zeros(len(prompts), 0)
 
     def encode_prompts(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
         """context [B, L, C1 + C2] = [h_L^(-2) || h_G^(-2)], pooled [B, P] = bigG `text_embeds`."""
@@ -280,7 +292,7 @@ class TextConditioner(nn.Module):
             return context, pooled
         negative = _as_list(negative, context.shape[0])
         neg_context, neg_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
-        rows = [i for i, p in enumerate(negative) if p != ""]
+        rows = [i for i, p in enumerate(negative) if p != "" or not self.force_zeros_for_empty_prompt]
         if rows:
             if emphasis:
                 c, p = self.encode_weighted([negative[i] for i in rows], [neg_2[i] for i in rows], K)

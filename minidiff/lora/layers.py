@@ -13,6 +13,11 @@ Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", eq. 3, wit
     alpha_n / r_n   fixed scale (kohya's default alpha=1 gives 1/r; diffusers uses alpha=r, scale 1)
     m_n     the multiplier a user turns at inference (diffusers "adapter weight", kohya "multiplier")
 
+While training, kohya's two other regularisers may drop parts of the adapter (`rank_dropout`, `module_dropout`):
+
+    rank dropout p:    B (k * A x) / (1 - p),   k [B, r] ~ Bernoulli(1 - p) per sample and rank
+    module dropout q:  the whole term is skipped with probability q per forward
+
 Several adapters may sit on one layer (a character LoRA plus a style LoRA), each with its own m_n. A, B stay fp32
 even on an fp16 model: the input is cast up and the delta cast back. merge folds m (alpha/r) B A into W0 for
 inference; unmerge subtracts the same product again (exact up to rounding, i.e. to fp32 tolerance; an fp16 W0
@@ -55,6 +60,8 @@ class Adapter:
     alpha: float
     multiplier: float = 1.0
     dropout: float = 0.0
+    rank_dropout: float = 0.0  # kohya's rank_dropout and module_dropout (module docstring); training only
+    module_dropout: float = 0.0
     enabled: bool = True
     merged: float = 0.0  # the m with which m (alpha/r) B A was folded into W0; 0 = not merged
     targets: str = ""
@@ -79,14 +86,20 @@ class LoRALinear(nn.Module):
                 state_dict[a], state_dict[b] = self.lora_A[n], self.lora_B[n]
         super()._load_from_state_dict(state_dict, prefix, *args)
 
-    # the two places where a Linear and a Conv2d differ
+    # the places where a Linear and a Conv2d differ
+    rank_dim = -1  # where the r channels of A x sit: [..., r] (a conv: [B, r, H, W])
+
     def base_forward(self, x):
         return F.linear(x, self.weight, self.bias)
 
-    def down_up(self, x, A, B):
-        return F.linear(F.linear(x, A), B)
+    def down(self, x, A):
+        return F.linear(x, A)
 
-    def add_adapter(self, name, rank, alpha, init="gaussian", dropout=0.0, A=None, B=None, targets=""):
+    def up(self, h, B):
+        return F.linear(h, B)
+
+    def add_adapter(self, name, rank, alpha, init="gaussian", dropout=0.0, A=None, B=None, targets="", rank_dropout=0.0,
+                    module_dropout=0.0):
         """Adds adapter `name`: A random and B zero, or the given A, B (loaded from a file). Both fp32."""
         a_shape, b_shape = lora_shapes(self.weight, rank)
         dev = self.weight.device
@@ -98,7 +111,8 @@ class LoRALinear(nn.Module):
                 nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         self.lora_A[name] = nn.Parameter(A.detach().to(dev, torch.float32).reshape(a_shape).clone())
         self.lora_B[name] = nn.Parameter(B.detach().to(dev, torch.float32).reshape(b_shape).clone())
-        self.adapters[name] = Adapter(rank, float(alpha), dropout=dropout, targets=targets)
+        self.adapters[name] = Adapter(rank, float(alpha), dropout=dropout, targets=targets, rank_dropout=rank_dropout,
+                                      module_dropout=module_dropout)
 
     def delta_weight(self, name):
         """(alpha / r) B A, shaped like W0 (fp32): the change this adapter makes at multiplier 1."""
@@ -110,14 +124,20 @@ class LoRALinear(nn.Module):
         y = self.base_forward(x)
         autocast = torch.is_autocast_enabled(x.device.type)
         for name, a in self.adapters.items():
-            if not a.enabled or a.merged:
+            if not a.enabled or a.merged or (self.training and a.module_dropout and torch.rand(()) < a.module_dropout):
                 continue
             A, B = self.lora_A[name], self.lora_B[name]
             h = x if autocast else x.to(A.dtype)  # under autocast F.linear casts x, A, B to one dtype itself
             if a.dropout > 0:
                 h = F.dropout(h, a.dropout, self.training)
-            delta = self.down_up(h, A, B)
+            h = self.down(h, A)  # [..., r] (conv: [B, r, H, W])
             scale = a.multiplier * a.alpha / a.rank
+            if self.training and a.rank_dropout:  # k [B, r], one draw per sample and rank, broadcast elsewhere
+                shape = [h.shape[0]] + [1] * (h.ndim - 1)
+                shape[self.rank_dim] = a.rank
+                h = h * (torch.rand(shape, device=h.device) >= a.rank_dropout).to(h.dtype)
+                scale = scale / (1 - a.rank_dropout)
+            delta = self.up(h, B)
             y = y + (delta if scale == 1 else scale * delta).to(y.dtype)  # scale 1 (alpha = r): no multiply
         return y
 
@@ -152,11 +172,16 @@ class LoRAConv2d(LoRALinear):
         super().__init__(base)
         self.stride, self.padding, self.dilation = base.stride, base.padding, base.dilation
 
+    rank_dim = 1
+
     def base_forward(self, x):
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
 
-    def down_up(self, x, A, B):
-        return F.conv2d(F.conv2d(x, A, None, self.stride, self.padding, self.dilation), B)
+    def down(self, x, A):
+        return F.conv2d(x, A, None, self.stride, self.padding, self.dilation)
+
+    def up(self, h, B):
+        return F.conv2d(h, B)
 
 
 def lora_shapes(weight, r):
@@ -206,7 +231,7 @@ def check_name(name):
         raise LoRAError(f"adapter name must be letters, digits, '_' or '-' (no dots), got {name!r}")
 
 
-def _check_settings(rank, alpha, name, init, dropout):
+def _check_settings(rank, alpha, name, init, *dropouts):
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         raise LoRAError(f"LoRA rank must be a positive integer, got {rank!r}")
     if alpha is not None and not alpha > 0:
@@ -214,14 +239,15 @@ def _check_settings(rank, alpha, name, init, dropout):
     check_name(name)
     if init not in ("gaussian", "kaiming"):
         raise LoRAError(f"LoRA init must be 'gaussian' or 'kaiming', got {init!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise LoRAError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+    if not all(0.0 <= p < 1.0 for p in dropouts):
+        raise LoRAError(f"LoRA dropout, rank dropout and module dropout must be in [0, 1), got {dropouts}")
 
 
-def inject_lora(model, targets="attn", rank=4, alpha=None, name="default", init="gaussian", dropout=0.0) -> list:
+def inject_lora(model, targets="attn", rank=4, alpha=None, name="default", init="gaussian", dropout=0.0,
+                rank_dropout=0.0, module_dropout=0.0) -> list:
     """Wraps the layers `targets` selects with a new trainable adapter `name` (alpha=None means alpha = rank, scale 1)
     and freezes every other parameter of `model`. Returns the wrapped module names."""
-    _check_settings(rank, alpha, name, init, dropout)
+    _check_settings(rank, alpha, name, init, dropout, rank_dropout, module_dropout)
     names = find_targets(model, targets)
     if not names:
         raise LoRAError(f"LoRA targets {targets!r} match no Linear/Conv2d module in {type(model).__name__}")
@@ -233,7 +259,8 @@ def inject_lora(model, targets="attn", rank=4, alpha=None, name="default", init=
             p.requires_grad_(False)
     label = targets if isinstance(targets, str) else ",".join(targets)
     for n in names:
-        wrap(model, n).add_adapter(name, rank, alpha or rank, init=init, dropout=dropout, targets=label)
+        wrap(model, n).add_adapter(name, rank, alpha or rank, init=init, dropout=dropout, targets=label,
+                                   rank_dropout=rank_dropout, module_dropout=module_dropout)
     return names
 
 

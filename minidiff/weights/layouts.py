@@ -40,6 +40,10 @@ UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 CLIP_L_PREFIX, CLIP_G_PREFIX = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
 IGNORED = re.compile(r".*(position_ids|logit_scale|attn_mask)$")  # buffers / CLIP training leftovers
 PREFIX = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": CLIP_L_PREFIX, "text_encoder_2": CLIP_G_PREFIX}
+# SD 1.x / 2.x single files: the same UNet and VAE prefixes, one text encoder: CLIP-L with transformers names (1.x)
+# or OpenCLIP ViT-H with open_clip names (2.x, the same rules as SDXL's bigG)
+SD_CLIP_PREFIX, SD2_CLIP_PREFIX = "cond_stage_model.transformer.", "cond_stage_model.model."
+SD_PREFIX = {"unet": UNET_PREFIX, "vae": VAE_PREFIX}
 
 
 # ---------------------------------------------------------------------------------------------------- detection
@@ -262,21 +266,23 @@ def infer_unet_config(view, pooled_dim=None):
     proj_in = [k for k in keys if k.endswith(".proj_in.weight")]
     adm = shape("label_emb.0.0.weight")[1] if "label_emb.0.0.weight" in keys else None
     time_dim = (adm - pooled_dim) // 6 if adm and pooled_dim else 256
+    context = shape(to_k[0])[1] if to_k else None
+    # SD 1.x (context 768 = CLIP-L alone): 8 heads at every level (its yaml's num_heads: 8); else head width 64
+    heads = tuple(8 if context == 768 else max(w // 64, 1) for w in widths)
     return UNetConfig(
         in_channels=shape("input_blocks.0.0.weight")[1], out_channels=shape("out.2.weight")[0],
         block_out_channels=tuple(widths), layers_per_block=L, transformer_depth=tuple(depth),
         mid_transformer_depth=_count(keys, r"middle_block\.1\.transformer_blocks\.(\d+)\."),
-        num_heads=tuple(max(w // 64, 1) for w in widths), cross_attention_dim=shape(to_k[0])[1] if to_k else None,
-        use_linear_projection=bool(proj_in) and len(shape(proj_in[0])) == 2,
+        num_heads=heads, cross_attention_dim=context, use_linear_projection=bool(proj_in) and len(shape(proj_in[0])) == 2,
         addition_embed_type="text_time" if adm else None, addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=adm or 2816)
+        projection_class_embeddings_input_dim=adm or 2816, sample_size=128 if adm else 64)
 
 
-def infer_vae_config(view):
-    """Sizes of an ldm-layout VAE read off its shapes; scaling factor and upcasting as SDXL's."""
+def infer_vae_config(view, sdxl=True):
+    """Sizes of an ldm-layout VAE read off its shapes; scaling factor and upcasting as SDXL's (or SD 1.x/2.x's)."""
     keys, shape = view.keys(), view.shape
     levels = _count(keys, r"encoder\.down\.(\d+)\.")
-    d = VAEConfig.sdxl().to_diffusers()
+    d = (VAEConfig.sdxl() if sdxl else VAEConfig.sd15()).to_diffusers()
     d.update(in_channels=shape("encoder.conv_in.weight")[1], out_channels=shape("decoder.conv_out.weight")[0],
              block_out_channels=[shape(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in range(levels)],
              layers_per_block=_count(keys, r"encoder\.down\.0\.block\.(\d+)\."),

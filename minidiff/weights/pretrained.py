@@ -37,6 +37,9 @@ from ..vae import AutoencoderKL, VAEConfig
 from .layouts import (
     CLIP_G_PREFIX,
     PREFIX,
+    SD2_CLIP_PREFIX,
+    SD_CLIP_PREFIX,
+    SD_PREFIX,
     View,
     convert_keys,
     detect_layout,
@@ -178,15 +181,15 @@ def _locate(path, component: str, dtype=None):
         raise CheckpointError(f"no such file or folder: {path} (expected a diffusers folder or a .safetensors file)")
     tensors = Tensors(path)
     layout = detect_layout(tensors.keys())
-    if layout == "sd-single-file":
-        sd = [k for k in tensors.keys() if k.startswith("cond_stage_model.")][:3]
-        raise CheckpointError(f"{path} is a Stable Diffusion 1.x/2.x single file, not SDXL: missing "
-                              f"{CLIP_G_PREFIX}*, unexpected {sd}")
     if layout.startswith("diffusers"):
         if layout != KIND[component][0]:
             raise CheckpointError(f"{path}: expected {component} weights, found {layout} keys")
         return View(tensors), _read_json(path.parent / "config.json"), "diffusers"
-    view = View(tensors, PREFIX[component] if layout == "sdxl-single-file" else "")
+    prefix = PREFIX[component] if layout == "sdxl-single-file" else ""
+    if layout == "sd-single-file":  # SD 1.x / 2.x: one text encoder, under one of two names
+        clip = SD2_CLIP_PREFIX if any(k.startswith(SD2_CLIP_PREFIX) for k in tensors.keys()) else SD_CLIP_PREFIX
+        prefix = {**SD_PREFIX, "text_encoder": clip}.get(component, "-")
+    view = View(tensors, prefix)
     if not view.keys():
         raise CheckpointError(f"{path} holds no {component} (its keys look like {layout})")
     return view, None, layout
@@ -199,7 +202,7 @@ def load_unet(path, dtype=None, device="cpu"):
     view, config, layout = _locate(path, "unet", dtype)
     if layout == "diffusers":
         config, (plan, unknown) = UNetConfig.from_diffusers(config), convert_keys(view.keys(), "diffusers")
-    elif layout in ("sdxl-single-file", "ldm-unet"):
+    elif layout in ("sdxl-single-file", "sd-single-file", "ldm-unet"):
         proj = CLIP_G_PREFIX + "text_projection"
         pooled = view.tensors.shape(proj)[1] if proj in view.tensors.where else None
         config = infer_unet_config(view, pooled)
@@ -215,8 +218,8 @@ def load_vae(path, dtype=None, device="cpu"):
     view, config, layout = _locate(path, "vae", dtype)
     if layout == "diffusers":
         config, (plan, unknown) = VAEConfig.from_diffusers(config), convert_keys(view.keys(), "diffusers")
-    elif layout in ("sdxl-single-file", "ldm-vae"):
-        config = infer_vae_config(view)
+    elif layout in ("sdxl-single-file", "sd-single-file", "ldm-vae"):
+        config = infer_vae_config(view, sdxl=layout != "sd-single-file")
         plan, unknown = convert_keys(view.keys(), "ldm-vae", n_levels=len(config.block_out_channels))
     else:
         raise CheckpointError(f"{path}: expected VAE weights, found a {layout} layout")
@@ -232,9 +235,12 @@ def load_text_encoder(path, component="text_encoder", dtype=None, device="cpu"):
     if layout == "diffusers":
         plan, unknown = convert_keys(view.keys(), "diffusers")
         config = CLIPTextConfig.from_dict(config)
-    else:
-        plan, unknown = convert_keys(view.keys(), "open-clip" if component == "text_encoder_2" else "diffusers")
-        config = infer_clip_config(plan, view, "gelu" if component == "text_encoder_2" else "quick_gelu")
+    else:  # bigG, and SD 2.x's ViT-H, carry open_clip names
+        open_clip = component == "text_encoder_2" or view.prefix == SD2_CLIP_PREFIX
+        plan, unknown = convert_keys(view.keys(), "open-clip" if open_clip else "diffusers")
+        if cls is CLIPTextModel:
+            plan.pop("text_projection.weight", None)  # SD 2.x's OpenCLIP projection: unused by its context
+        config = infer_clip_config(plan, view, "gelu" if open_clip else "quick_gelu")
     model = _on_meta(lambda: cls(config))
     plan = {text_model_level(k, bare=not hasattr(model, "text_model")): v for k, v in plan.items()}
     return fill(model, plan, view, dtype, device, f"{component} ({path})", unknown)
@@ -253,16 +259,41 @@ def load_tokenizer(folder):
         raise CheckpointError(f"cannot read the tokenizer in {folder}: {e}") from None
 
 
+def model_family(path) -> str:
+    """'sdxl' (two text encoders, size ids) or 'sd' (SD 1.x / 2.x: one text encoder) for a folder or single file;
+    any other diffusers pipeline is a one-line error."""
+    path = Path(path)
+    if path.is_file():
+        return "sd" if detect_layout(Tensors(path).keys()) == "sd-single-file" else "sdxl"
+    kind = _read_json(path / "model_index.json").get("_class_name", "") if (path / "model_index.json").is_file() else ""
+    if kind.startswith("StableDiffusionXL"):
+        return "sdxl"
+    if kind.startswith("StableDiffusion") and not kind.startswith("StableDiffusion3"):
+        return "sd"
+    if kind:
+        raise CheckpointError(f"{path} holds a {kind}; minidiff loads StableDiffusionXLPipeline and "
+                              "StableDiffusionPipeline (SD 1.x / 2.x) folders")
+    return "sd" if (path / "text_encoder").is_dir() and not (path / "text_encoder_2").is_dir() else "sdxl"
+
+
 def load_text(path, dtype=None, device="cpu", tokenizers=None):
     """TextConditioner: both encoders from `path`, tokenizers from `tokenizers` (a folder holding tokenizer/ and
-    tokenizer_2/) or from `path` when it is a diffusers folder."""
-    tok_dir = Path(tokenizers) if tokenizers else Path(path)
-    if not (tok_dir / "tokenizer").is_dir() or not (tok_dir / "tokenizer_2").is_dir():
+    tokenizer_2/) or from `path` when it is a diffusers folder. An SD 1.x / 2.x model: SDTextConditioner, one encoder
+    and tokenizer/ alone (the penultimate layer for an original SD 2.x file, text_sd.py)."""
+    from ..text_sd import SDTextConditioner
+
+    sd = model_family(path) == "sd"
+    tok_dir, want = Path(tokenizers) if tokenizers else Path(path), "tokenizer/" + ("" if sd else " and tokenizer_2/")
+    if not (tok_dir / "tokenizer").is_dir() or not (sd or (tok_dir / "tokenizer_2").is_dir()):
         if Path(path).is_file() and not tokenizers:
             raise CheckpointError(f"{path} is a single file, which carries no tokenizer: pass tokenizers=DIR "
-                                  "(sample.py --tokenizers DIR), a folder holding tokenizer/ and tokenizer_2/ (as in "
-                                  "the diffusers repo stabilityai/stable-diffusion-xl-base-1.0)")
-        raise CheckpointError(f"{tok_dir} has no tokenizer/ and tokenizer_2/ folders")
+                                  f"(sample.py --tokenizers DIR), a folder holding {want} (as in the diffusers repo "
+                                  + ("runwayml/stable-diffusion-v1-5)" if sd else "stabilityai/stable-diffusion-xl-base-1.0)"))
+        raise CheckpointError(f"{tok_dir} has no {want} folder(s)")
+    if sd:
+        open_clip = Path(path).is_file() and any(k.startswith(SD2_CLIP_PREFIX) for k in Tensors(path).keys())
+        return SDTextConditioner(load_tokenizer(tok_dir / "tokenizer"),
+                                 load_text_encoder(path, "text_encoder", dtype, device), layer=-2 if open_clip else -1)
     encoders = [load_text_encoder(path, c, dtype, device) for c in ("text_encoder", "text_encoder_2")]
     return TextConditioner(load_tokenizer(tok_dir / "tokenizer"), encoders[0], load_tokenizer(tok_dir / "tokenizer_2"),
                            encoders[1])
@@ -286,14 +317,15 @@ def schedule_from_config(config: dict):
     return schedule.zero_terminal_snr() if c.get("rescale_betas_zero_snr") else schedule
 
 
-def load_pipeline(path, dtype=None, device="cpu", vae=None, tokenizers=None):
+def load_pipeline(path, dtype=None, device="cpu", vae=None, tokenizers=None, unet=None):
     """A whole Pipeline from a diffusers folder or an original single file (+ tokenizers=DIR). `vae` replaces the
-    VAE (a folder or file, e.g. the fp16-fix VAE). The VAE runs in float32 unless its config says it is fp16-safe
+    VAE (a folder or file, e.g. the fp16-fix VAE), `unet` the UNet (e.g. a full fine-tune's OUT/unet). The VAE runs in float32 unless its config says it is fp16-safe
     (force_upcast false) or dtype is bfloat16. A folder without vae/ whose UNet takes RGB is pixel space."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no such model folder or file: {path}")
-    unet = load_unet(path, dtype, device)
+    model_family(path)  # another kind of pipeline: say so before reading any weights
+    unet = load_unet(unet or path, dtype, device)
     vae_model = None
     if vae or path.is_file() or (path / "vae").is_dir() or unet.config.in_channels != 3:
         vae_model = load_vae(vae or path, torch.float32 if dtype in (None, torch.float16) else dtype, device)
@@ -311,10 +343,15 @@ def load_pipeline(path, dtype=None, device="cpu", vae=None, tokenizers=None):
 def save_pipeline(pipe, out_dir) -> Path:
     """Write `pipe` as a diffusers folder (model_index.json, unet/ vae/ text_encoder/ text_encoder_2/ tokenizer/
     tokenizer_2/ scheduler/ with their configs; safetensors, each file atomic) that load_pipeline and diffusers'
-    StableDiffusionXLPipeline.from_pretrained both read. A pixel-space pipeline (vae None) writes no vae/."""
-    out = Path(out_dir)
+    StableDiffusionXLPipeline.from_pretrained both read (StableDiffusionPipeline for an SD 1.x / 2.x pipeline: no
+    text_encoder_2/ tokenizer_2/). A pixel-space pipeline (vae None) writes no vae/."""
+    out, sdxl = Path(out_dir), pipe.text.text_encoder_2 is not None
     index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.30.0",
              "force_zeros_for_empty_prompt": True, "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
+    if not sdxl:
+        index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0", "requires_safety_checker":
+                 False, "safety_checker": [None, None], "feature_extractor": [None, None],
+                 "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
     for name, module in (("unet", pipe.unet), ("vae", pipe.vae)):
         cls = "UNet2DConditionModel" if name == "unet" else "AutoencoderKL"
         index[name] = ["diffusers", cls] if module is not None else [None, None]
@@ -323,6 +360,8 @@ def save_pipeline(pipe, out_dir) -> Path:
             io.save_safetensors(module.state_dict(), out / name / "diffusion_pytorch_model.safetensors")
     text = pipe.text
     for suffix, tok, te in (("", text.tokenizer, text.text_encoder), ("_2", text.tokenizer_2, text.text_encoder_2)):
+        if te is None:
+            continue
         state = {text_model_level(k, bare=False): v for k, v in te.state_dict().items()}  # files keep `text_model.`
         io.write_json({**te.config.to_dict(), "architectures": [type(te).__name__]},
                       out / f"text_encoder{suffix}" / "config.json")
