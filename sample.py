@@ -150,6 +150,9 @@ def check_args(args):
     for spec in args.lora:
         if not Path(parse_lora(spec)[0]).is_file():
             raise MinidiffError(f"--lora {spec}: no such file (expected PATH or PATH:SCALE)")
+    for spec in args.embedding:
+        if not Path(parse_embedding(spec)[0]).is_file():
+            raise MinidiffError(f"--embedding {spec}: no such file (expected FILE or FILE:TOKEN)")
     args.control = [parse_control(spec) for spec in args.control]
     if args.control and not args.controlnet:
         if Path(args.model) != DEFAULT_MODEL or not DEFAULT_CONTROLNET.exists():
@@ -192,9 +195,6 @@ def read_controls(args, width, height):
         image = control_tensor(load_image(path), height, width)[0]  # resized first (with a notice), then processed
         out.append((nets[min(i, len(nets) - 1)], make_control(image, kind)[None], scale))
     return out
-    for spec in args.embedding:
-        if not Path(parse_embedding(spec)[0]).is_file():
-            raise MinidiffError(f"--embedding {spec}: no such file (expected FILE or FILE:TOKEN)")
 
 
 def run(args):
@@ -266,8 +266,8 @@ def run(args):
                 "steps": args.steps, "cfg": args.cfg, "sampler": args.sampler,
                 "spacing": args.spacing or pipe.scheduler_config.get("timestep_spacing", "leading"),
                 "karras": args.karras, "guidance_rescale": args.guidance_rescale, "width": width, "height": height,
-                "model": str(args.model), "unet": args.unet, "vae": args.vae, "loras": loras, "embeddings": embeddings, "dtype": dtype_name,
-                "base_precision": memory["base_precision"], "vae_tile": memory["vae_tile"],
+                "model": str(args.model), "unet": args.unet, "vae": args.vae, "loras": loras, "embeddings": embeddings,
+                "dtype": dtype_name, "base_precision": memory["base_precision"], "vae_tile": memory["vae_tile"],
                 "controls": [{"image": Path(p).name, "type": k, "scale": sc, "controlnet": args.controlnet[
                     min(i, len(args.controlnet) - 1)]} for i, (p, k, sc) in enumerate(args.control)]}
     for i, (prompt, img) in enumerate(zip(runs, images)):

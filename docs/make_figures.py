@@ -305,9 +305,11 @@ def what_trains_table(components, rank=4) -> tuple[str, str]:
         for module in parts.values():  # finetune.run freezes every component before make_trainable
             module.requires_grad_(False)
         pipe = argparse.Namespace(unet=parts["unet"], text=argparse.Namespace(
-            text_encoder=parts["text_encoder"], text_encoder_2=parts["text_encoder_2"]))
-        args = argparse.Namespace(targets="attn", rank=rank, alpha=None, gradient_checkpointing=False, **flags)
-        models, params = finetune.make_trainable(args, pipe)
+            text_encoder=parts["text_encoder"], text_encoder_2=parts["text_encoder_2"]),
+            modules=lambda: {k: m for k, m in parts.items() if k != "vae"})
+        args = argparse.Namespace(targets="attn", rank=rank, alpha=None, gradient_checkpointing=False, lora_dropout=0.0,
+                                  rank_dropout=0.0, module_dropout=0.0, text_encoder_lr=None, train_ti=False, **flags)
+        models, params, _ = finetune.make_trainable(args, pipe, 1e-4)
         table = audit.trainable_table(parts)  # what finetune.py prints before training: every component
         total = table[-1]
         if flags["train"] == "full":

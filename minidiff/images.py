@@ -300,10 +300,11 @@ def _wrap(d, s, font, width):
     return lines + ([line] if line else [])
 
 
-def labelled_grid(rows, columns, path, metadata=None, cell=128):
-    """A sweep sheet: rows [(label, images [K, 3, H, W] in [-1, 1])], each image upscaled (nearest) to `cell` px
-    wide; the row label on the left; `columns` [(header, [sub-labels])] on top, each header over its sub-columns
-    (e.g. a prompt over its seeds). Written with save_png (metadata in the PNG). Returns the path."""
+def grouped_grid(rows, columns, path, metadata=None, cell=128):
+    """A sweep sheet (labelled_grid with column groups): rows [(label, images [K, 3, H, W] in [-1, 1])], each image
+    upscaled (nearest) to `cell` px wide; the row label on the left; `columns` [(header, [sub-labels])] on top, each
+    header over its sub-columns (e.g. a prompt over its seeds). Written with save_png (metadata in the PNG). Returns
+    the path."""
     k = sum(len(subs) for _, subs in columns)
     h, w = rows[0][1].shape[-2:]
     cw, ch = cell, round(cell * h / w)

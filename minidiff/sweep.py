@@ -127,7 +127,7 @@ class Swapper:
 
 def render(args) -> Path:
     """Every (checkpoint, variant, prompt, seed) image, grid.png and sheet.csv under args.out."""
-    from .images import labelled_grid, save_png
+    from .images import grouped_grid, save_png
 
     out = Path(args.out)
     specs = (from_run(args.from_dir) if args.from_dir else []) + (args.checkpoint or [])
@@ -169,7 +169,7 @@ def render(args) -> Path:
     if args.auto_score:
         auto_score(sheet, out)
     write_sheet(sheet, out / "sheet.csv")
-    labelled_grid(rows, [(p, [f"seed {s}" for s in args.seeds]) for p in prompts], out / "grid.png",
+    grouped_grid(rows, [(p, [f"seed {s}" for s in args.seeds]) for p in prompts], out / "grid.png",
                   {"prompts": prompts, "seeds": args.seeds, "steps": args.steps, "cfg": args.cfg,
                    "model": str(args.model), "checkpoints": [c.path or "base" for c in checkpoints]})
     print(f"{len(sheet)} images; wrote {out / 'grid.png'} and {out / 'sheet.csv'} (fill its score column, then: "
