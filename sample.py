@@ -112,15 +112,10 @@ def parse_embedding(spec):
 
 
 def read_prompts(args):
+    from minidiff import cli
     from minidiff.errors import MinidiffError
 
-    prompts = list(args.prompt or [])
-    if args.prompts:
-        try:
-            lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise MinidiffError(f"cannot read --prompts {args.prompts}: {e}") from None
-        prompts += [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
+    prompts = cli.read_prompts(args)
     if not prompts and Path(args.model) == DEFAULT_MODEL:
         prompts = list(DEFAULT_PROMPTS)  # `python sample.py` alone: a few things the bundled miniature knows
     if not prompts:

@@ -152,3 +152,18 @@ def _close_bars():
 
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
+
+
+def read_prompts(args) -> list[str]:
+    """The --prompt values (repeatable) followed by the lines of a --prompts file (blank lines and '#' comments
+    skipped); empty when neither was given. A file that cannot be read is a MinidiffError."""
+    from pathlib import Path
+
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        try:
+            lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise MinidiffError(f"cannot read --prompts {args.prompts}: {e}") from None
+        prompts += [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
+    return prompts

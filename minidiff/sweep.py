@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from . import cli
 from .errors import MinidiffError
 
 COLUMNS = ["checkpoint", "variant", "prompt", "seed", "file", "score"]
@@ -188,13 +189,7 @@ def generate_seeds(pipe, prompt, seeds, steps, cfg, size) -> torch.Tensor:
 
 
 def read_prompts(args) -> list[str]:
-    prompts = list(args.prompt or [])
-    if args.prompts:
-        try:
-            lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise MinidiffError(f"cannot read --prompts {args.prompts}: {e}") from None
-        prompts += [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
+    prompts = cli.read_prompts(args)
     if not prompts:
         raise MinidiffError("no prompt: pass --prompt TEXT (repeatable) or --prompts FILE")
     return prompts
