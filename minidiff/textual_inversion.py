@@ -61,6 +61,8 @@ def expand_prompt(prompt: str, tokenizer) -> str:
     """'a tok girl' -> 'a tok tok_1 tok_2 girl' for every multi-vector token of `tokenizer` in the prompt
     (diffusers' TextualInversionLoaderMixin._maybe_convert_prompt, the same replacement)."""
     added = tokenizer.added_tokens_encoder
+    if not any(f"{token}_1" in added for token in added):  # no multi-vector token: nothing to expand
+        return prompt
     for token in set(tokenizer.tokenize(prompt)):
         if token in added and f"{token}_1" in added:
             n = 1
