@@ -236,6 +236,7 @@ def run(args, ctx=None):
     Under torchrun (`ctx` from minidiff.train.ddp.init) every process trains; only process 0 prints and writes
     files (other processes write only their share of the class images) and only it returns the manifest."""
     from minidiff import data, io, memory_plan, run_folder
+    from minidiff.bundled import tiny
     from minidiff.eval import audit
     from minidiff.train import ddp, hardware, resume, state
     from minidiff.weights import pretrained
@@ -264,6 +265,8 @@ def run(args, ctx=None):
         resume.check_settings(extra.get("settings", {}), run_settings, RESUME_KEYS, file)
     buckets = data.bucket_sizes(size, args.bucket_step or (64 if size >= 512 else 8)) if args.buckets else None
     instance_set = data.ImageFolder(args.instance_dir or data.instance_images(), size, fit=args.fit, buckets=buckets)
+    if not args.instance_dir:  # the bundled drawings, captioned with their action as an artist would caption them
+        instance_set.captions = tiny.instance_captions(args.instance_prompt, instance_set.paths)
     if args.epochs:  # an epoch: every instance row (repeats counted) once, in optimizer steps
         rows_per_step = args.batch_size * args.grad_accum * ctx.world_size
         args.steps = args.epochs * -(-len(instance_set.index) // rows_per_step)
@@ -431,16 +434,18 @@ class Run:
         from minidiff import data
         from minidiff.train import ddp
         from minidiff import dreambooth as db
+        from minidiff.bundled import tiny
         from minidiff.pipeline import generate, model_sampler
 
         a, size = self.args, self.size
+        cfg = tiny.default_cfg(a.model)
         settings = {"model": Path(a.model).name, "steps": a.class_steps, "sampler": model_sampler(self.pipe),
-                    "cfg": 5.0, "width": size, "height": size}
+                    "cfg": cfg, "width": size, "height": size}
 
         def make(prompts, seeds):  # seeds are consecutive: generate gives image i the seed seed + i
             with self.autocast():
-                return generate(self.pipe, prompts, steps=a.class_steps, seed=seeds[0], width=size, height=size,
-                                batch_size=len(prompts), progress=False)
+                return generate(self.pipe, prompts, steps=a.class_steps, cfg=cfg, seed=seeds[0], width=size,
+                                height=size, batch_size=len(prompts), progress=False)
 
         paths, written = db.generate_class_images(make, class_dir, a.num_class_images, a.class_prompt,
                                                   a.class_batch_size, seed=a.seed, settings=settings,
@@ -509,10 +514,11 @@ class Run:
         the cache, the VAE on the GPU only for the decode."""
         import dataclasses
 
+        from minidiff.bundled import tiny
         from minidiff.images import labelled_grid, save_png
         from minidiff.pipeline import generate, model_sampler
 
-        a, pipe = self.args, self.pipe
+        a, pipe, cfg = self.args, self.pipe, tiny.default_cfg(self.args.model)
         if not a.validation_images or not self.validation_prompts:
             return
         pipe.unet.eval()
@@ -521,14 +527,14 @@ class Run:
             pipe.vae.to(self.device)
         prompts = [p for p in self.validation_prompts for _ in range(a.validation_images)]
         with self.autocast():
-            images = generate(vpipe, prompts, steps=a.validation_steps, seed=a.seed, width=self.size,
+            images = generate(vpipe, prompts, steps=a.validation_steps, cfg=cfg, seed=a.seed, width=self.size,
                               height=self.size, batch_size=1, progress=False)
         if pipe.vae is not None:
             pipe.vae.to("cpu")
         grid = labelled_grid(images, self.validation_prompts, [f"seed {a.seed + i}" for i in range(a.validation_images)])
         path = save_png(grid, self.out / "samples" / f"{label}.png",
                         {"prompts": self.validation_prompts, "seed": a.seed, "steps": a.validation_steps,
-                         "sampler": model_sampler(vpipe), "cfg": 5.0, "training_step": label,
+                         "sampler": model_sampler(vpipe), "cfg": cfg, "training_step": label,
                          "model": str(a.model)})
         self.files.append(str(path))
 

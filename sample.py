@@ -54,7 +54,8 @@ def build_parser():
     a("--panel", type=int, action="append", default=None, metavar="N",
       help="with --page: re-render only panel N (repeatable); the other panel files are left as they are")
     a("--steps", type=int, default=30)
-    a("--cfg", type=float, default=5.0, help="classifier-free guidance scale (1 = no guidance)")
+    a("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = no guidance; default 5, and 2 for "
+      "the bundled miniature: minidiff/bundled/tiny.py GUIDANCE)")
     a("--sampler", choices=SAMPLERS, default=None,
       help="default: the one the model's scheduler config names (euler for SDXL, euler_a for the miniature)")
     a("--spacing", choices=("leading", "trailing", "linspace"), default=None,
@@ -125,6 +126,7 @@ def read_prompts(args):
 
 def check_args(args):
     """User errors visible before anything loads: one line each."""
+    from minidiff.bundled import tiny
     from minidiff.errors import MinidiffError
 
     for flag, v in {"--steps": args.steps, "--num": args.num, "--batch-size": args.batch_size}.items():
@@ -142,6 +144,8 @@ def check_args(args):
             raise MinidiffError("no model given: pass --model (a diffusers SDXL folder or an original .safetensors "
                                 "file); the bundled miniature minidiff/assets/tiny-sdxl is not there")
         args.model = str(DEFAULT_MODEL)
+    if args.cfg is None:
+        args.cfg = tiny.default_cfg(args.model)
     for spec in args.lora:
         if not Path(parse_lora(spec)[0]).is_file():
             raise MinidiffError(f"--lora {spec}: no such file (expected PATH or PATH:SCALE)")

@@ -67,13 +67,17 @@ METRICS = ("identity", "pose_accuracy", "drift", "background", "class_diversity"
 
 
 def instance_dir(character, out: Path) -> Path:
-    """A folder with the six INSTANCE_POSES drawings of `character` (finetune.py reads folders)."""
+    """A folder with the six INSTANCE_POSES drawings of `character` and their captions as sidecar .txt files ("a
+    picture of sks girl climbing": tiny.instance_captions, what `python finetune.py` gives the bundled drawings)."""
     import shutil
 
     folder = out / f"instance-{character}"
     folder.mkdir(parents=True, exist_ok=True)
-    for p in data.instance_images(character):
+    paths = data.instance_images(character)
+    prompt = f"a picture of {tiny.IDENTIFIER} {world.CLASS_WORD[character]}"
+    for p, caption in zip(paths, tiny.instance_captions(prompt, paths)):
         shutil.copyfile(p, folder / p.name)
+        (folder / p.name).with_suffix(".txt").write_text(caption + "\n")
     return folder
 
 
@@ -204,11 +208,12 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--samples", type=int, default=24, help="samples per prompt, row and seed")
     p.add_argument("--sample-steps", type=int, default=30, help="sampler steps of the scored samples")
-    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--cfg", type=float, default=None, help="default: the model's (tiny.default_cfg)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each process")
     p.add_argument("--finetune-args", nargs=argparse.REMAINDER, default=[],
                    help="extra finetune.py flags for every run (last on the command line)")
     args = p.parse_args(argv)
+    args.cfg = tiny.default_cfg(args.model) if args.cfg is None else args.cfg
     torch.set_num_threads(args.threads)
     default_out = "runs/dreambooth-table" + ("" if args.character == data.TARGET_CHARACTER else f"-{args.character}")
     out, t0 = Path(args.out or default_out), time.time()

@@ -296,7 +296,7 @@ def build_parser():
     a("--prompts", default=None, help="a text file, one prompt per line")
     a("--seeds", type=int, nargs="+", default=[0, 1, 2])
     a("--steps", type=int, default=30)
-    a("--cfg", type=float, default=5.0)
+    a("--cfg", type=float, default=None, help="default: 5, and 2 for the bundled miniature (tiny.default_cfg)")
     a("--size", type=int, default=None, help="image side (default: the model's native size)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--lora-scales", type=float, nargs="+", default=None, help="one row per LoRA multiplier")
@@ -313,12 +313,13 @@ def run(args):
     """--score SHEET, or render (the bundled miniature and its DreamBooth prompts when no --model is given)."""
     if args.score:
         return score(args.score, args.good)
-    if args.model is None:
-        from .bundled.tiny import TINY_DIR, dreambooth_prompts
+    from .bundled.tiny import TINY_DIR, default_cfg, dreambooth_prompts
 
+    if args.model is None:
         args.model = str(TINY_DIR)
         if not args.prompt and not args.prompts:
             args.prompt = [q for q in dreambooth_prompts() if "sks" in q]
+    args.cfg = default_cfg(args.model) if args.cfg is None else args.cfg
     if any(s <= 0 for s in [args.steps, *(args.steps_list or [])]):
         raise MinidiffError("--steps and --steps-list must be positive")
     return render(args)

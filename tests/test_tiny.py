@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from minidiff import data
 from minidiff.bundled import tiny, world
@@ -132,9 +133,22 @@ def test_default_finetune_and_sample_run_on_the_miniature(tmp_path):
         assert (out / name).is_file(), name
     manifest = json.loads((out / "manifest.json").read_text())
     assert Path(manifest["model"]["path"]).resolve() == SHIPPED.resolve()
+    # the six drawings are captioned with their action (climb0, fall, idle, jump, walk0, walk3; sorted by file name)
+    assert manifest["data"]["captions"] == ["a picture of sks girl climbing", "a picture of sks girl falling",
+                                            "a picture of sks girl standing", "a picture of sks girl jumping",
+                                            "a picture of sks girl walking", "a picture of sks girl walking"]
     cmd = [sys.executable, str(ROOT / "sample.py"), "--lora", str(out / "lora.safetensors"), "--prompt",
            "a picture of sks girl climbing", "--steps", "2", "--out", str(tmp_path / "s"), "--device", "cpu"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert list((tmp_path / "s").glob("*.png"))
+    pngs = sorted((tmp_path / "s").glob("*.png"))
+    assert pngs and float(Image.open(pngs[0]).text["cfg"]) == tiny.GUIDANCE == 2.0  # the miniature's own guidance
+
+
+def test_bundled_captions_and_guidance_by_hand(tmp_path):
+    paths = [data.kenney_path("female_adventurer", p) for p in ("climb1", "idle", "walk6")]
+    assert tiny.instance_captions("a picture of zwx girl", paths) == [
+        "a picture of zwx girl climbing", "a picture of zwx girl standing", "a picture of zwx girl walking"]
+    assert tiny.default_cfg(None) == tiny.default_cfg(SHIPPED) == 2.0
+    assert tiny.default_cfg(tmp_path) == 5.0  # any other model: SDXL's usual guidance
 
