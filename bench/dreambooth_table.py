@@ -22,6 +22,8 @@ deviation over the seeds. Each sample is judged independently by the character c
                   actions of the held-out poses (climbing: climb1; walking: walk1, walk2, walk4..walk7)
     pose          share of those samples whose predicted pose family is the prompted one
     drift         share of "a picture of a <class>" samples recognised as the character (the class word taken over)
+    class kept    share of "a picture of a <class>" samples recognised as the class's own body (female_person for
+                  "girl", male_person for "man"): the class word still draws the class (language drift, when low)
     background    metrics.background_distance of all samples (0 = the training drawings' white border)
     diversity     mean pairwise RMS distance of the "a picture of a <class>" samples (metrics.diversity)
 
@@ -63,7 +65,8 @@ LABELS = {"base": "(a) base model", "lora": "(b) LoRA", "lora-prior": "(c) LoRA 
           "full-prior": "(d) full fine-tune + prior preservation", "ti-prior": "(e) textual inversion + prior",
           "pivotal-prior": "(f) pivotal tuning (LoRA + new token) + prior"}
 HELD_OUT_ACTIONS = ("climbing", "walking")  # families of data.HELD_OUT_POSES (climb1, walk1, walk2, walk4..7)
-METRICS = ("identity", "pose_accuracy", "drift", "background", "class_diversity")
+METRICS = ("identity", "pose_accuracy", "drift", "class_kept", "background", "class_diversity")
+CLASS_BODY = {"girl": "female_person", "man": "male_person"}  # the world body each class word names
 
 
 def instance_dir(character, out: Path) -> Path:
@@ -149,11 +152,12 @@ def score(images: dict, judge, character, train) -> dict:
         else:
             drift = sum(c == character for c in chars) / len(chars)
             class_chars = {c: chars.count(c) for c in (*data.CHARACTERS, classifier.UNKNOWN)}
+            class_kept = class_chars[CLASS_BODY[world.CLASS_WORD[character]]] / len(chars)
             diversity = metrics.diversity(metrics.prepare(x))
     size = tiny.SIZE
     background = metrics.background_distance(metrics.prepare(torch.cat(list(images.values())), size),
                                              metrics.prepare(train, size))
-    return {"identity": identity / n, "pose_accuracy": pose / n, "drift": drift, "background": background,
+    return {"identity": identity / n, "pose_accuracy": pose / n, "drift": drift, "class_kept": class_kept, "background": background,
             "class_diversity": diversity, "class_sample_characters": class_chars}
 
 
@@ -189,8 +193,8 @@ def figure(rows: dict, path: Path, per_prompt=8):
 
 def markdown(results: dict) -> str:
     word = world.CLASS_WORD[results["settings"]["character"]]
-    lines = [f"| model | identity (held-out poses) | pose accuracy | drift ('a {word}' -> target) | background "
-             "| class diversity | fine-tune wall s |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| model | identity (held-out poses) | pose accuracy | drift ('a {word}' -> target) | 'a {word}' "
+             f"still a {word} | background | class diversity | fine-tune wall s |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results["rows"].items():
         cells = [f"{r[k]:.{3 if k in ('background', 'class_diversity') else 2}f} ± "
                  f"{r[k + '_std']:.{3 if k in ('background', 'class_diversity') else 2}f}" for k in METRICS]
