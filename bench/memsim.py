@@ -5,10 +5,10 @@
     python bench/memsim.py --validate --config tiny_sdxl     # the same tracker on real CPU tensors vs the fake run
     flock /tmp/fullsize.lock python bench/memsim.py --validate --config sdxl --latent 32   # full size (11 GB RAM)
 
-Both implementations run their real code on fake CUDA tensors (minidiff/memsim.py: a FakeTensorMode with the
+Both implementations run their real code on fake CUDA tensors (minidiff/train/memsim.py: a FakeTensorMode with the
 autocast, autograd-engine and attention adjustments, and a dispatch-mode tracker counting every storage in
 512-byte blocks until its last reference dies): what `torch.cuda.max_memory_allocated` would report. Ours is
-minidiff/memory_plan.py's job (the code finetune.py and sample.py run). diffusers + peft as their DreamBooth-LoRA
+minidiff/train/memory_plan.py's job (the code finetune.py and sample.py run). diffusers + peft as their DreamBooth-LoRA
 SDXL script sets it up: UNet2DConditionModel in the weight dtype, `unet.add_adapter(LoraConfig(r, target_modules=
 [to_q, to_k, to_v, to_out.0]))`, LoRA weights cast to fp32 (cast_training_params), gradient checkpointing (diffusers'
 non-reentrant torch.utils.checkpoint), fp16 autocast, AdamW (foreach), a GradScaler's multiply; text-encoder
@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from minidiff import memsim  # noqa: E402
-from minidiff.memory_plan import Job, World, simulate, unet_inputs  # noqa: E402
+from minidiff.train import memsim  # noqa: E402
+from minidiff.train.memory_plan import Job, World, simulate, unet_inputs  # noqa: E402
 
 # row name: (what it is, minidiff's job); the diffusers side runs the same settings.
 ROWS = {

@@ -1,4 +1,4 @@
-"""The memory simulator (minidiff/memsim.py, memory_plan.py) and fp8 base weights (minidiff/base_precision.py).
+"""The memory simulator (minidiff/train/memsim.py, memory_plan.py) and fp8 base weights (weights/base_precision.py).
 
 The simulator is checked against the same tracker on real CPU tensors (the run it models, with data), and the
 tracker against closed-form byte counts; fp8 storage against the fp16 weights it replaces (independent: the
@@ -6,13 +6,13 @@ rounding of e4m3 is torch's own cast, the bound below is e4m3's 3-bit mantissa).
 import pytest
 import torch
 
-from minidiff import memsim
-from minidiff.base_precision import FP8, quantize, store
 from minidiff.lora import inject_lora, lora_parameters
-from minidiff.memory_plan import Job, simulate
+from minidiff.train import memsim
+from minidiff.train.memory_plan import Job, simulate
 from minidiff.unet import UNet
 from minidiff.unet_config import UNetConfig
 from minidiff.vae import VAEConfig
+from minidiff.weights.base_precision import FP8, quantize, store
 
 
 def test_tracker_counts_blocks_of_512_bytes_and_frees_on_last_reference():

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..weights.base_precision import store
 from . import memsim
-from .base_precision import store
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -88,8 +88,8 @@ class World:
 def _build(job, unet_config, vae_config, text_configs, dtype):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from .unet import UNet
-    from .vae import AutoencoderKL
+    from ..unet import UNet
+    from ..vae import AutoencoderKL
 
     unet = UNet(unet_config).to(torch.float32 if job.kind == "full" else dtype)
     unet.enable_gradient_checkpointing(job.checkpointing and job.kind != "sample")
@@ -100,7 +100,7 @@ def _build(job, unet_config, vae_config, text_configs, dtype):
 
 
 def _trainable(job, unet, texts):
-    from .lora import inject_lora, lora_parameters
+    from ..lora import inject_lora, lora_parameters
 
     if job.kind == "full":
         return list(unet.parameters())
@@ -158,7 +158,7 @@ def _train(job, unet, texts, params, world, mem):
 
 
 def _sample(job, unet, vae, world, mem):
-    from .pipeline import Pipeline, decode
+    from ..pipeline import Pipeline, decode
 
     rows = job.batch * (2 if job.guidance else 1)
     _, t, ctx, pooled, ids = unet_inputs(world, unet.config, rows, job.latent)
