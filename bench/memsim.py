@@ -48,7 +48,7 @@ ROWS = {
     "sample-untiled": ("sampling, whole-image VAE decode", Job("sample", batch=1, vae_tile=None)),
     "classgen": ("class images: batch of 4, CFG batch 8, decode", Job("sample", batch=4)),
 }
-DEFAULT_ROWS = "lora-b1,lora-b2,lora-b2-fp8,lora-b2-te,full-b1,sample,sample-fp8,classgen"
+DEFAULT_ROWS = "lora-b2,lora-b2-fp8,sample,lora-b1,lora-b2-te,full-b1,sample-fp8,classgen,sample-untiled"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
