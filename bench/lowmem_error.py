@@ -1,7 +1,8 @@
 """What the two memory savers cost in output: fp8 base storage against fp16 storage, tiled VAE decode against the
 whole decode, each on identical weights and inputs.
 
-    python bench/lowmem_error.py fp8 --model miniature                 # the bundled trained miniature (seconds)
+    python bench/lowmem_error.py fp8 --model miniature                 # the bundled trained miniature (minutes)
+    python bench/lowmem_error.py fp8 --model PATH --prompt "..." --size 1024 --device cuda   # a real SDXL folder
     flock /tmp/fullsize.lock python bench/lowmem_error.py fp8 --model sdxl --latent 32   # full size, ~11 GB RAM
     python bench/lowmem_error.py tiles --model tiny --latent 64 --tile 16
     flock /tmp/fullsize.lock python bench/lowmem_error.py tiles --model sdxl --latent 96  # the SDXL VAE, 768 px
@@ -69,32 +70,34 @@ def fp8_error(model: torch.nn.Module, unet_calls, sample) -> dict:
             "image_max_abs": round((image8 - image16).abs().max().item(), 4)}, image16, image8
 
 
-def fp8_miniature(prompts=None, steps=30, sampler="euler_a"):
-    """The miniature's UNet outputs for `prompts` (default: its 24 preview prompts) and their images sampled with its
-    preview settings, fp16 vs fp8 storage: (result, images16, images8)."""
+def fp8_pipeline(path=None, prompts=None, steps=30, sampler="euler_a", size=None, device="cpu"):
+    """A model folder's UNet outputs for `prompts` and their images sampled with the same seed, fp16 vs fp8 storage:
+    (result, images16, images8). Default: the bundled miniature, its 24 preview prompts and its preview settings (a
+    real SDXL folder: --model PATH --prompt ... --size 1024, best on a GPU)."""
     from minidiff.bundled import assets_dir, tiny
     from minidiff.pipeline import generate
     from minidiff.weights.pretrained import load_pipeline
 
-    pipe = load_pipeline(assets_dir() / "tiny-sdxl", torch.float32)
+    pipe = load_pipeline(path or assets_dir() / "tiny-sdxl", torch.float32, device)
     prompts = prompts or tiny.preview_prompts()
-    settings = {"steps": steps, "cfg": 5.0, "sampler": sampler, "seed": 0, "width": tiny.SIZE, "height": tiny.SIZE,
-                "guidance_rescale": 0.7}
+    size = size or tiny.SIZE
+    settings = {"steps": steps, "cfg": 5.0, "sampler": sampler, "seed": 0, "width": size, "height": size,
+                "guidance_rescale": 0.7 if path is None else 0.0}
     context, pooled = pipe.text.encode(prompts)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(len(prompts), 3, tiny.SIZE, tiny.SIZE, generator=g)
-    ids = torch.tensor([[tiny.SIZE, tiny.SIZE, 0, 0, tiny.SIZE, tiny.SIZE]], dtype=torch.float32)
-    ids = ids.repeat(len(prompts), 1)
+    n, side = len(prompts), size // pipe.scale
+    x = torch.randn(n, pipe.unet.config.in_channels, side, side, generator=torch.Generator().manual_seed(1))
+    ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32).repeat(n, 1)
+    x, ids = x.to(pipe.device), ids.to(pipe.device)
 
     def unet_calls():
-        return {t: pipe.unet(x, torch.full((len(prompts),), t), context=context, text_embeds=pooled, time_ids=ids)
-                for t in TIMESTEPS}
+        return {t: pipe.unet(x, torch.full((n,), t, device=pipe.device), context=context, text_embeds=pooled,
+                             time_ids=ids) for t in TIMESTEPS}
 
     def sample():
         return generate(pipe, prompts, progress=False, **settings)
     res, a, b = fp8_error(pipe.unet, unet_calls, sample)
-    return {"model": "miniature (minidiff/assets/tiny-sdxl, trained)", "prompts": len(prompts), **settings, **res}, \
-        a, b
+    name = "miniature (minidiff/assets/tiny-sdxl, trained)" if path is None else str(path)
+    return {"model": name, "prompts": n, **settings, **res}, a, b
 
 
 def fp8_sdxl(args):
@@ -174,7 +177,11 @@ def tiles(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("what", choices=["fp8", "tiles"])
-    p.add_argument("--model", default="miniature", help="fp8: miniature | sdxl; tiles: tiny | sdxl")
+    p.add_argument("--model", default="miniature",
+                   help="fp8: miniature | sdxl (random weights) | a model folder; tiles: tiny | sdxl")
+    p.add_argument("--prompt", help="fp8 with a model folder: the prompt")
+    p.add_argument("--size", type=int, help="fp8 with a model folder: image side in pixels")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--latent", type=int, default=32, help="latent side (fp8 --model sdxl; tiles)")
     p.add_argument("--steps", type=int, default=8, help="Euler steps of the SDXL sample")
     p.add_argument("--tile", type=int, default=64, help="tiles: tile side in latent cells (overlap: a quarter)")
@@ -184,7 +191,8 @@ def main(argv=None):
     torch.manual_seed(0)
     t0 = time.perf_counter()
     if a.what == "fp8":
-        res, img16, img8 = fp8_sdxl(a) if a.model == "sdxl" else fp8_miniature()
+        res, img16, img8 = fp8_sdxl(a) if a.model == "sdxl" else fp8_pipeline(
+            None if a.model == "miniature" else a.model, a.prompt and [a.prompt], size=a.size, device=a.device)
         if a.png:
             from minidiff.images import make_grid, save_png
             grid = make_grid(torch.cat([img16, img8]).cpu(), nrow=len(img16))
