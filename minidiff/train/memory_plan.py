@@ -1,17 +1,19 @@
 """What a run holds on the GPU, simulated before it starts, and the settings that make it fit a card.
 
     simulate(Job("lora", latent=128, batch=2, base_precision="fp8"), unet_cfg)       # {"peak": GiB, phases ...}
-    plan_finetune(card_gib, unet_cfg, ...) -> Job                                   # what --low-memory picks
+    plan(job, card_gib, unet_cfg, ...) -> (job, peaks, fits)                        # what --low-memory picks
 
-Each job is run for real, minidiff's own code on fake CUDA tensors (memsim.py): the UNet built from its config on
-the meta device, LoRA injected, the base weights stored in the chosen precision, and then
-  lora / full   two training steps (the second holds AdamW's state): forward under autocast with gradient
-                checkpointing, fp32 MSE, backward, gradient clipping, AdamW (foreach, as on CUDA); a GradScaler's
-                scaling is a multiply and an in-place unscale, counted as such; --train-text-encoder adds both
-                CLIP encoders (LoRA on their attention) to the forward and backward
+Each job is run for real, minidiff's own code on meta tensors under CUDA's rules (memsim.py): the UNet built from
+its config on the meta device, LoRA injected, the base weights stored in the chosen precision, and then
+  lora / full   a training step with AdamW's state already there (any step after the first): forward under
+                autocast with gradient checkpointing, fp32 MSE, backward, gradient clipping, AdamW (foreach, as on
+                CUDA); a GradScaler's scaling is a multiply and an in-place unscale, counted as such;
+                --train-text-encoder adds both CLIP encoders (LoRA on their attention) to the forward and backward
   sample        one guided denoising step ([uncond ; cond] in one UNet call, as pipeline.generate) and the VAE
                 decode of every image of the batch (pipeline.decode: one at a time, tiled above `vae_tile`)
 The caption embeddings (text encoders off the GPU, as finetune.py caches them) and the latents are inputs.
+`track(job, world, modules, params, Calls(...))` is that run for any implementation's calls: simulate() passes
+minidiff's, bench/memsim.py diffusers + peft's, so both run one job definition.
 """
 from __future__ import annotations
 
