@@ -132,7 +132,8 @@ def validate(config, latent, rows=("lora-b1",)) -> list:
     ours, _, vae, _, texts = configs(config)
     out = []
     for name in rows:
-        job = Job(**{**ROWS[name][1].__dict__, "latent": latent, "precision": "fp32"})
+        job = Job(**{**ROWS[name][1].__dict__, "latent": latent, "precision": "fp32",
+                      "base_precision": "fp32"})
         fake = simulate(job, ours, vae, texts)
         real = simulate(job, ours, vae, texts, cpu=True)
         out.append({"row": name, "fake_cuda_gib": fake["peak"], "real_cpu_gib": real["peak"],
