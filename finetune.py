@@ -235,10 +235,10 @@ def run(args, ctx=None):
     """Check, load, make class images, cache, train, save: returns the manifest dict (also in OUT/manifest.json).
     Under torchrun (`ctx` from minidiff.train.ddp.init) every process trains; only process 0 prints and writes
     files (other processes write only their share of the class images) and only it returns the manifest."""
-    from minidiff import data, io, memory_plan, run_folder
+    from minidiff import data, io, run_folder
     from minidiff.bundled import tiny
     from minidiff.eval import audit
-    from minidiff.train import ddp, hardware, resume, state
+    from minidiff.train import ddp, hardware, memory_plan, resume, state
     from minidiff.weights import pretrained
     from minidiff import dreambooth as db
 

@@ -209,9 +209,9 @@ def run(args):
 
     lock = run_folder.claim(args.out)  # noqa: F841 (a writable folder, ours until run returns)
 
-    from minidiff import memory_plan
     from minidiff.images import make_grid, save_png
     from minidiff.pipeline import default_guidance_rescale, generate, model_sampler
+    from minidiff.train import memory_plan
     from minidiff.train.hardware import PeakMemory, check_fits, resolve_device
     from minidiff.weights.pretrained import file_hash
 

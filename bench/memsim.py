@@ -5,10 +5,10 @@
     python bench/memsim.py --validate --config tiny_sdxl     # the same tracker on real CPU tensors vs the fake run
     flock /tmp/fullsize.lock python bench/memsim.py --validate --config sdxl --latent 32   # full size (11 GB RAM)
 
-Both implementations run their real code on fake CUDA tensors (minidiff/memsim.py: a FakeTensorMode with the
+Both implementations run their real code on fake CUDA tensors (minidiff/train/memsim.py: a FakeTensorMode with the
 autocast, autograd-engine and attention adjustments, and a dispatch-mode tracker counting every storage in
 512-byte blocks until its last reference dies): what `torch.cuda.max_memory_allocated` would report. Ours is
-minidiff/memory_plan.py's job (the code finetune.py and sample.py run). diffusers + peft as their DreamBooth-LoRA
+minidiff/train/memory_plan.py's job (the code finetune.py and sample.py run). diffusers + peft as their DreamBooth-LoRA
 SDXL script sets it up: UNet2DConditionModel in the weight dtype, `unet.add_adapter(LoraConfig(r, target_modules=
 [to_q, to_k, to_v, to_out.0]))`, LoRA weights cast to fp32 (cast_training_params), gradient checkpointing (diffusers'
 non-reentrant torch.utils.checkpoint), fp16 autocast, AdamW (foreach), a GradScaler's multiply; text-encoder
@@ -31,8 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from minidiff import memsim  # noqa: E402
-from minidiff.memory_plan import Job, World, simulate, unet_inputs  # noqa: E402
+from minidiff.train import memsim  # noqa: E402
+from minidiff.train.memory_plan import Calls, Job, World, simulate, track  # noqa: E402
+from minidiff.unet_config import UNetConfig  # noqa: E402
 
 # row name: (what it is, minidiff's job); the diffusers side runs the same settings.
 ROWS = {
@@ -47,24 +48,27 @@ ROWS = {
     "sample-untiled": ("sampling, whole-image VAE decode", Job("sample", batch=1, vae_tile=None)),
     "classgen": ("class images: batch of 4, CFG batch 8, decode", Job("sample", batch=4)),
 }
-DEFAULT_ROWS = "lora-b1,lora-b2,lora-b2-fp8,lora-b2-te,full-b1,sample,sample-fp8,classgen"
+DEFAULT_ROWS = "lora-b2,lora-b2-fp8,sample,lora-b1,lora-b2-te,full-b1,sample-fp8,classgen,sample-untiled"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 def configs(name):
+    """(our UNetConfig, diffusers' UNet config, our VAEConfig, diffusers' VAE config, the two CLIP configs): SDXL's,
+    or tiny_sdxl's with a context of the miniature's tiny CLIPs (64 + 128 wide, pooled 128)."""
     from weights import SDXL_CLIP_G, SDXL_CLIP_L, SDXL_VAE, unet_config
 
     from minidiff.bundled import tiny
-    theirs, ours = unet_config(name)
+    from minidiff.vae import VAEConfig
     if name == "sdxl":
         from transformers import CLIPTextConfig
-
-        from minidiff.vae import VAEConfig
+        theirs, ours = unet_config(name)
         return ours, theirs, VAEConfig.sdxl(), SDXL_VAE, (CLIPTextConfig(**SDXL_CLIP_L), CLIPTextConfig(**SDXL_CLIP_G))
-    from minidiff.vae import VAEConfig
-    vae = VAEConfig.tiny()
-    return ours, theirs, vae, {k: v for k, v in vae.to_diffusers().items() if not k.startswith("_")}, \
-        tiny.text_configs(1000)
+    ours, vae = UNetConfig.tiny_sdxl(cross_attention_dim=192, pooled_dim=128), VAEConfig.tiny()
+    return ours, _diffusers_keys(ours), vae, _diffusers_keys(vae), tiny.text_configs(1000)
+
+
+def _diffusers_keys(config) -> dict:
+    return {k: v for k, v in config.to_diffusers().items() if not k.startswith("_")}
 
 
 # ------------------------------------------------------------------------------------------------ diffusers + peft
@@ -94,64 +98,21 @@ def simulate_diffusers(job: Job, unet_cfg: dict, vae_cfg: dict, text_configs) ->
         params = [p for m in [unet, *texts] for p in m.parameters() if p.requires_grad]
         for p in params:  # cast_training_params: trainable LoRA weights in fp32
             p.data = p.data.float()
+    cfg = UNetConfig.from_diffusers(dict(unet.config))
+
+    def call(x, t, ctx, pooled, ids):
+        return unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+
+    def text(tokens):
+        out_l, out_g = texts[0](tokens, output_hidden_states=True), texts[1](tokens, output_hidden_states=True)
+        return torch.cat([out_l.hidden_states[-2], out_g.hidden_states[-2]], dim=-1), out_g[0]
+
+    def decode(latents):  # the pipeline's: the whole batch at once, fp32 (force_upcast)
+        return vae.decode(latents.float() / vae.config.scaling_factor).sample
+    calls = Calls(cfg, call, text if texts else None, decode if vae is not None else None, latent_dtype=dtype)
     with memsim.meta_cuda():
-        world = World(None, False, dtype)
-        with memsim.PeakTracker() as mem:
-            mem.adopt(unet, *texts, *([vae] if vae is not None else []))
-            mem.phase("weights")
-            if job.kind == "sample":
-                _diffusers_sample(job, unet, vae, world, mem)
-            else:
-                _diffusers_train(job, unet, texts, params, world, mem)
-    return {k: round(v, 4) for k, v in mem.gib().items()}
-
-
-def _call(unet, x, t, ctx, pooled, ids):
-    return unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
-
-
-def _diffusers_train(job, unet, texts, params, world, mem):
-    from minidiff.unet_config import UNetConfig
-    cfg = UNetConfig.from_diffusers(dict(unet.config))
-    x, t, ctx, pooled, ids = unet_inputs(world, cfg, job.batch, job.latent)
-    target = world.tensor(x.shape)
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, foreach=True)
-    for p in params:
-        opt.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-    mem.phase("forward 1")
-    with world.autocast():
-        if texts:
-            tok = world.tensor((job.batch, 77), torch.long)
-            out_l, out_g = texts[0](tok, output_hidden_states=True), texts[1](tok, output_hidden_states=True)
-            ctx = torch.cat([out_l.hidden_states[-2], out_g.hidden_states[-2]], dim=-1)
-            pooled = out_g[0]
-        pred = _call(unet, x, t, ctx, pooled, ids)
-    loss = torch.nn.functional.mse_loss(pred.float(), target.float()) * 1024.0
-    del pred
-    mem.phase("backward 1")
-    loss.backward()
-    del loss
-    mem.phase("optimizer 1")
-    torch._foreach_mul_([p.grad for p in params if p.grad is not None], 1 / 1024.0)
-    torch.nn.utils.clip_grad_norm_(params, 1.0)  # (per-tensor norms: scalars)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
-def _diffusers_sample(job, unet, vae, world, mem):
-    from minidiff.unet_config import UNetConfig
-    cfg = UNetConfig.from_diffusers(dict(unet.config))
-    _, t, ctx, pooled, ids = unet_inputs(world, cfg, 2 * job.batch, job.latent)
-    latents = world.tensor((job.batch, 4, job.latent, job.latent), world.dtype)
-    with torch.no_grad():
-        mem.phase("unet")
-        eps = _call(unet, torch.cat([latents] * 2), t, ctx, pooled, ids)
-        u, c = eps.chunk(2)
-        latents = latents - 0.1 * (u + 5.0 * (c - u))
-        del eps, u, c
-        mem.phase("decode")
-        image = vae.decode(latents.float() / vae.config.scaling_factor).sample
-        del image
+        return track(job, World(None, False, dtype), [unet, *texts, *([vae] if vae is not None else [])], params,
+                     calls)
 
 
 # ------------------------------------------------------------------------------------------------ rows and table
@@ -171,7 +132,8 @@ def validate(config, latent, rows=("lora-b1",)) -> list:
     ours, _, vae, _, texts = configs(config)
     out = []
     for name in rows:
-        job = Job(**{**ROWS[name][1].__dict__, "latent": latent, "precision": "fp32"})
+        job = Job(**{**ROWS[name][1].__dict__, "latent": latent, "precision": "fp32",
+                      "base_precision": "fp32"})
         fake = simulate(job, ours, vae, texts)
         real = simulate(job, ours, vae, texts, cpu=True)
         out.append({"row": name, "fake_cuda_gib": fake["peak"], "real_cpu_gib": real["peak"],

@@ -36,8 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..base_precision import wrap_stored
 from ..errors import LoRAError
+from ..weights.base_precision import wrap_stored
 
 # Module-name patterns; a pattern matches a module when the module's dotted name ends with it.
 _ATTN = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)"

@@ -1,17 +1,19 @@
 """What a run holds on the GPU, simulated before it starts, and the settings that make it fit a card.
 
     simulate(Job("lora", latent=128, batch=2, base_precision="fp8"), unet_cfg)       # {"peak": GiB, phases ...}
-    plan_finetune(card_gib, unet_cfg, ...) -> Job                                   # what --low-memory picks
+    plan(job, card_gib, unet_cfg, ...) -> (job, peaks, fits)                        # what --low-memory picks
 
-Each job is run for real, minidiff's own code on fake CUDA tensors (memsim.py): the UNet built from its config on
-the meta device, LoRA injected, the base weights stored in the chosen precision, and then
-  lora / full   two training steps (the second holds AdamW's state): forward under autocast with gradient
-                checkpointing, fp32 MSE, backward, gradient clipping, AdamW (foreach, as on CUDA); a GradScaler's
-                scaling is a multiply and an in-place unscale, counted as such; --train-text-encoder adds both
-                CLIP encoders (LoRA on their attention) to the forward and backward
+Each job is run for real, minidiff's own code on meta tensors under CUDA's rules (memsim.py): the UNet built from
+its config on the meta device, LoRA injected, the base weights stored in the chosen precision, and then
+  lora / full   a training step with AdamW's state already there (any step after the first): forward under
+                autocast with gradient checkpointing, fp32 MSE, backward, gradient clipping, AdamW (foreach, as on
+                CUDA); a GradScaler's scaling is a multiply and an in-place unscale, counted as such;
+                --train-text-encoder adds both CLIP encoders (LoRA on their attention) to the forward and backward
   sample        one guided denoising step ([uncond ; cond] in one UNet call, as pipeline.generate) and the VAE
                 decode of every image of the batch (pipeline.decode: one at a time, tiled above `vae_tile`)
 The caption embeddings (text encoders off the GPU, as finetune.py caches them) and the latents are inputs.
+`track(job, world, modules, params, Calls(...))` is that run for any implementation's calls: simulate() passes
+minidiff's, bench/memsim.py diffusers + peft's, so both run one job definition.
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..weights.base_precision import store
 from . import memsim
-from .base_precision import store
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -47,6 +49,8 @@ def simulate(job: Job, unet_config, vae_config=None, text_configs=None, cpu: boo
     """Peak GiB of `job` (and of each phase: weights, forward, backward, optimizer, unet, decode). cpu=True runs the
     same code on real CPU tensors (random weights) with the same tracker: the check that the fake run counts right
     (use precision fp32 there: the CPU has no fp16 autocast)."""
+    from ..pipeline import Pipeline, decode
+
     dtype = DTYPES[job.precision]
     where = torch.device("cpu" if cpu else "meta")  # meta: shapes only, made fake inside the mode
     with where:
@@ -58,14 +62,36 @@ def simulate(job: Job, unet_config, vae_config=None, text_configs=None, cpu: boo
         params = _trainable(job, unet, texts)
         if job.kind != "full":
             store(unet, job.base_precision, dtype)
-        world = World(mode, cpu, dtype)
-        with memsim.PeakTracker() as mem:
-            mem.adopt(unet, *texts, *([vae] if vae is not None else []))
-            mem.phase("weights")
-            if job.kind == "sample":
-                _sample(job, unet, vae, world, mem)
-            else:
-                _train(job, unet, texts, params, world, mem)
+        world, pipe = World(mode, cpu, dtype), Pipeline(unet, vae, None, None, vae_tile=job.vae_tile)
+        calls = Calls(unet.config, lambda x, t, ctx, pooled, ids: unet(x, t, context=ctx, text_embeds=pooled,
+                                                                      time_ids=ids),
+                      (lambda tokens: _text_forward(texts, tokens)) if texts else None,
+                      None if vae is None else lambda z: decode(pipe, z))
+        return track(job, world, [unet, *texts, *([vae] if vae is not None else [])], params, calls)
+
+
+@dataclass
+class Calls:
+    """What a simulated job calls, so that another implementation (bench/memsim.py: diffusers + peft) runs the same
+    job: eps = unet(x, t, context, pooled, time_ids); (context, pooled) = text(token ids) when the text encoders
+    train; images = decode(x_0 latents) when sampling; latents kept in latent_dtype between sampling steps."""
+    config: object  # UNetConfig: the input shapes
+    unet: object
+    text: object = None
+    decode: object = None
+    latent_dtype: torch.dtype = torch.float32
+
+
+def track(job: Job, world, modules, params, calls: Calls) -> dict:
+    """Run `job` through `calls` under the peak tracker, `modules` (weights) resident from the start: peak GiB per
+    phase."""
+    with memsim.PeakTracker() as mem:
+        mem.adopt(*modules)
+        mem.phase("weights")
+        if job.kind == "sample":
+            _sample(job, calls, world, mem)
+        else:
+            _train(job, calls, params, world, mem)
     return {k: round(v, 4) for k, v in mem.gib().items()}
 
 
@@ -88,8 +114,8 @@ class World:
 def _build(job, unet_config, vae_config, text_configs, dtype):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from .unet import UNet
-    from .vae import AutoencoderKL
+    from ..unet import UNet
+    from ..vae import AutoencoderKL
 
     unet = UNet(unet_config).to(torch.float32 if job.kind == "full" else dtype)
     unet.enable_gradient_checkpointing(job.checkpointing and job.kind != "sample")
@@ -100,7 +126,7 @@ def _build(job, unet_config, vae_config, text_configs, dtype):
 
 
 def _trainable(job, unet, texts):
-    from .lora import inject_lora, lora_parameters
+    from ..lora import inject_lora, lora_parameters
 
     if job.kind == "full":
         return list(unet.parameters())
@@ -124,16 +150,15 @@ def unet_inputs(world, cfg, batch, latent):
             t((batch, 6), world.dtype))
 
 
-def _text_forward(texts, batch, world):
+def _text_forward(texts, ids):
     """context [B, 77, C1 + C2] and pooled [B, P] through both encoders (text.TextConditioner.encode_prompts)."""
-    ids = world.tensor((batch, 77), torch.long)
     out_l = texts[0](ids, output_hidden_states=True)
     out_g = texts[1](ids, output_hidden_states=True)
     return torch.cat([out_l.hidden_states[-2], out_g.hidden_states[-2]], dim=-1), out_g.text_embeds
 
 
-def _train(job, unet, texts, params, world, mem):
-    x, t, ctx, pooled, ids = unet_inputs(world, unet.config, job.batch, job.latent)
+def _train(job, calls, params, world, mem):
+    x, t, ctx, pooled, ids = unet_inputs(world, calls.config, job.batch, job.latent)
     target = world.tensor(x.shape)
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, foreach=True)
     for p in params:  # the state AdamW creates at its first step (so one simulated step is any later step)
@@ -142,9 +167,9 @@ def _train(job, unet, texts, params, world, mem):
     for step in range(job.steps):
         mem.phase(f"forward {step + 1}")
         with world.autocast():
-            if texts:
-                ctx, pooled = _text_forward(texts, job.batch, world)
-            pred = unet(x, t, context=ctx, text_embeds=pooled, time_ids=ids)
+            if calls.text:
+                ctx, pooled = calls.text(world.tensor((job.batch, 77), torch.long))
+            pred = calls.unet(x, t, ctx, pooled, ids)
         loss = torch.nn.functional.mse_loss(pred.float(), target) * scale
         del pred
         mem.phase(f"backward {step + 1}")
@@ -157,23 +182,22 @@ def _train(job, unet, texts, params, world, mem):
         opt.zero_grad(set_to_none=True)
 
 
-def _sample(job, unet, vae, world, mem):
-    from .pipeline import Pipeline, decode
-
+def _sample(job, calls, world, mem):
     rows = job.batch * (2 if job.guidance else 1)
-    _, t, ctx, pooled, ids = unet_inputs(world, unet.config, rows, job.latent)
-    latents = world.tensor((job.batch, unet.config.in_channels, job.latent, job.latent))
+    _, t, ctx, pooled, ids = unet_inputs(world, calls.config, rows, job.latent)
+    latents = world.tensor((job.batch, calls.config.in_channels, job.latent, job.latent), calls.latent_dtype)
     with torch.no_grad():
         mem.phase("unet")
         x_in = torch.cat([latents, latents]) if job.guidance else latents
-        eps = unet(x_in.to(world.dtype), t, context=ctx, text_embeds=pooled, time_ids=ids).float()
+        eps = calls.unet(x_in.to(world.dtype), t, ctx, pooled, ids).to(calls.latent_dtype)
         if job.guidance:
             u, c = eps.chunk(2)
             eps = u + 5.0 * (c - u)
+            del u, c
         latents = latents - 0.1 * eps  # one Euler update: x + (sigma_next - sigma) eps
         del eps, x_in
         mem.phase("decode")
-        decode(Pipeline(unet, vae, text=None, schedule=None, vae_tile=job.vae_tile), latents)
+        calls.decode(latents)
 
 
 def card_gib(device) -> float | None:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .errors import MinidiffError
+from ..errors import MinidiffError
 
 PRECISIONS = ("fp16", "bf16", "fp8")
 FP8 = torch.float8_e4m3fn
@@ -64,7 +64,7 @@ def _stored_layers(model: nn.Module):
 
 
 def _is_lora(m) -> bool:
-    return hasattr(m, "lora_A") and hasattr(m, "base_forward")  # lora.LoRALinear (lora.py imports this file)
+    return hasattr(m, "lora_A") and hasattr(m, "base_forward")  # lora.LoRALinear (lora/layers.py imports this file)
 
 
 @torch.no_grad()
