@@ -165,17 +165,10 @@ def check_args(args):
 def parse_control(spec):
     """'sketch.png:scribble:0.8' -> (path, 'scribble', 0.8); the type defaults to 'image', the scale to 1."""
     from minidiff.control_images import KINDS
+    from minidiff.control_images import parse_control as split
     from minidiff.errors import MinidiffError
 
-    parts, kind, scale = spec.split(":"), "image", 1.0
-    try:
-        scale = float(parts[-1]) if len(parts) > 1 else 1.0
-        parts = parts[:-1] if len(parts) > 1 else parts
-    except ValueError:
-        pass
-    if len(parts) > 1 and parts[-1] in KINDS:
-        kind, parts = parts[-1], parts[:-1]
-    path = ":".join(parts)
+    path, kind, scale = split(spec)
     if not Path(path).is_file():
         raise MinidiffError(f"--control {spec}: no such image file (expected IMAGE[:TYPE[:SCALE]], TYPE one of "
                             f"{', '.join(KINDS)})")
@@ -184,16 +177,12 @@ def parse_control(spec):
 
 def read_controls(args, width, height):
     """[(ControlNet, control image [1, 3, height, width] in [0, 1], scale)] from --control and --controlnet."""
-    from minidiff.control_images import control_tensor, make_control
+    from minidiff.control_images import read_control
     from minidiff.weights.controlnet_files import load_controlnet
-    from minidiff.data import load_image
 
     nets = [load_controlnet(p) for p in args.controlnet]
-    out = []
-    for i, (path, kind, scale) in enumerate(args.control):
-        image = control_tensor(load_image(path), height, width)[0]  # resized first (with a notice), then processed
-        out.append((nets[min(i, len(nets) - 1)], make_control(image, kind)[None], scale))
-    return out
+    return [(nets[min(i, len(nets) - 1)], read_control(path, kind, height, width), scale)
+            for i, (path, kind, scale) in enumerate(args.control)]
 
 
 def run(args):
@@ -312,6 +301,13 @@ def run_page(args):
         extra = [(Path(p), s) for p, s in map(parse_lora, args.lora)]
         for panel in page.panels:
             panel.loras = panel.loras + extra
+    for panel in page.panels:  # a panel's own 'controlnet', else --controlnet, else the miniature's tiny one
+        if panel.controls and not panel.controlnets:
+            default = Path(args.model) == DEFAULT_MODEL and DEFAULT_CONTROLNET.exists()
+            if not (args.controlnet or default):
+                raise MinidiffError(f"panel {panel.number}: 'control' needs a 'controlnet' (or --controlnet PATH): "
+                                    "a ControlNet made for this model")
+            panel.controlnets = [Path(p) for p in args.controlnet] or [DEFAULT_CONTROLNET]
     out = Path(args.out if args.out != "runs/sample" else "runs/page")
     lock = run_folder.claim(out)  # noqa: F841 (a writable folder, ours until run returns)
     pipe, _ = load(args)

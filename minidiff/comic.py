@@ -18,10 +18,14 @@ of the panel):
                    {"kind": "caption", "text": "Later", "at": "top-left"}]},
         {"prompt": "...", "init": {"panel": 1}, "strength": 0.6},                  img2img of panel 1
         {"prompt": "...", "init": {"panel": 1}, "mask": "mask.png", "mask_blur": 2},      inpainting (white = repaint)
-        {"prompt": "...", "init": {"panel": 2}, "outpaint": [16, 0, 16, 0]}]}]}         outpainting (grow, then fill)
+        {"prompt": "...", "init": {"panel": 2}, "outpaint": [16, 0, 16, 0]},         outpainting (grow, then fill)
+        {"prompt": "...", "control": "pose.png:scribble:0.9"}]}]}          pose from a sketch (a ControlNet)
 
 A panel takes prompt, prompt_2, negative, seed, size, steps, cfg, sampler, loras, init (an image file or
-{"panel": k}, an earlier panel), strength, mask, mask_blur, only_masked, outpaint, texts; unset ones come from
+{"panel": k}, an earlier panel), strength, mask, mask_blur, only_masked, outpaint, control, controlnet, texts.
+"control" is sample.py --control's IMAGE[:TYPE[:SCALE]] (TYPE canny, scribble or image; or a list of them) on a
+text-to-image or img2img panel; "controlnet" a ControlNet folder or file (or a list: one per control), else
+sample.py's --controlnet, else the bundled miniature's tiny ControlNet when that is the model. Unset fields come from
 "defaults", then from the model (its native size, its sampler); the seed defaults to defaults.seed + panel number - 1.
 Relative paths are read against the page file's folder, then the current folder. A LoRA marked "optional" that
 is missing is skipped with a one-line note (the example page works before `python finetune.py` has run).
@@ -46,7 +50,7 @@ from .lettering import INK, PAPER, draw_text, fit, letter, load_font
 
 SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "dpmpp_2m")
 PANEL_KEYS = {"width", "prompt", "prompt_2", "negative", "seed", "size", "steps", "cfg", "sampler", "loras", "init",
-              "strength", "mask", "mask_blur", "only_masked", "outpaint", "texts"}
+              "strength", "mask", "mask_blur", "only_masked", "outpaint", "control", "controlnet", "texts"}
 PAGE_KEYS = {"size", "margin", "gutter", "border", "title", "font", "resample", "defaults", "rows"}
 TEXT_KINDS = ("caption", "narration", "speech", "thought")
 
@@ -69,6 +73,8 @@ class Panel:
     mask_blur: float = 4.0
     only_masked: bool = False
     outpaint: tuple | None = None  # (left, top, right, bottom) pixels to grow the init image by
+    controls: list = field(default_factory=list)  # [(image Path, type, scale)]
+    controlnets: list = field(default_factory=list)  # [Path]: one for all controls, or one per control
     texts: list = field(default_factory=list)
     width: float = 1.0  # relative width in its row
 
@@ -217,7 +223,44 @@ def _panel(d: dict, defaults: dict, number: int, base: Path, notes: set) -> Pane
         if p.init is None:
             _fail(where, "'mask' needs an 'init' image (or {\"panel\": k}) to repaint")
         p.mask = _path(d["mask"], base, where, "mask") or _fail(where, f"'mask' image {d['mask']} not found")
+    p.controls, p.controlnets = _controls(d, base, where)
+    if p.controls and (p.mask is not None or p.outpaint is not None):
+        _fail(where, "'control' steers text-to-image and img2img panels, not 'mask' or 'outpaint' ones")
     return p
+
+
+def _controls(d: dict, base: Path, where) -> tuple[list, list]:
+    """([(image, type, scale)], [ControlNet path]) of a panel's "control" and "controlnet" fields."""
+    from .control_images import KINDS, parse_control
+
+    specs = d.get("control", [])
+    specs = [specs] if isinstance(specs, str) else specs
+    if not isinstance(specs, list) or not all(isinstance(s, str) and s for s in specs):
+        _fail(where, f"'control' must be \"IMAGE[:TYPE[:SCALE]]\" (TYPE one of {', '.join(KINDS)}) or a list of "
+                     f"them, got {d['control']!r}")
+    controls = []
+    for spec in specs:
+        try:
+            path, kind, scale = parse_control(spec)
+        except MinidiffError as e:
+            _fail(where, str(e))
+        found = _path(path, base, where, "control") or _fail(where, f"'control' image {path} not found (expected "
+                                                                    f"IMAGE[:TYPE[:SCALE]], TYPE one of "
+                                                                    f"{', '.join(KINDS)})")
+        controls.append((found, kind, scale))
+    nets = d.get("controlnet", [])
+    nets = [nets] if isinstance(nets, str) else nets
+    if not isinstance(nets, list) or not all(isinstance(n, str) and n for n in nets):
+        _fail(where, f"'controlnet' must be a ControlNet folder or file path (or a list of them), got "
+                     f"{d['controlnet']!r}")
+    found_nets = []
+    for n in nets:
+        hit = next((c for c in (base / n, Path(n)) if c.exists()), None)
+        found_nets.append(hit or _fail(where, f"'controlnet' {n} not found"))
+    if found_nets and len(found_nets) not in (1, len(controls)):
+        _fail(where, f"{len(controls)} 'control' images but {len(found_nets)} 'controlnet': give one ControlNet for "
+                     "all, or one per control image")
+    return controls, found_nets
 
 
 def read_page(path) -> tuple[Page, list]:
@@ -353,10 +396,10 @@ def render_page(pipe, page: Page, out, only=None, model="", progress=True) -> di
         if n not in numbers:
             raise MinidiffError(f"--panel {n}: the page has panels 1..{len(numbers)}")
     todo = [p for p in page.panels if only is None or p.number in only or not panel_file(out, p.number).is_file()]
-    written, switch = [], LoRASwitch(pipe)
+    written, switch, controlnets = [], LoRASwitch(pipe), {}
     for p in todo:
         image, meta = generate_panel(pipe, p, lambda k: Image.open(panel_file(out, k)).convert("RGB"), progress,
-                                     switch)
+                                     switch, controlnets)
         written.append(save_png(image, panel_file(out, p.number), {**meta, "model": model,
                                                                    "page": page.source.name if page.source else None}))
         if progress:

@@ -159,6 +159,31 @@ def make_control(image: torch.Tensor, kind: str = "canny", **kw) -> torch.Tensor
 
 
 # ------------------------------------------------------------------------------------------------- to a ControlNet
+def parse_control(spec: str) -> tuple[str, str, float]:
+    """'sketch.png:scribble:0.8' -> ('sketch.png', 'scribble', 0.8): IMAGE[:TYPE[:SCALE]], TYPE one of KINDS
+    (default image), SCALE a number (default 1); the image path may itself contain ':' (sample.py --control and a
+    page panel's "control" read the same syntax)."""
+    parts, kind, scale = spec.split(":"), "image", 1.0
+    if len(parts) > 1:
+        try:
+            scale, parts = float(parts[-1]), parts[:-1]
+        except ValueError:
+            pass
+    if not math.isfinite(scale):
+        raise DataError(f"control {spec}: the scale must be a finite number, got {scale}")
+    if len(parts) > 1 and parts[-1] in KINDS:
+        kind, parts = parts[-1], parts[:-1]
+    return ":".join(parts), kind, scale
+
+
+def read_control(path, kind: str, height: int, width: int) -> torch.Tensor:
+    """The control image [1, 3, height, width] in [0, 1] of an image file: read (alpha onto white), resized to the
+    images' size (with a notice when it differs), then made into `kind` (make_control) at that size."""
+    from .data import load_image
+
+    return make_control(control_tensor(load_image(path), height, width)[0], kind)[None]
+
+
 def control_tensor(image, height: int, width: int) -> torch.Tensor:
     """A control image as a ControlNet takes it: [1 or N, 3, height, width] float in [0, 1]. Accepts a PIL image or
     a tensor [3, H, W] / [N, 3, H, W] in [0, 1]; another size is resized (bilinear, antialiased) with a notice."""

@@ -5,6 +5,7 @@ inpainting with a mask file; the panel's LoRAs switched on at their scales and e
     img2img         generate(prompt, init_images = init, strength)                 SDEdit (pipeline.generate)
     inpainting      inpaint(prompt, init, mask, blur, only_masked, strength)       feathered paste-back (inpaint.py)
     outpainting     outpaint(prompt, init, left, top, right, bottom)               grow the canvas, fill the border
+    control         generate(..., controls = [(ControlNet, control image, scale)])  text to image or img2img
 """
 
 from __future__ import annotations
@@ -46,9 +47,28 @@ def _image(source, size, what) -> Image.Image:
     return image.resize(size, Image.LANCZOS) if size is not None and image.size != size else image
 
 
-def generate_panel(pipe, panel, panel_image, progress=True, switch: LoRASwitch | None = None):
+def panel_controls(pipe, panel, width, height, nets: dict) -> tuple[list, list]:
+    """([(ControlNet, control image [1, 3, height, width], scale)], their PNG metadata) of a panel's controls; `nets`
+    caches the ControlNets loaded so far by path (a page loads each once)."""
+    from .control_images import read_control
+    from .weights.controlnet_files import load_controlnet
+
+    if panel.controls and not panel.controlnets:
+        raise MinidiffError(f"panel {panel.number}: 'control' needs a 'controlnet' (a ControlNet made for this model)")
+    out, meta = [], []
+    for i, (path, kind, scale) in enumerate(panel.controls):
+        net_path = panel.controlnets[min(i, len(panel.controlnets) - 1)]
+        if str(net_path) not in nets:
+            nets[str(net_path)] = load_controlnet(net_path).to(pipe.device, pipe.unet.dtype)
+        out.append((nets[str(net_path)], read_control(path, kind, height, width), scale))
+        meta.append({"image": path.name, "type": kind, "scale": scale, "controlnet": str(net_path)})
+    return out, meta
+
+
+def generate_panel(pipe, panel, panel_image, progress=True, switch: LoRASwitch | None = None,
+                   controlnets: dict | None = None):
     """(PIL image, settings for its PNG metadata) of one panel. `panel_image(k)` gives panel k's image (for an
-    edit of an earlier panel)."""
+    edit of an earlier panel); `controlnets` caches ControlNets across panels (panel_controls)."""
     import torch
 
     from .images import from_pil, to_pil
@@ -61,10 +81,13 @@ def generate_panel(pipe, panel, panel_image, progress=True, switch: LoRASwitch |
     sampler = panel.sampler or model_sampler(pipe)
     kw = dict(steps=panel.steps, cfg=panel.cfg, sampler=sampler, seed=panel.seed, negative=panel.negative,
               prompt_2=panel.prompt_2, progress=progress)
+    controls, control_meta = panel_controls(pipe, panel, width, height, {} if controlnets is None else controlnets)
     where = f"panel {panel.number}"
     meta = {"panel": panel.number, "prompt": panel.prompt, "prompt_2": panel.prompt_2, "negative": panel.negative,
             "seed": panel.seed, "steps": panel.steps, "cfg": panel.cfg, "sampler": sampler, "width": width,
             "height": height, "loras": loras}
+    if controls:  # text to image or img2img (comic.read_page refuses control on inpainting / outpainting panels)
+        kw["controls"], meta["controls"] = controls, control_meta
     if panel.init is None:
         x = generate(pipe, [panel.prompt], width=width, height=height, **kw)[0]
         return to_pil(x), meta

@@ -156,3 +156,59 @@ def test_loras_are_switched_per_panel(tmp_path):
     a1, a2, b1 = (Image.open(tmp_path / d / f).tobytes() for d, f in (("a", "panel-01.png"), ("a", "panel-02.png"),
                                                                       ("b", "panel-01.png")))
     assert a2 == b1 and a1 != a2
+
+
+def test_panel_control_steers_like_sample_py_control(tmp_path):
+    """A panel's "control" is sample.py --control on that panel: the image of generate(..., controls=[(ControlNet,
+    the control image made by hand here, scale)]); scale 0 is the uncontrolled panel, byte for byte."""
+    import numpy as np
+    import torch
+
+    from minidiff import data
+    from minidiff.bundled import tiny
+    from minidiff.bundled.tiny_controlnet import CONTROLNET_DIR
+    from minidiff.control_images import canny
+    from minidiff.images import to_pil
+    from minidiff.pipeline import generate
+    from minidiff.weights.controlnet_files import load_controlnet
+    from minidiff.weights.pretrained import load_pipeline
+
+    drawing = data.load_image(data.kenney_path(data.TARGET_CHARACTER, "jump")).resize((32, 32))
+    drawing.save(tmp_path / "pose.png")
+    panel = {"prompt": "a picture of a girl", "seed": 5}
+    page = write_page(tmp_path, {"size": [128, 128], "defaults": {"steps": 3, "size": [32, 32]}, "rows": [{"panels": [
+        {**panel, "control": "pose.png:canny"}, panel, {**panel, "control": ["pose.png:canny:0"]}]}]})
+    out = tmp_path / "out"
+    assert sample.main(["--page", str(page), "--out", str(out), "--device", "cpu"]) == 0
+    meta = read_png_metadata(out / "panel-01.png")
+    assert meta["controls"] == [{"image": "pose.png", "type": "canny", "scale": 1.0,
+                                 "controlnet": str(CONTROLNET_DIR)}]
+    assert "controls" not in read_png_metadata(out / "panel-02.png")
+    images = [Image.open(out / f"panel-0{k}.png").convert("RGB") for k in (1, 2, 3)]
+    assert images[0].tobytes() != images[1].tobytes() and images[2].tobytes() == images[1].tobytes()
+
+    pipe = load_pipeline(tiny.TINY_DIR)
+    pixels = torch.from_numpy(np.asarray(drawing, dtype=np.float32).copy()).permute(2, 0, 1) / 255
+    control = canny(pixels).float()[None].expand(3, -1, -1)[None]  # white edges on black, [1, 3, 32, 32]
+    x = generate(pipe, ["a picture of a girl"], steps=3, cfg=5.0, seed=5, width=32, height=32, progress=False,
+                 controls=[(load_controlnet(CONTROLNET_DIR), control, 1.0)])[0]
+    assert to_pil(x).tobytes() == images[0].tobytes()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p: p.update(control="missing.png:canny"), "panel 1: 'control' image missing.png not found"),
+    (lambda p: p.update(control=[3]), "panel 1: 'control' must be \"IMAGE[:TYPE[:SCALE]]\""),
+    (lambda p: p.update(control="pose.png:canny", init="pose.png", mask="pose.png"),
+     "panel 1: 'control' steers text-to-image and img2img panels, not 'mask' or 'outpaint' ones"),
+    (lambda p: p.update(control="pose.png:canny", controlnet="nowhere"), "panel 1: 'controlnet' nowhere not found"),
+    (lambda p: p.update(control="pose.png:canny:inf"), "panel 1: control pose.png:canny:inf: the scale must be a "
+                                                       "finite number"),
+])
+def test_bad_panel_controls_are_one_line(tmp_path, capsys, change, message):
+    Image.new("RGB", (32, 32), "white").save(tmp_path / "pose.png")
+    panel = {"prompt": "a picture of a girl"}
+    change(panel)
+    path = write_page(tmp_path, {"rows": [{"panels": [panel]}]})
+    assert sample.main(["--page", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]

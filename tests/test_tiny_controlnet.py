@@ -8,10 +8,14 @@ import torch
 from minidiff.bundled import tiny
 from minidiff.bundled.tiny_controlnet import (
     CONTROLNET_DIR,
+    PROMPT,
     TRAIN_COMMAND,
     WorldSampler,
+    conflicting_action,
     control_images,
+    figure,
     held_out_controls,
+    shares,
     target,
     train,
 )
@@ -61,3 +65,50 @@ def test_shipped_controlnet_fits_and_steers_the_miniature(pipe):
     a = generate(pipe, ["a picture of a girl"], **kw)
     b = generate(pipe, ["a picture of a girl"], controls=[(net, control[None], 1.0)], **kw)
     assert (a - b).abs().mean() > 5e-3  # its zero convs have opened (the shipped run is short: README)
+
+
+def test_shares_hand_computed():
+    m = {"walk1": [True, True], "walk2": [False, True], "climb1": [False, False]}
+    assert shares(m) == {"all": 0.5, "family-balanced": 0.375}  # 3 / 6; (3/4 + 0/2) / 2
+    assert conflicting_action("walk5") == "jumping" and conflicting_action("climb1") == "walking"
+    assert conflicting_action("jump") == "walking" and conflicting_action("idle") == "jumping"
+
+
+@pytest.mark.parametrize("n", [1, 2, 7])
+def test_figure_cells_stay_aligned_for_any_n(tmp_path, n):
+    """Each sample cell a flat colour of its own: the figure must put it in its row and column whatever n is."""
+    from PIL import Image
+
+    from minidiff import data
+
+    colour = {}
+
+    def flat(key, i):
+        colour[(key, i)] = ((len(colour) * 37) % 200 + 20, (len(colour) * 91) % 200 + 20, 120)
+        return torch.tensor(colour[(key, i)], dtype=torch.float32)[:, None, None].expand(3, 32, 32) / 127.5 - 1
+
+    keys = [(p, k, PROMPT) for p in data.POSES for k in ("canny", "scribble")] + [(None, None, PROMPT)]
+    keys += [(p, "canny", f"{PROMPT} {conflicting_action(p)}") for p in data.HELD_OUT_POSES]
+    keys += [(None, None, f"{PROMPT} {conflicting_action(p)}") for p in data.HELD_OUT_POSES]
+    samples = {key: torch.stack([flat(key, i) for i in range(n)]) for key in keys}
+    sheet = Image.open(figure(samples, tmp_path / "f.png", per_row=6)).convert("RGB")
+    k = min(n, 6)
+    ncol, nrows = 2 * k + 3, len(data.POSES) + 1 + len(data.HELD_OUT_POSES)
+    grid_w = (ncol * 34 + 2) * 3
+    assert sheet.height == 22 + (nrows * 34 + 2) * 3
+    left = sheet.width - grid_w
+
+    def at(row, col):
+        return sheet.getpixel((left + (2 + col * 34 + 16) * 3, 22 + (2 + row * 34 + 16) * 3))
+
+    for r, pose in enumerate(data.POSES):
+        for i in range(k):
+            assert at(r, 2 + i) == colour[((pose, "canny", PROMPT), i)]
+            assert at(r, 3 + k + i) == colour[((pose, "scribble", PROMPT), i)]
+    free = len(data.POSES)
+    assert [at(free, 2 + i) for i in range(k)] == [colour[((None, None, PROMPT), i)] for i in range(k)]
+    assert at(free, 0) == at(free, 1) == (255, 255, 255)
+    for r, pose in enumerate(data.HELD_OUT_POSES, free + 1):
+        words = f"{PROMPT} {conflicting_action(pose)}"
+        assert at(r, 2 + k - 1) == colour[((pose, "canny", words), k - 1)]
+        assert at(r, 3 + k) == colour[((None, None, words), 0)]

@@ -7,13 +7,19 @@
             white, thinned to a 1-px stick figure: control_images.scribble), half and half
     loss  = || target - unet(x_t, t, context, pooled, ids, *net(x_t, t, context, pooled, ids, control)) ||^2, the UNet
             and text encoders frozen, target = eps (or v for a v-prediction miniature); half the captions dropped, so
-            the ControlNet learns to carry the pose alone (Zhang et al. 2023 drop 50 % of prompts)
+            the ControlNet learns to carry the pose alone (Zhang et al. 2023 drop 50 % of prompts); half the rows
+            draw t from the noisier half [T/2, T), where sampling decides the pose (`train`)
 
-Evaluation (`evaluate`): the target character's HELD_OUT_POSES, which nothing was trained on, as canny and scribble
-control images; samples of "a picture of a girl" with and without the control; the classifier's pose family of each
-sample against the control drawing's. Run `python -m minidiff.bundled.tiny_controlnet --out DIR` (train, evaluate,
-figure)
-or `--eval-only` on shipped weights.
+Why the noisy half: under classifier-free guidance (cfg 5) the prompt's own pose prior (the miniature draws "a
+picture of a girl" as a front-facing walker) is amplified 5 x, and a ControlNet that only nudges the first, noisiest
+steps loses to it; the first run (665 steps, t uniform) steered at cfg 1 and not at cfg 5.
+
+Evaluation (`evaluate`): the target character's 13 drawings (nobody's drawings like hers were trained on; her
+data.HELD_OUT_POSES are those no DreamBooth run sees) as canny and scribble control images; samples of "a picture
+of a girl" with and without the control, and under a prompt whose action word contradicts the drawing; the
+classifier's pose family of each sample against the drawing's, also family-balanced (`shares`). Run
+`python -m minidiff.bundled.tiny_controlnet --out DIR` (train, evaluate, figure) or `--eval-only` on shipped weights
+(`--lora FILE --prompt "a picture of sks girl"`: with a DreamBooth LoRA).
 """
 from __future__ import annotations
 
@@ -33,7 +39,7 @@ from .. import data, io
 from ..cli import exit_code
 from ..control_images import make_control
 from ..controlnet import ControlNetModel
-from . import assets_dir, tiny
+from . import assets_dir, tiny, world
 
 CONTROLNET_DIR = assets_dir() / "tiny-controlnet"
 HINT = (32,)  # conv_in 3 -> 32, SiLU, zero conv_out 32 -> the UNet's width: no downsampling in pixel space
@@ -51,26 +57,19 @@ def control_images(x: torch.Tensor, kinds) -> torch.Tensor:
 
 
 class WorldSampler:
-    """Random pictures of the miniature's pretraining world and their captions: the recoloured world of
-    minidiff/world.py where it exists (the miniature trained on it), else the 65 pretraining drawings."""
+    """Random pictures of the miniature's pretraining world (bundled/world.py, the recoloured Kenney bodies the
+    miniature was trained on) and their captions."""
 
     def __init__(self, size=tiny.SIZE):
-        try:
-            from . import world
-        except ImportError:
-            world = None
-        self.world = world and world.World(size)
-        if self.world is None:
-            self.x, self.rows = tiny.pretraining_set()
+        self.world = world.World(size)
 
-    def draw(self, n: int, rng: random.Random):
-        if self.world is not None:
-            from . import world
-
-            x, rows = self.world.draw(n, rng)
-            return x, [world.random_caption(b, look, p, rng) for b, p, look, *_ in rows]
-        idx = [rng.randrange(len(self.rows)) for _ in range(n)]
-        return self.x[idx], [tiny.random_caption(*self.rows[i], rng) for i in idx]
+    def draw(self, n: int, rng: random.Random, plain: bool = False):
+        """(x [n, 3, S, S] in [-1, 1], captions): the world's random captions, or with `plain` the class prompt
+        alone ("a picture of a girl": no action or view, the pose is the control's to give)."""
+        x, rows = self.world.draw(n, rng)
+        if plain:
+            return x, [f"a picture of a {world.CLASS_WORD[b]}" for b, *_ in rows]
+        return x, [world.random_caption(b, look, p, rng) for b, p, look, *_ in rows]
 
 
 def target(schedule_config: dict, x0, eps, alpha_bar):
@@ -82,11 +81,16 @@ def target(schedule_config: dict, x0, eps, alpha_bar):
 
 # --------------------------------------------------------------------------------------------------------- training
 def train(pipe, out_dir, steps=2500, batch_size=16, lr=1e-3, caption_dropout=0.5, ema_decay=0.99, seed=0,
-          progress=True, command=None, minutes=None, new_lr_mult=10.0) -> ControlNetModel:
+          progress=True, command=None, minutes=None, new_lr_mult=10.0, high_t=0.5) -> ControlNetModel:
     """Train a ControlNet for pipe's UNet (frozen) and save its EMA weights to out_dir (diffusers layout), for
     `steps` steps or until `minutes` of wall-clock time have passed (then it saves and stops early). The parts that
     start at zero (condition encoder, zero convs) learn at new_lr_mult x lr: both zero at first, they would otherwise
-    take thousands of steps to open (the paper's "sudden convergence"), more than a CPU budget has."""
+    take thousands of steps to open (the paper's "sudden convergence"), more than a CPU budget has. A share `high_t`
+    of the rows draws t from the noisier half [T/2, T) (the rest from [0, T)): the pose is decided there, in the
+    first steps of sampling, while the last ones only sharpen what is already drawn.
+    loss.csv also logs `val_control` / `val_free`: the EMA net's loss on a fixed batch of world pictures
+    captioned "a picture of a <class>" at t in {T-1, 0.8 T}, with the control and without (the UNet alone): the gap
+    is what the control tells the UNet about the picture (`validation_loss`)."""
     from ..train.state import EMA, LossLog, check_finite
     from ..weights.controlnet_files import save_controlnet
 
@@ -100,18 +104,22 @@ def train(pipe, out_dir, steps=2500, batch_size=16, lr=1e-3, caption_dropout=0.5
     groups = [{"params": copied, "lr": lr, "base": lr},
               {"params": new, "lr": lr * new_lr_mult, "base": lr * new_lr_mult}]
     ema, opt = EMA(net, ema_decay), torch.optim.AdamW(groups, weight_decay=0.0)
-    world, alpha_bar = WorldSampler(), pipe.schedule.alpha_bar.float()
+    sampler, alpha_bar = WorldSampler(), pipe.schedule.alpha_bar.float()
+    val = validation_batch(pipe, sampler)
+    T = len(alpha_bar)
 
     log, start, cpu = LossLog(out), time.time(), time.process_time()
     for step in tqdm(range(1, steps + 1), desc="training tiny ControlNet", disable=not progress):
-        x0, captions = world.draw(batch_size, rng)
+        x0, captions = sampler.draw(batch_size, rng)
         flip = torch.rand(batch_size, generator=gen) < 0.5
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         cond = control_images(x0, [rng.choice(("canny", "scribble")) for _ in range(batch_size)])
         captions = [("" if rng.random() < caption_dropout else c) for c in captions]
         with torch.no_grad():
             context, pooled = tiny.embed(pipe.text, captions)  # "" rows: all zeros, the unconditional input
-        t = torch.randint(0, len(alpha_bar), (batch_size,), generator=gen)
+        t = torch.randint(0, T, (batch_size,), generator=gen)
+        noisy = torch.rand(batch_size, generator=gen) < high_t
+        t = torch.where(noisy, T // 2 + t // 2, t)  # U[0, T) or U[T/2, T)
         eps = torch.randn(x0.shape, generator=gen)
         ab = alpha_bar[t][:, None, None, None]
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps  # q(x_t | x_0)
@@ -128,18 +136,20 @@ def train(pipe, out_dir, steps=2500, batch_size=16, lr=1e-3, caption_dropout=0.5
         opt.step()
         ema.decay = min(ema_decay, (1 + step) / (10 + step))
         ema.update(net)
-        if step % 25 == 0 or step == steps:
-            log.log(step, loss=loss.item())
         last = step == steps or (minutes is not None and time.time() - start > 60 * minutes)
+        if step % 100 == 0 or last:
+            log.log(step, loss=loss.item(), **validation_loss(pipe, ema.module, val))
+        elif step % 25 == 0:
+            log.log(step, loss=loss.item())
         if step % 500 == 0 or last:
             save_controlnet(ema.module, out)
             log.plot(title="tiny ControlNet training loss")
             info = {"command": command, "steps": step, "batch_size": batch_size, "lr": lr, "new_lr_mult": new_lr_mult,
-                    "ema_decay": ema_decay,
+                    "ema_decay": ema_decay, "high_t": high_t,
                     "caption_dropout": caption_dropout, "seed": seed, "torch_threads": torch.get_num_threads(),
                     "minutes": round((time.time() - start) / 60, 2),
                     "cpu_minutes": round((time.process_time() - cpu) / 60, 2), "hint": list(HINT), "canny": CANNY,
-                    "scribble": SCRIBBLE, "world": "world.World" if world.world is not None else "pretraining_set",
+                    "scribble": SCRIBBLE, "world": "world.World",
                     "parameters": sum(p.numel() for p in net.parameters())}
             io.write_json(info, out / "train.json")
         if last:
@@ -147,57 +157,145 @@ def train(pipe, out_dir, steps=2500, batch_size=16, lr=1e-3, caption_dropout=0.5
     return ema.module.eval()
 
 
+def validation_batch(pipe, sampler, n=32, seed=1234) -> dict:
+    """A fixed batch of n world pictures with plain class captions, their control images (canny and scribble in
+    turn), noise and x_t at t = T - 1 (pure noise under a zero-terminal-SNR schedule) and t = 0.8 T, half each."""
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    x0, captions = sampler.draw(n, rng, plain=True)
+    T, alpha_bar = len(pipe.schedule.alpha_bar), pipe.schedule.alpha_bar.float()
+    t = torch.tensor([T - 1, int(0.8 * T)] * (n // 2))
+    eps, ab = torch.randn(x0.shape, generator=gen), alpha_bar[t][:, None, None, None]
+    with torch.no_grad():
+        context, pooled = tiny.embed(pipe.text, captions)
+    return dict(x_t=ab.sqrt() * x0 + (1 - ab).sqrt() * eps, t=t, context=context, pooled=pooled,
+                ids=tiny.size_ids(n, gen), cond=control_images(x0, ["canny", "scribble"] * (n // 2)),
+                target=target(pipe.scheduler_config, x0, eps, ab))
+
+
+@torch.no_grad()
+def validation_loss(pipe, net, val: dict) -> dict:
+    """{val_control: MSE of the UNet steered by net, val_free: MSE of the UNet alone} on validation_batch."""
+    args = (val["x_t"], val["t"], val["context"], val["pooled"], val["ids"])
+    down, mid = net.eval()(*args, val["cond"])
+    steered = pipe.unet(*args, down_residuals=down, mid_residual=mid)
+    return {"val_control": F.mse_loss(steered.float(), val["target"]).item(),
+            "val_free": F.mse_loss(pipe.unet(*args).float(), val["target"]).item()}
+
+
 # ------------------------------------------------------------------------------------------------------- evaluation
+def target_controls(poses=data.POSES, kinds=("canny", "scribble")):
+    """[(pose, kind, drawing [3, S, S] in [-1, 1], control [3, S, S] in [0, 1])] of the target character's drawings."""
+    x = data.load_tensor_set([data.kenney_path(data.TARGET_CHARACTER, p) for p in poses], tiny.SIZE, fit="pad")
+    return [(p, k, xi, control_images(xi[None], [k])[0]) for p, xi in zip(poses, x) for k in kinds]
+
+
 def held_out_controls(kinds=("canny", "scribble")):
-    """[(pose, kind, drawing [3, S, S] in [-1, 1], control [3, S, S] in [0, 1])] for the target's held-out poses."""
-    x = data.load_tensor_set([data.kenney_path(data.TARGET_CHARACTER, p) for p in data.HELD_OUT_POSES], tiny.SIZE,
-                             fit="pad")
-    return [(p, k, xi, control_images(xi[None], [k])[0]) for p, xi in zip(data.HELD_OUT_POSES, x) for k in kinds]
+    """target_controls of the target's held-out poses (data.HELD_OUT_POSES: no DreamBooth run sees them)."""
+    return target_controls(data.HELD_OUT_POSES, kinds)
+
+
+def conflicting_action(pose: str) -> str:
+    """An action word that contradicts the pose's family: walking for a climb, else jumping (walking for a jump)."""
+    fam = world.family(pose)
+    return world.ACTION["walk" if fam in ("climb", "jump") else "jump"]
+
+
+def shares(matches: dict) -> dict:
+    """{pose: [bool]} -> {"all": share of all samples, "family-balanced": mean over families of each family's
+    share} (all poses of a family pooled): 1 / (number of families) is chance, whatever the model's prior."""
+    from ..eval.classifier import pose_family
+
+    fams = {}
+    for pose, m in matches.items():
+        fams.setdefault(pose_family(pose), []).extend(m)
+    pooled = [x for m in matches.values() for x in m]
+    return {"all": round(sum(pooled) / len(pooled), 3),
+            "family-balanced": round(sum(sum(m) / len(m) for m in fams.values()) / len(fams), 3)}
 
 
 @torch.no_grad()
 def evaluate(pipe, net, n=8, prompt=PROMPT, scale=1.0, steps=30, cfg=5.0, sampler=None,
              progress=True) -> tuple[dict, dict]:
-    """({share of samples whose pose family is the control drawing's}, {(pose, kind or None): samples [n, 3, S, S]})
-    over the target's held-out poses, seeds 0 .. n - 1 (the model's sampler by default). Shares per
-    control kind, per pose, and without control (the same 2n uncontrolled samples judged against each pose)."""
+    """({measurements}, {(pose, kind or None, prompt): samples [n, 3, S, S]}): the classifier's pose family of each
+    sample against the control drawing's, seeds 0 .. n - 1, the model's sampler by default.
+
+    Controls: all 13 drawings of the target character (the ControlNet saw nobody's pose drawn like hers), as canny
+    and as scribble; "held-out" = her data.HELD_OUT_POSES. Without control the same n samples of `prompt` are judged
+    against every pose; since 6 of the 7 held-out poses are walks, a model that always draws a walk scores 6/7 there
+    (the miniature does), so each measure is also given family-balanced (`shares`; chance 1 / families).
+    Conflicting prompt: each held-out pose's canny control under `prompt` + an action of another family
+    (`conflicting_action`), with and without the control: does the drawing beat the words?"""
     from ..eval.classifier import load_classifier, pose_family, predict
     from ..pipeline import generate
 
     model = load_classifier()
-    kw = dict(steps=steps, cfg=cfg, sampler=sampler, width=tiny.SIZE, height=tiny.SIZE, batch_size=2 * n,
-              progress=False)
-    free = generate(pipe, [prompt] * 2 * n, **kw)
-    free_families = [pose_family(p) for p in predict(free, model)[1]]
-    hits, samples = {}, {}
-    for pose, kind, _, control in tqdm(held_out_controls(), desc="evaluating", disable=not progress):
-        samples[(pose, kind)] = generate(pipe, [prompt] * n, controls=[(net, control[None], scale)], **kw)
-        samples[(pose, None)] = free[:n]
-        match = [pose_family(p) == pose_family(pose) for p in predict(samples[(pose, kind)], model)[1]]
-        for key in (kind, f"{kind} {pose}", "with control"):
-            hits.setdefault(key, []).extend(match)
-        if kind == "canny":  # once per pose
-            hits.setdefault("without control", []).extend(f == pose_family(pose) for f in free_families)
-            hits.setdefault(f"without control {pose}", []).extend(f == pose_family(pose) for f in free_families)
-    shares = {k: round(sum(v) / len(v), 3) for k, v in hits.items()}
-    shares["uncontrolled families"] = {f: free_families.count(f) for f in sorted(set(free_families))}
-    return shares, samples
+    kw = dict(steps=steps, cfg=cfg, sampler=sampler, width=tiny.SIZE, height=tiny.SIZE, batch_size=n, progress=False)
+
+    def matches(x, pose):
+        return [pose_family(p) == pose_family(pose) for p in predict(x, model)[1]]
+
+    samples = {(None, None, prompt): generate(pipe, [prompt] * n, **kw)}
+    free = samples[(None, None, prompt)]
+    with_c, kinds, free_m = {}, {}, {}
+    controls = target_controls()
+    for pose, kind, _, control in tqdm(controls, desc="evaluating", disable=not progress):
+        x = samples[(pose, kind, prompt)] = generate(pipe, [prompt] * n, controls=[(net, control[None], scale)], **kw)
+        m = matches(x, pose)
+        with_c.setdefault(pose, []).extend(m)
+        kinds.setdefault(kind, {})[pose] = m
+        free_m[pose] = matches(free, pose)
+    held = lambda d: {p: d[p] for p in data.HELD_OUT_POSES}  # noqa: E731
+    out = {"held-out poses": {"with control": shares(held(with_c)), "without control": shares(held(free_m))},
+           "all 13 poses": {"with control": shares(with_c), "without control": shares(free_m)}}
+    for kind, d in kinds.items():
+        out["held-out poses"][kind] = shares(held(d))
+    out["per pose, with control"] = {p: round(sum(m) / len(m), 3) for p, m in with_c.items()}
+    families = [pose_family(p) for p in predict(free, model)[1]]
+    out["without control: families"] = {f: families.count(f) for f in sorted(set(families))}
+    conflict = {"with control": {}, "without control": {}}
+    for pose, kind, _, control in controls:
+        if kind != "canny" or pose not in data.HELD_OUT_POSES:
+            continue
+        words = f"{prompt} {conflicting_action(pose)}"
+        x = samples[(pose, kind, words)] = generate(pipe, [words] * n, controls=[(net, control[None], scale)], **kw)
+        conflict["with control"][pose] = matches(x, pose)
+        if (None, None, words) not in samples:
+            samples[(None, None, words)] = generate(pipe, [words] * n, **kw)
+        conflict["without control"][pose] = matches(samples[(None, None, words)], pose)
+    out["held-out poses, conflicting prompt (canny)"] = {k: shares(v) for k, v in conflict.items()}
+    return out, samples
 
 
-def figure(samples: dict, path, per_row=6):
-    """Rows: each held-out pose x (canny, scribble, none); columns: the drawing, its control, then samples."""
-    from ..images import make_grid, save_png
+def figure(samples: dict, path, prompt=PROMPT, per_row=6):
+    """One row per pose of the target: her drawing, its canny control and samples under it, its scribble and
+    samples; then `prompt` without control; then the held-out poses under a conflicting prompt (canny control and
+    samples, then that prompt's samples without control). per_row samples at most per group (fewer when fewer
+    were drawn: blank cells keep the columns aligned)."""
+    from ..images import labelled_grid, save_png
 
-    cells = []
-    for pose, kind, drawing, control in held_out_controls():
-        cells += [drawing, control * 2 - 1, *samples[(pose, kind)][:per_row]]
-    for pose in data.HELD_OUT_POSES:
-        blank = torch.ones(3, tiny.SIZE, tiny.SIZE)
-        cells += [blank, blank, *samples[(pose, None)][:per_row]]
-    grid = make_grid(torch.stack(cells), nrow=per_row + 2)
-    return save_png(grid.resize((grid.width * 3, grid.height * 3), 0), path,
-                    {"prompt": PROMPT, "rows": "held-out poses x (canny, scribble), then each pose without control",
-                     "seeds": list(range(per_row))})
+    k = min(per_row, min(len(v) for v in samples.values()))
+    blank = torch.ones(3, tiny.SIZE, tiny.SIZE)
+    cells, rows = [], []
+    by_pose = {}
+    for pose, kind, drawing, control in target_controls():
+        by_pose.setdefault(pose, [drawing])
+        by_pose[pose] += [control * 2 - 1, *samples[(pose, kind, prompt)][:k]]
+    for pose, row in by_pose.items():
+        cells += row
+        rows.append(pose + (" (held out)" if pose in data.HELD_OUT_POSES else ""))
+    free = samples[(None, None, prompt)]
+    cells += [blank, blank, *free[:k], blank, *free[k:2 * k], *[blank] * (2 * k - len(free[:2 * k]))]
+    rows.append("no control")
+    for pose, kind, drawing, control in held_out_controls(("canny",)):
+        words = f"{prompt} {conflicting_action(pose)}"
+        cells += [drawing, control * 2 - 1, *samples[(pose, kind, words)][:k], blank, *samples[(None, None, words)][:k]]
+        rows.append(f"{pose} + '{conflicting_action(pose)}'")
+    cols = ["drawing", "canny", *[""] * k, "scribble", *[""] * k]
+    sheet = labelled_grid(torch.stack(cells), rows, cols, scale=3)
+    return save_png(sheet, path, {"prompt": prompt, "seeds": list(range(k)),
+                                  "rows": "each pose of the target: drawing, canny + samples, scribble + samples; "
+                                          "no control; held-out poses under a conflicting action word: canny + "
+                                          "samples, then that prompt's samples without control"})
 
 
 def main(argv=None):
@@ -209,8 +307,12 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--high-t", type=float, default=0.5, help="share of rows with t drawn from the noisier half")
     p.add_argument("--minutes", type=float, default=None, help="stop training after this much wall-clock time")
-    p.add_argument("--n", type=int, default=8, help="samples per held-out pose and control type")
+    p.add_argument("--n", type=int, default=8, help="samples per pose and control type")
+    p.add_argument("--prompt", default=PROMPT, help="evaluation prompt (with --lora: e.g. 'a picture of sks girl')")
+    p.add_argument("--lora", default=None, help="evaluate with this LoRA file loaded into the miniature")
+    p.add_argument("--eval-out", default=None, help="write eval.json / samples.png here (default: --out)")
     p.add_argument("--sampler", default=None, help="evaluation sampler (default: the model's own)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval-only", action="store_true", help="evaluate the ControlNet in --out")
@@ -223,20 +325,27 @@ def main(argv=None):
         from ..weights.pretrained import load_pipeline
 
         pipe = load_pipeline(a.model)
+        if a.lora:
+            from ..lora import load_lora
+
+            load_lora(pipe.modules(), a.lora)
         t0 = time.time()
         if a.eval_only:
             net = load_controlnet(a.out)
         else:
-            net = train(pipe, a.out, a.steps, a.batch_size, a.lr, seed=a.seed, minutes=a.minutes,
+            net = train(pipe, a.out, a.steps, a.batch_size, a.lr, seed=a.seed, minutes=a.minutes, high_t=a.high_t,
                         command=shlex.join(["python", "-m", "minidiff.bundled.tiny_controlnet", *argv]))
         t1 = time.time()
-        shares, samples = evaluate(pipe, net, a.n, sampler=a.sampler)
-        figure(samples, Path(a.out) / "samples.png")
-        result = {"pose_family_match": shares, "n_per_pose_and_kind": a.n, "held_out_poses": list(data.HELD_OUT_POSES),
-                  "prompt": PROMPT, "sampler": a.sampler,
+        measured, samples = evaluate(pipe, net, a.n, prompt=a.prompt, steps=30, cfg=5.0, sampler=a.sampler)
+        out = Path(a.eval_out or a.out)
+        figure(samples, out / "samples.png", prompt=a.prompt)
+        result = {"pose_family_match": measured, "n_per_pose_and_kind": a.n,
+                  "held_out_poses": list(data.HELD_OUT_POSES), "prompt": a.prompt, "lora": a.lora, "sampler": a.sampler,
+                  "cfg": 5.0, "steps": 30,
+                  "command": shlex.join(["python", "-m", "minidiff.bundled.tiny_controlnet", *argv]),
                   "train_minutes": None if a.eval_only else round((t1 - t0) / 60, 2),
                   "eval_minutes": round((time.time() - t1) / 60, 2)}
-        io.write_json(result, Path(a.out) / "eval.json")
+        io.write_json(result, out / "eval.json")
         print(json.dumps(result, indent=2))
 
     return exit_code(run)
