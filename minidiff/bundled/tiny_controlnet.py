@@ -214,7 +214,7 @@ def shares(matches: dict) -> dict:
 
 
 @torch.no_grad()
-def evaluate(pipe, net, n=8, prompt=PROMPT, scale=1.0, steps=30, cfg=5.0, sampler=None,
+def evaluate(pipe, net, n=8, prompt=PROMPT, scale=1.0, steps=30, cfg=5.0, sampler=None, guess_mode=False,
              progress=True) -> tuple[dict, dict]:
     """({measurements}, {(pose, kind or None, prompt): samples [n, 3, S, S]}): the classifier's pose family of each
     sample against the control drawing's, seeds 0 .. n - 1, the model's sampler by default.
@@ -224,12 +224,18 @@ def evaluate(pipe, net, n=8, prompt=PROMPT, scale=1.0, steps=30, cfg=5.0, sample
     against every pose; since 6 of the 7 held-out poses are walks, a model that always draws a walk scores 6/7 there
     (the miniature does), so each measure is also given family-balanced (`shares`; chance 1 / families).
     Conflicting prompt: each held-out pose's canny control under `prompt` + an action of another family
-    (`conflicting_action`), with and without the control: does the drawing beat the words?"""
+    (`conflicting_action`), with and without the control: does the drawing beat the words? `guess_mode`: the
+    ControlNet steers the prompt's half of the guided batch only (controlnet.Control; its residuals scaled 0.1 .. 1),
+    so guidance amplifies the control too, not just the prompt."""
+    from ..controlnet import Control
     from ..eval.classifier import load_classifier, pose_family, predict
     from ..pipeline import generate
 
     model = load_classifier()
     kw = dict(steps=steps, cfg=cfg, sampler=sampler, width=tiny.SIZE, height=tiny.SIZE, batch_size=n, progress=False)
+
+    def steer(control):
+        return [Control(net, control[None], scale, guess_mode=guess_mode)]
 
     def matches(x, pose):
         return [pose_family(p) == pose_family(pose) for p in predict(x, model)[1]]
@@ -239,7 +245,7 @@ def evaluate(pipe, net, n=8, prompt=PROMPT, scale=1.0, steps=30, cfg=5.0, sample
     with_c, kinds, free_m = {}, {}, {}
     controls = target_controls()
     for pose, kind, _, control in tqdm(controls, desc="evaluating", disable=not progress):
-        x = samples[(pose, kind, prompt)] = generate(pipe, [prompt] * n, controls=[(net, control[None], scale)], **kw)
+        x = samples[(pose, kind, prompt)] = generate(pipe, [prompt] * n, controls=steer(control), **kw)
         m = matches(x, pose)
         with_c.setdefault(pose, []).extend(m)
         kinds.setdefault(kind, {})[pose] = m
@@ -257,7 +263,7 @@ def evaluate(pipe, net, n=8, prompt=PROMPT, scale=1.0, steps=30, cfg=5.0, sample
         if kind != "canny" or pose not in data.HELD_OUT_POSES:
             continue
         words = f"{prompt} {conflicting_action(pose)}"
-        x = samples[(pose, kind, words)] = generate(pipe, [words] * n, controls=[(net, control[None], scale)], **kw)
+        x = samples[(pose, kind, words)] = generate(pipe, [words] * n, controls=steer(control), **kw)
         conflict["with control"][pose] = matches(x, pose)
         if (None, None, words) not in samples:
             samples[(None, None, words)] = generate(pipe, [words] * n, **kw)
@@ -314,6 +320,7 @@ def main(argv=None):
     p.add_argument("--lora", default=None, help="evaluate with this LoRA file loaded into the miniature")
     p.add_argument("--eval-out", default=None, help="write eval.json / samples.png here (default: --out)")
     p.add_argument("--sampler", default=None, help="evaluation sampler (default: the model's own)")
+    p.add_argument("--guess-mode", action="store_true", help="evaluate in guess mode (controlnet.Control)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval-only", action="store_true", help="evaluate the ControlNet in --out")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -336,11 +343,13 @@ def main(argv=None):
             net = train(pipe, a.out, a.steps, a.batch_size, a.lr, seed=a.seed, minutes=a.minutes, high_t=a.high_t,
                         command=shlex.join(["python", "-m", "minidiff.bundled.tiny_controlnet", *argv]))
         t1 = time.time()
-        measured, samples = evaluate(pipe, net, a.n, prompt=a.prompt, steps=30, cfg=5.0, sampler=a.sampler)
+        measured, samples = evaluate(pipe, net, a.n, prompt=a.prompt, steps=30, cfg=5.0, sampler=a.sampler,
+                                     guess_mode=a.guess_mode)
         out = Path(a.eval_out or a.out)
         figure(samples, out / "samples.png", prompt=a.prompt)
         result = {"pose_family_match": measured, "n_per_pose_and_kind": a.n,
                   "held_out_poses": list(data.HELD_OUT_POSES), "prompt": a.prompt, "lora": a.lora, "sampler": a.sampler,
+                  "guess_mode": a.guess_mode,
                   "cfg": 5.0, "steps": 30,
                   "command": shlex.join(["python", "-m", "minidiff.bundled.tiny_controlnet", *argv]),
                   "train_minutes": None if a.eval_only else round((t1 - t0) / 60, 2),
