@@ -56,9 +56,8 @@ def test_a_few_training_steps_write_a_loadable_controlnet(pipe, tmp_path):
 
 @pytest.mark.skipif(not CONTROLNET_DIR.exists(), reason=f"no shipped tiny ControlNet ({TRAIN_COMMAND})")
 def test_shipped_controlnet_fits_and_steers_the_miniature(pipe):
-    """The target's fall and jump drawings as canny controls (guess mode, cfg 5, the eval's settings): the classifier
-    sees that pose family in every sample; without control it sees none (the miniature draws a walker)."""
-    from minidiff.controlnet import Control
+    """The target's fall and jump drawings as canny controls (the miniature's guidance, the eval's settings): the
+    classifier sees that pose family in every sample; without control it sees none (the miniature draws a walker)."""
     from minidiff.eval.classifier import load_classifier, pose_family, predict
     from minidiff.pipeline import generate
 
@@ -66,11 +65,11 @@ def test_shipped_controlnet_fits_and_steers_the_miniature(pipe):
     check_fits(net, pipe.unet, pipe.scale)
     assert sum(f.stat().st_size for f in CONTROLNET_DIR.glob("*.safetensors")) <= 10 * 2**20
     model = load_classifier()
-    kw = dict(steps=30, cfg=5.0, width=tiny.SIZE, height=tiny.SIZE, progress=False)
+    kw = dict(steps=30, cfg=tiny.GUIDANCE, width=tiny.SIZE, height=tiny.SIZE, progress=False)
     free = [pose_family(p) for p in predict(generate(pipe, [PROMPT] * 2, **kw), model)[1]]
     hits = []
     for pose, _, _, control in target_controls(("fall", "jump"), ("canny",)):
-        x = generate(pipe, [PROMPT] * 2, controls=[Control(net, control[None], 1.0, guess_mode=True)], **kw)
+        x = generate(pipe, [PROMPT] * 2, controls=[(net, control[None], 1.0)], **kw)
         hits += [pose_family(p) == pose for p in predict(x, model)[1]]
         assert pose not in free
     assert all(hits), hits

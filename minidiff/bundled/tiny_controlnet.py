@@ -214,7 +214,7 @@ def shares(matches: dict) -> dict:
 
 
 @torch.no_grad()
-def evaluate(pipe, net, n=8, prompt=PROMPT, scale=1.0, steps=30, cfg=5.0, sampler=None, guess_mode=False,
+def evaluate(pipe, net, n=8, prompt=PROMPT, scale=1.0, steps=30, cfg=tiny.GUIDANCE, sampler=None, guess_mode=False,
              progress=True) -> tuple[dict, dict]:
     """({measurements}, {(pose, kind or None, prompt): samples [n, 3, S, S]}): the classifier's pose family of each
     sample against the control drawing's, seeds 0 .. n - 1, the model's sampler by default.
@@ -321,6 +321,7 @@ def main(argv=None):
     p.add_argument("--eval-out", default=None, help="write eval.json / samples.png here (default: --out)")
     p.add_argument("--sampler", default=None, help="evaluation sampler (default: the model's own)")
     p.add_argument("--guess-mode", action="store_true", help="evaluate in guess mode (controlnet.Control)")
+    p.add_argument("--cfg", type=float, default=tiny.GUIDANCE, help="evaluation guidance (default: the miniature's)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval-only", action="store_true", help="evaluate the ControlNet in --out")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -343,14 +344,14 @@ def main(argv=None):
             net = train(pipe, a.out, a.steps, a.batch_size, a.lr, seed=a.seed, minutes=a.minutes, high_t=a.high_t,
                         command=shlex.join(["python", "-m", "minidiff.bundled.tiny_controlnet", *argv]))
         t1 = time.time()
-        measured, samples = evaluate(pipe, net, a.n, prompt=a.prompt, steps=30, cfg=5.0, sampler=a.sampler,
+        measured, samples = evaluate(pipe, net, a.n, prompt=a.prompt, steps=30, cfg=a.cfg, sampler=a.sampler,
                                      guess_mode=a.guess_mode)
         out = Path(a.eval_out or a.out)
         figure(samples, out / "samples.png", prompt=a.prompt)
         result = {"pose_family_match": measured, "n_per_pose_and_kind": a.n,
                   "held_out_poses": list(data.HELD_OUT_POSES), "prompt": a.prompt, "lora": a.lora, "sampler": a.sampler,
                   "guess_mode": a.guess_mode,
-                  "cfg": 5.0, "steps": 30,
+                  "cfg": a.cfg, "steps": 30,
                   "command": shlex.join(["python", "-m", "minidiff.bundled.tiny_controlnet", *argv]),
                   "train_minutes": None if a.eval_only else round((t1 - t0) / 60, 2),
                   "eval_minutes": round((time.time() - t1) / 60, 2)}
