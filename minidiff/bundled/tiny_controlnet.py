@@ -258,6 +258,10 @@ def evaluate(pipe, net, n=8, prompt=PROMPT, scale=1.0, steps=30, cfg=tiny.GUIDAN
     out["per pose, with control"] = {p: round(sum(m) / len(m), 3) for p, m in with_c.items()}
     families = [pose_family(p) for p in predict(free, model)[1]]
     out["without control: families"] = {f: families.count(f) for f in sorted(set(families))}
+    controlled = torch.cat([samples[(pose, kind, prompt)] for pose, kind, _, _ in controls])
+    out["recognised as the target"] = {  # what a DreamBooth LoRA (--lora) keeps of her under the control
+        name: round(sum(c == data.TARGET_CHARACTER for c in predict(x, model)[0]) / len(x), 3)
+        for name, x in (("with control", controlled), ("without control", free))}
     conflict = {"with control": {}, "without control": {}}
     for pose, kind, _, control in controls:
         if kind != "canny" or pose not in data.HELD_OUT_POSES:
@@ -321,6 +325,7 @@ def main(argv=None):
     p.add_argument("--eval-out", default=None, help="write eval.json / samples.png here (default: --out)")
     p.add_argument("--sampler", default=None, help="evaluation sampler (default: the model's own)")
     p.add_argument("--guess-mode", action="store_true", help="evaluate in guess mode (controlnet.Control)")
+    p.add_argument("--scale", type=float, default=1.0, help="evaluation conditioning scale of the ControlNet")
     p.add_argument("--cfg", type=float, default=tiny.GUIDANCE, help="evaluation guidance (default: the miniature's)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval-only", action="store_true", help="evaluate the ControlNet in --out")
@@ -344,13 +349,13 @@ def main(argv=None):
             net = train(pipe, a.out, a.steps, a.batch_size, a.lr, seed=a.seed, minutes=a.minutes, high_t=a.high_t,
                         command=shlex.join(["python", "-m", "minidiff.bundled.tiny_controlnet", *argv]))
         t1 = time.time()
-        measured, samples = evaluate(pipe, net, a.n, prompt=a.prompt, steps=30, cfg=a.cfg, sampler=a.sampler,
-                                     guess_mode=a.guess_mode)
+        measured, samples = evaluate(pipe, net, a.n, prompt=a.prompt, scale=a.scale, steps=30, cfg=a.cfg,
+                                     sampler=a.sampler, guess_mode=a.guess_mode)
         out = Path(a.eval_out or a.out)
         figure(samples, out / "samples.png", prompt=a.prompt)
         result = {"pose_family_match": measured, "n_per_pose_and_kind": a.n,
                   "held_out_poses": list(data.HELD_OUT_POSES), "prompt": a.prompt, "lora": a.lora, "sampler": a.sampler,
-                  "guess_mode": a.guess_mode,
+                  "guess_mode": a.guess_mode, "scale": a.scale,
                   "cfg": a.cfg, "steps": 30,
                   "command": shlex.join(["python", "-m", "minidiff.bundled.tiny_controlnet", *argv]),
                   "train_minutes": None if a.eval_only else round((t1 - t0) / 60, 2),
