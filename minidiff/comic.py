@@ -229,15 +229,21 @@ def _panel(d: dict, defaults: dict, number: int, base: Path, notes: set) -> Pane
     return p
 
 
+def _strings(d: dict, key: str, where, expected: str) -> list:
+    """A field that holds one non-empty string or a list of them, as a list ([] when absent)."""
+    value = d.get(key, [])
+    value = [value] if isinstance(value, str) else value
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        _fail(where, f"'{key}' must be {expected}, got {d[key]!r}")
+    return value
+
+
 def _controls(d: dict, base: Path, where) -> tuple[list, list]:
     """([(image, type, scale)], [ControlNet path]) of a panel's "control" and "controlnet" fields."""
     from .control_images import KINDS, parse_control
 
-    specs = d.get("control", [])
-    specs = [specs] if isinstance(specs, str) else specs
-    if not isinstance(specs, list) or not all(isinstance(s, str) and s for s in specs):
-        _fail(where, f"'control' must be \"IMAGE[:TYPE[:SCALE]]\" (TYPE one of {', '.join(KINDS)}) or a list of "
-                     f"them, got {d['control']!r}")
+    specs = _strings(d, "control", where, f"\"IMAGE[:TYPE[:SCALE]]\" (TYPE one of {', '.join(KINDS)}) or a list "
+                                          "of them")
     controls = []
     for spec in specs:
         try:
@@ -248,11 +254,7 @@ def _controls(d: dict, base: Path, where) -> tuple[list, list]:
                                                                     f"IMAGE[:TYPE[:SCALE]], TYPE one of "
                                                                     f"{', '.join(KINDS)})")
         controls.append((found, kind, scale))
-    nets = d.get("controlnet", [])
-    nets = [nets] if isinstance(nets, str) else nets
-    if not isinstance(nets, list) or not all(isinstance(n, str) and n for n in nets):
-        _fail(where, f"'controlnet' must be a ControlNet folder or file path (or a list of them), got "
-                     f"{d['controlnet']!r}")
+    nets = _strings(d, "controlnet", where, "a ControlNet folder or file path (or a list of them)")
     found_nets = []
     for n in nets:
         hit = next((c for c in (base / n, Path(n)) if c.exists()), None)
