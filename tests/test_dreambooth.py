@@ -296,8 +296,8 @@ def test_training_changes_only_the_adapters(pipe, tmp_path):
     from minidiff.train.state import Trainable
 
     cfg = db.TrainConfig(steps=3, lr=1e-2, batch_size=1, min_snr_gamma=5.0, noise_offset=0.1, warmup=2)
-    result = db.train(unet, lora_parameters(unet), pipe.schedule, instance, klass, cache, cfg, tmp_path,
-                      {"unet": Trainable(unet)}, progress=False)
+    result = db.train(unet=unet, params=lora_parameters(unet), schedule=pipe.schedule, instance=instance, klass=klass,
+                      embed=cache, cfg=cfg, out_dir=tmp_path, modules={"unet": Trainable(unet)}, progress=False)
     assert result["steps"] == 3 and np.isfinite(result["loss"])
     after = unet.state_dict()
     for k, v in frozen.items():

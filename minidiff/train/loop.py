@@ -85,13 +85,15 @@ _DISABLED = torch.amp.GradScaler("cpu", enabled=False)
 
 
 def train(*, step_fn, steps, start=0, log=None, finite=("loss",), hint=state.NAN_HINT, hooks=(), reduce=None,
-          hooks_here=True, postfix=None, postfix_every=1, on_stop=None, desc="training", progress=True, **bar_kw):
+          hooks_here=True, postfix=None, postfix_every=1, on_stop=None, agree=None, desc="training", progress=True,
+          **bar_kw):
     """Run steps start+1 .. steps of `step_fn` (the contract is in the module docstring). Returns a summary dict."""
     t0, aside, logs = time.perf_counter(), 0.0, {}
     bar = tqdm(range(start + 1, steps + 1), initial=start, total=steps, desc=desc,
                disable=not progress or not hooks_here, **bar_kw)
-    # on_stop(step): CTRL-C writes a checkpoint after the current step and stops (interrupt.steps, exit 130)
-    for step in (interrupt.steps(bar, on_stop=on_stop) if on_stop is not None else bar):
+    # on_stop(step): CTRL-C writes a checkpoint after the current step and stops (interrupt.steps, exit 130);
+    # agree(requested) -> bool: DDP hook 3, every process stops after the same step
+    for step in (interrupt.steps(bar, on_stop=on_stop, agree=agree) if on_stop is not None else bar):
         logs = step_fn(step)
         if reduce is not None:
             logs = reduce(logs)
