@@ -187,12 +187,12 @@ def one_line_warning(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {message}", file=sys.stderr)
 
 
-def run(args, argv):
+def run(args):
     """flags -> checks -> config -> one call (every process of a torchrun; a single process initialises nothing)."""
     with warnings.catch_warnings():
         warnings.showwarning = one_line_warning
         check_args(args)
-        cfg = FinetuneConfig(**vars(args), argv=argv)
+        cfg = FinetuneConfig(**vars(args))
         cfg.lr = args.lr or default_lr(args)
         cfg.validation_prompt = args.validation_prompt or default_validation_prompts(args)
         try:
@@ -204,7 +204,8 @@ def run(args, argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
-    return exit_code(run, args, argv)
+    args.argv = argv  # the manifest's command line
+    return exit_code(run, args)
 
 
 if __name__ == "__main__":
