@@ -92,7 +92,7 @@ def test_rank_and_module_dropout_by_hand():
 
 
 def test_text_encoder_lr_and_optimizers(tmp_path):
-    from test_dreambooth import tiny_pipeline
+    from conftest import tiny_pipeline
 
     from minidiff.dreambooth.job import make_trainable
     from minidiff.optimizers import make_optimizer
@@ -110,7 +110,7 @@ def test_text_encoder_lr_and_optimizers(tmp_path):
 
 def test_epochs_count_repeats(two_shapes, tmp_path, capsys):
     """--epochs 2 over 6 rows (2 images x 3 repeats) at batch 4 -> 2 * ceil(6 / 4) = 4 steps."""
-    from test_dreambooth import tiny_pipeline
+    from conftest import tiny_pipeline
 
     from minidiff.weights.pretrained import save_pipeline
 
