@@ -1,7 +1,7 @@
 """The time and added-condition embeddings of the UNet and the ControlNet: t and SDXL's (pooled, time_ids) -> temb.
 
     temb = time_embedding(time_proj(t))                                       [B, 4 * ch0]   (SDXL: 1280)
-         + add_embedding([text_embeds | add_time_proj(time_ids)])             SDXL's "text_time": 1280 + 6 * 256 = 2816 in
+         + add_embedding([text_embeds | add_time_proj(time_ids)])     SDXL "text_time": 1280 + 6 * 256 = 2816 inputs
 
 (diffusers `embeddings.py` Timesteps / TimestepEmbedding and `unet_2d_condition.py` get_aug_embed; sgm
 `openaimodel.py` `time_embed` / `label_emb`.)
