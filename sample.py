@@ -25,7 +25,24 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from minidiff import cli, run_folder
+from minidiff.bundled import tiny
 from minidiff.cli import ArgumentParser as Parser
+from minidiff.cli import exit_code
+from minidiff.comic import read_page, render_page
+from minidiff.control_images import KINDS, read_control
+from minidiff.control_images import parse_control as split_control
+from minidiff.errors import MinidiffError
+from minidiff.images import make_grid, save_png
+from minidiff.lora import load_lora
+from minidiff.pipeline import default_guidance_rescale, generate, model_sampler
+from minidiff.train import memory_plan
+from minidiff.train.hardware import PeakMemory, check_fits, check_gpu, resolve_device
+from minidiff.weights.controlnet_files import load_controlnet
+from minidiff.weights.embedding_files import load_embedding
+from minidiff.weights.pretrained import file_hash, load_pipeline
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "minidiff" / "assets" / "tiny-sdxl"
@@ -91,8 +108,6 @@ def build_parser():
 def parse_lora(spec):
     """'path/to/x.safetensors:0.8' -> (path, 0.8); a bare path has scale 1 (so has a Windows 'C:\\...' or a file
     whose own name holds ':'). MinidiffError naming the scale when it is not a finite number."""
-    from minidiff.errors import MinidiffError
-
     path, sep, scale = spec.rpartition(":")
     if not sep or not path or Path(spec).is_file() or (len(path) == 1 and path.isalpha()):
         return spec, 1.0
@@ -113,9 +128,6 @@ def parse_embedding(spec):
 
 
 def read_prompts(args):
-    from minidiff import cli
-    from minidiff.errors import MinidiffError
-
     prompts = cli.read_prompts(args)
     if not prompts and Path(args.model) == DEFAULT_MODEL:
         prompts = list(DEFAULT_PROMPTS)  # `python sample.py` alone: a few things the bundled miniature knows
@@ -126,9 +138,6 @@ def read_prompts(args):
 
 def check_args(args):
     """User errors visible before anything loads: one line each."""
-    from minidiff.bundled import tiny
-    from minidiff.errors import MinidiffError
-
     for flag, v in {"--steps": args.steps, "--num": args.num, "--batch-size": args.batch_size}.items():
         if v <= 0:
             raise MinidiffError(f"{flag} must be a positive integer, got {v}")
@@ -164,11 +173,7 @@ def check_args(args):
 
 def parse_control(spec):
     """'sketch.png:scribble:0.8' -> (path, 'scribble', 0.8); the type defaults to 'image', the scale to 1."""
-    from minidiff.control_images import KINDS
-    from minidiff.control_images import parse_control as split
-    from minidiff.errors import MinidiffError
-
-    path, kind, scale = split(spec)
+    path, kind, scale = split_control(spec)
     if not Path(path).is_file():
         raise MinidiffError(f"--control {spec}: no such image file (expected IMAGE[:TYPE[:SCALE]], TYPE one of "
                             f"{', '.join(KINDS)})")
@@ -177,39 +182,24 @@ def parse_control(spec):
 
 def read_controls(args, width, height):
     """[(ControlNet, control image [1, 3, height, width] in [0, 1], scale)] from --control and --controlnet."""
-    from minidiff.control_images import read_control
-    from minidiff.weights.controlnet_files import load_controlnet
-
     nets = [load_controlnet(p) for p in args.controlnet]
     return [(nets[min(i, len(nets) - 1)], read_control(path, kind, height, width), scale)
             for i, (path, kind, scale) in enumerate(args.control)]
 
 
 def run(args):
-    check_args(args)  # before torch is imported: a typo costs no wait
+    check_args(args)  # before any model loads: a typo costs no wait
     if args.panel and not args.page:
-        from minidiff.errors import MinidiffError
-
         raise MinidiffError("--panel N needs --page PAGE.json")
     if args.page:
         return run_page(args)
     prompts = read_prompts(args)
-    from minidiff import run_folder
-
     lock = run_folder.claim(args.out)  # noqa: F841 (a writable folder, ours until run returns)
-
-    from minidiff.images import make_grid, save_png
-    from minidiff.pipeline import default_guidance_rescale, generate, model_sampler
-    from minidiff.train import memory_plan
-    from minidiff.train.hardware import PeakMemory, check_fits, resolve_device
-    from minidiff.weights.pretrained import file_hash
 
     peaks = PeakMemory(resolve_device(args.device))
     pipe, dtype_name = load(args)
     loras = []
     if args.lora:
-        from minidiff.lora import load_lora
-
         for spec in args.lora:
             path, scale = parse_lora(spec)
             load_lora(pipe.modules(), path, scale=scale)
@@ -217,8 +207,6 @@ def run(args):
 
     embeddings = []
     for spec in args.embedding:
-        from minidiff.weights.embedding_files import load_embedding
-
         path, token = parse_embedding(spec)
         embeddings.append({"file": Path(path).name, "token": load_embedding(pipe.text, path, token),
                            "sha256": file_hash(path)})
@@ -270,11 +258,6 @@ def run(args):
 
 def load(args):
     """(pipeline, dtype name) on the chosen device, as --model/--vae/--tokenizers/--device/--dtype say."""
-    import torch
-
-    from minidiff.train.hardware import check_gpu, resolve_device
-    from minidiff.weights.pretrained import load_pipeline
-
     device = resolve_device(args.device)
     if device.type == "cuda":
         check_gpu(device)
@@ -287,10 +270,6 @@ def load(args):
 
 def run_page(args):
     """--page: read and check the whole page file first (one line naming panel and field), then render."""
-    from minidiff import run_folder
-    from minidiff.comic import read_page, render_page
-    from minidiff.errors import MinidiffError
-
     page, notes = read_page(args.page)
     for n in args.panel or ():
         if not 1 <= n <= len(page.panels):
@@ -320,9 +299,9 @@ def run_page(args):
 
 
 def main(argv=None):
-    from minidiff.cli import exit_code
-
-    return exit_code(run, build_parser().parse_args(argv))
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args = build_parser().parse_args(argv)
+    return exit_code(run, args)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minidiff import data, io, run_folder
+from minidiff.bundled import tiny
 from minidiff.cli import ArgumentParser as Parser
 from minidiff.cli import check_counts, exit_code
 from minidiff.errors import MinidiffError
@@ -226,6 +227,7 @@ def generate(model, schedule, args, n=N_SAMPLES, progress=True):
 
 
 def run(args):
+    resolve_args(args)
     out = Path(args.out)
     if args.resume:
         state.find_checkpoint(args.resume, out)  # "checkpoint not found" before the folder is made
@@ -301,11 +303,9 @@ def run(args):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     if argv[:2] == ["--preset", "tiny-sdxl"]:  # captions + two CLIPs + the SDXL UNet: the loop is minidiff/bundled/tiny.py's
-        from minidiff.bundled import tiny
-
         return tiny.main(argv[2:])
     args = build_parser().parse_args(argv)
-    return exit_code(lambda: run(resolve_args(args)))
+    return exit_code(run, args)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,7 @@ def batch_indices(n, batch_size):
 
 
 def run(args):
+    resolve_args(args)
     out = Path(args.out)
     if args.resume:
         state.find_checkpoint(args.resume, out)  # "checkpoint not found" before the folder is made
@@ -116,6 +117,8 @@ def run(args):
     device = torch.device(args.device)
     if device.type == "cuda":
         hardware.check_gpu(device)
+    else:
+        torch.set_num_threads(args.threads)  # cli.exit_code restores the count after
     state.seed_all(args.seed)
     reals = load_training_images(args).to(device)
     n = reals.shape[0]
@@ -182,18 +185,7 @@ def run(args):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
-    threads = torch.get_num_threads()
-
-    def body():
-        resolved = resolve_args(args)
-        if torch.device(resolved.device).type == "cpu":
-            torch.set_num_threads(resolved.threads)
-        run(resolved)
-
-    try:
-        return exit_code(body)
-    finally:
-        torch.set_num_threads(threads)  # main() may be called in-process (tests)
+    return exit_code(run, args)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ Nothing here is drawn or typed by hand, so the docs cannot drift from the code:
 
 A generated block in a .md file sits between `<!-- make_figures:NAME -->` and `<!-- /make_figures:NAME -->`; this
 script replaces what is between the two markers and leaves the rest of the page alone. File sizes are exact: the
-tensors and metadata `lora.save_lora` (or `finetune.save_unet`) would write are captured at the write and measured
+tensors and metadata `lora.save_lora` (or `dreambooth.job.save_unet`) would write are captured at the write and measured
 with the safetensors layout (`safetensors_size`), which tests/test_docs_identities.py checks against real files.
 """
 
@@ -291,10 +291,10 @@ def miniature_components():
 
 def what_trains_table(components, rank=4) -> tuple[str, str]:
     """For each finetune.py mode: trainable tensors and parameters and the size of the output file. The modules
-    are frozen and then made trainable exactly as finetune.py does it (finetune.make_trainable)."""
+    are frozen and then made trainable exactly as finetune.py does it (minidiff/dreambooth/job.py's make_trainable)."""
     import argparse
 
-    import finetune
+    from minidiff.dreambooth.job import make_trainable, save_unet
     from minidiff.eval import audit
 
     rows, attn_table = [], ""
@@ -302,20 +302,20 @@ def what_trains_table(components, rank=4) -> tuple[str, str]:
                         ("`--train lora --train-text-encoder`", dict(train="lora", train_text_encoder=True)),
                         ("`--train full`", dict(train="full", train_text_encoder=False))]:
         parts = components()
-        for module in parts.values():  # finetune.run freezes every component before make_trainable
+        for module in parts.values():  # dreambooth.run freezes every component before make_trainable
             module.requires_grad_(False)
         pipe = argparse.Namespace(unet=parts["unet"], text=argparse.Namespace(
             text_encoder=parts["text_encoder"], text_encoder_2=parts["text_encoder_2"]),
             modules=lambda: {k: m for k, m in parts.items() if k != "vae"})
         args = argparse.Namespace(targets="attn", rank=rank, alpha=None, gradient_checkpointing=False, lora_dropout=0.0,
                                   rank_dropout=0.0, module_dropout=0.0, text_encoder_lr=None, train_ti=False, **flags)
-        models, params, _ = finetune.make_trainable(args, pipe, 1e-4)
+        models, params, _ = make_trainable(args, pipe, 1e-4)
         table = audit.trainable_table(parts)  # what finetune.py prints before training: every component
         total = table[-1]
         if flags["train"] == "full":
             with captured_writes() as writes:
                 with tempfile.TemporaryDirectory() as tmp:
-                    finetune.save_unet(pipe.unet, tmp)
+                    save_unet(pipe.unet, tmp)
             size = safetensors_size(*writes[0])
             what = "every UNet tensor (weights and biases of all convs, norms, linears)"
             out = "`unet/diffusion_pytorch_model.safetensors` (fp32) + `config.json`"

@@ -18,7 +18,7 @@ import copy
 
 import torch
 
-from .dreambooth import Examples, encode_examples
+from .dreambooth.cache import Examples, encode_examples
 
 
 class BucketedExamples:

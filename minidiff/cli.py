@@ -2,9 +2,11 @@
 and one shape for every `main()`:
 
     def main(argv=None):
+        argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
         args = build_parser().parse_args(argv)
         return cli.exit_code(run, args)       # 0; 2 with one `error: ...` line; 130 after CTRL-C
 
+`run(args)` is the script's body: checks, then the work (finetune.py: a config, then one call).
 `python script.py` ends with `sys.exit(main())`; tests call `main([...])` in-process and read the status.
 
 Every parser also takes the spellings of diffusers' and kohya's training scripts, so a command line copied from
@@ -16,6 +18,10 @@ import errno
 import math
 import re
 import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
 
 from .errors import MinidiffError
 
@@ -125,7 +131,16 @@ def check_counts(args, positive=(), non_negative=()):
 def exit_code(fn, *args, **kwargs) -> int:
     """Run a script's body: 0 when it finishes; 2 with one `error: ...` line on stderr for a MinidiffError or an OS
     error the user can fix (full disk, permissions); 130 with one `interrupted ...` line after CTRL-C (a training
-    loop writes its checkpoint first, minidiff/train/interrupt.py)."""
+    loop writes its checkpoint first, minidiff/train/interrupt.py). torch's CPU thread count is restored after, as a
+    script's main() may run in-process (tests) and `--threads` sets it."""
+    threads = torch.get_num_threads()
+    try:
+        return _run(fn, *args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(fn, *args, **kwargs) -> int:
     try:
         fn(*args, **kwargs)
     except MinidiffError as e:
@@ -148,8 +163,6 @@ def exit_code(fn, *args, **kwargs) -> int:
 
 def _close_bars():
     """End any progress bar still drawing, so the one-line message starts on a line of its own."""
-    from tqdm import tqdm
-
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
 
@@ -157,8 +170,6 @@ def _close_bars():
 def read_prompts(args) -> list[str]:
     """The --prompt values (repeatable) followed by the lines of a --prompts file (blank lines and '#' comments
     skipped); empty when neither was given. A file that cannot be read is a MinidiffError."""
-    from pathlib import Path
-
     prompts = list(args.prompt or [])
     if args.prompts:
         try:

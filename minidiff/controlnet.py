@@ -26,15 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import MinidiffError
-from .unet import (
-    DownBlock2D,
-    TimestepEmbedding,
-    Timesteps,
-    UNetConfig,
-    UNetMidBlock2DCrossAttn,
-    check_inputs,
-    embed_time,
-)
+from .embeddings import embed_time
+from .unet import UNetConfig, add_stem, check_inputs, down_path, encode, mid_path, skip_channels
 
 
 class ControlNetConditioningEmbedding(nn.Module):
@@ -80,22 +73,13 @@ class ControlNetModel(nn.Module):
         self.conditioning_channels = conditioning_channels
         self.conditioning_embedding_out_channels = tuple(conditioning_embedding_out_channels)
         self.global_pool_conditions = global_pool_conditions
-        ch, n, temb = c.block_out_channels, len(c.block_out_channels), 4 * c.block_out_channels[0]
-        self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
-        self.time_proj = Timesteps(ch[0])
-        self.time_embedding = TimestepEmbedding(ch[0], temb)
-        text_time = c.addition_embed_type == "text_time"
-        self.add_time_proj = Timesteps(c.addition_time_embed_dim) if text_time else None
-        self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, temb) if text_time else None
+        ch = c.block_out_channels
+        temb = add_stem(self, c)  # the UNet's conv_in, time_proj, time_embedding, add_time_proj, add_embedding
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(ch[0], conditioning_channels,
                                                                          self.conditioning_embedding_out_channels)
-        L = c.layers_per_block
-        self.down_blocks = nn.ModuleList(
-            DownBlock2D(ch[max(i - 1, 0)], ch[i], temb, L, c.transformer_depth[i], c.num_heads[i], c, i < n - 1)
-            for i in range(n))
-        skip_ch = [ch[0]] + [ch[i] for i in range(n) for _ in range(L + (i < n - 1))]  # s0, s1, ... as pushed
-        self.controlnet_down_blocks = nn.ModuleList(zero(nn.Conv2d(k, k, 1)) for k in skip_ch)
-        self.mid_block = UNetMidBlock2DCrossAttn(ch[-1], temb, c.mid_transformer_depth, c.num_heads[-1], c)
+        self.down_blocks = down_path(c, temb)
+        self.controlnet_down_blocks = nn.ModuleList(zero(nn.Conv2d(k, k, 1)) for k in skip_channels(c))
+        self.mid_block = mid_path(c, temb)
         self.controlnet_mid_block = zero(nn.Conv2d(ch[-1], ch[-1], 1))
 
     @property
@@ -134,11 +118,7 @@ class ControlNetModel(nn.Module):
                                 f"{None if cond is None else list(cond.shape)}")
         temb = embed_time(self, x, t, text_embeds, time_ids)
         h = self.conv_in(x) + self.controlnet_cond_embedding(cond.to(x.dtype))
-        skips = [h]
-        for block in self.down_blocks:
-            h, s = block(h, temb, context)
-            skips += s
-        h = self.mid_block(h, temb, context)
+        h, skips = encode(self, h, temb, context)
         down = [zc(s) for zc, s in zip(self.controlnet_down_blocks, skips)]
         mid = self.controlnet_mid_block(h)
         scales = guess_mode_scales(len(down), scale) if guess_mode else [scale] * (len(down) + 1)

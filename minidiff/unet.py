@@ -35,14 +35,13 @@ Without a context (`cross_attention_dim=None`, the pixel DDPM) each transformer 
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .embeddings import TimestepEmbedding, Timesteps, add_time_embedding, embed_time  # noqa: F401 (re-exported)
 from .errors import MinidiffError
 from .unet_config import UNetConfig
 
@@ -53,33 +52,6 @@ def maybe_checkpoint(module: nn.Module, *args):
     if module.gradient_checkpointing and torch.is_grad_enabled():
         return checkpoint(module, *args, use_reentrant=False)
     return module(*args)
-
-
-class Timesteps(nn.Module):
-    """Sinusoidal embedding, cos first: emb = [cos(t * f_i), sin(t * f_i)], f_i = 10000^(-i / half), i < half.
-    (diffusers `embeddings.py` `get_timestep_embedding` with flip_sin_to_cos=True, freq_shift=0; sgm `util.py`
-    `timestep_embedding`.) Returns float32 [len(t), dim]."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.dim = dim
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        half = self.dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        arg = t.float()[:, None] * freqs[None]
-        return torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)
-
-
-class TimestepEmbedding(nn.Module):
-    """temb = linear_2(SiLU(linear_1(emb))) (diffusers `embeddings.py` `TimestepEmbedding`; sgm `time_embed`)."""
-
-    def __init__(self, in_dim: int, dim: int):
-        super().__init__()
-        self.linear_1, self.linear_2 = nn.Linear(in_dim, dim), nn.Linear(dim, dim)
-
-    def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(emb)))
 
 
 class ResnetBlock2D(nn.Module):
@@ -315,18 +287,38 @@ def check_inputs(net: nn.Module, x, context, text_embeds, time_ids, what="UNet")
                                 f"{c.addition_time_embed_dim} = {c.projection_class_embeddings_input_dim}")
 
 
-def embed_time(net: nn.Module, x, t, text_embeds=None, time_ids=None) -> torch.Tensor:
-    """temb [B, 4 * ch0] = time_embedding(sinusoid(t)) [+ add_embedding([text_embeds | sinusoid(time_ids)])], for a
-    UNet or a ControlNet (both hold time_proj, time_embedding, add_time_proj, add_embedding). t: scalar or [B]."""
-    B = x.shape[0]
-    t = torch.as_tensor(t, device=x.device).reshape(-1)
-    if t.numel() not in (1, B):
-        raise MinidiffError(f"expected t as a scalar or [{B}] tensor, got {t.numel()} values")
-    temb = net.time_embedding(net.time_proj(t.expand(B)).to(x.dtype))
-    if net.add_embedding is not None:
-        ids = net.add_time_proj(time_ids.reshape(-1)).reshape(B, -1)
-        temb = temb + net.add_embedding(torch.cat([text_embeds, ids], dim=-1).to(temb.dtype))
-    return temb
+def add_stem(net: nn.Module, c: UNetConfig) -> int:
+    """conv_in and the time / text_time embeddings, set on `net` under diffusers' names: built alike (same keys, same
+    order of random init) by the UNet and its ControlNet. Returns temb's width, 4 * block_out_channels[0]."""
+    net.conv_in = nn.Conv2d(c.in_channels, c.block_out_channels[0], 3, padding=1)
+    return add_time_embedding(net, c)
+
+
+def down_path(c: UNetConfig, temb: int) -> nn.ModuleList:
+    """down_blocks: level i takes ch[i-1] (ch[0] at the first) to ch[i], then halves H, W (not after the last)."""
+    ch, n = c.block_out_channels, len(c.block_out_channels)
+    return nn.ModuleList(DownBlock2D(ch[max(i - 1, 0)], ch[i], temb, c.layers_per_block, c.transformer_depth[i],
+                                     c.num_heads[i], c, i < n - 1) for i in range(n))
+
+
+def mid_path(c: UNetConfig, temb: int) -> UNetMidBlock2DCrossAttn:
+    return UNetMidBlock2DCrossAttn(c.block_out_channels[-1], temb, c.mid_transformer_depth, c.num_heads[-1], c)
+
+
+def skip_channels(c: UNetConfig) -> list[int]:
+    """Channels of the skips s0, s1, ... as the down path pushes them (the table in the module docstring)."""
+    ch, L = c.block_out_channels, c.layers_per_block
+    return [ch[0]] + [ch[i] for i in range(len(ch)) for _ in range(L + (i < len(ch) - 1))]
+
+
+def encode(net: nn.Module, h, temb, context=None):
+    """The down path and the middle block of a UNet or a ControlNet, from h = conv_in(x) (+ the control):
+    (h_mid, skips s0, s1, ... as pushed). SDXL shapes, latent x [B, 4, H, W]:"""
+    skips = [h]                                # s0 [B, 320, H, W]
+    for block in net.down_blocks:              # -> [B, 320, H/2, W/2] -> [B, 640, H/4, W/4] -> [B, 1280, H/4, W/4]
+        h, s = block(h, temb, context)         # s1..s3, s4..s6, s7..s8 (module docstring)
+        skips += s
+    return net.mid_block(h, temb, context), skips  # h_mid [B, 1280, H/4, W/4]
 
 
 class UNet2DConditionModel(nn.Module):
@@ -338,19 +330,11 @@ class UNet2DConditionModel(nn.Module):
     def __init__(self, config: UNetConfig | None = None):
         super().__init__()
         self.config = c = config or UNetConfig.sdxl()
-        ch, n, temb = c.block_out_channels, len(c.block_out_channels), 4 * c.block_out_channels[0]
-        self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
-        self.time_proj = Timesteps(ch[0])
-        self.time_embedding = TimestepEmbedding(ch[0], temb)
-        text_time = c.addition_embed_type == "text_time"
-        self.add_time_proj = Timesteps(c.addition_time_embed_dim) if text_time else None
-        self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, temb) if text_time else None
-        L = c.layers_per_block
-        self.down_blocks = nn.ModuleList(
-            DownBlock2D(ch[max(i - 1, 0)], ch[i], temb, L, c.transformer_depth[i], c.num_heads[i], c, i < n - 1)
-            for i in range(n))
-        self.mid_block = UNetMidBlock2DCrossAttn(ch[-1], temb, c.mid_transformer_depth, c.num_heads[-1], c)
-        skip_ch = [ch[0]] + [ch[i] for i in range(n) for _ in range(L + (i < n - 1))]  # s0, s1, ... as pushed
+        ch, n, L = c.block_out_channels, len(c.block_out_channels), c.layers_per_block
+        temb = add_stem(self, c)  # conv_in, time_proj, time_embedding, add_time_proj, add_embedding
+        self.down_blocks = down_path(c, temb)
+        self.mid_block = mid_path(c, temb)
+        skip_ch = skip_channels(c)  # popped from the end: each up block takes the last L + 1
         self.up_blocks = nn.ModuleList(
             UpBlock2D([skip_ch.pop() for _ in range(L + 1)], ch[min(i + 1, n - 1)], ch[i], temb, L + 1,
                       c.transformer_depth[i], c.num_heads[i], c, i > 0)
@@ -379,23 +363,22 @@ class UNet2DConditionModel(nn.Module):
         [B, 6] -> eps [B, C_out, H, W]. `down_residuals` (one per skip, as pushed) and `mid_residual` are a
         ControlNet's: added to the skips and to the middle block's output (diffusers' down_block_additional_residuals,
         mid_block_additional_residual)."""
+        # SDXL shapes: x [B, 4, H, W] latents (H = image height / 8), context [B, 77, 2048], text_embeds [B, 1280]
         check_inputs(self, x, context, text_embeds, time_ids)
-        temb = embed_time(self, x, t, text_embeds, time_ids)
-        h = self.conv_in(x)
-        skips = [h]
-        for block in self.down_blocks:
-            h, s = block(h, temb, context)
-            skips += s
-        h = self.mid_block(h, temb, context)
-        if down_residuals is not None:
+        temb = embed_time(self, x, t, text_embeds, time_ids)    # [B, 1280]
+        h = self.conv_in(x)                                     # [B, 320, H, W]
+        h, skips = encode(self, h, temb, context)               # h [B, 1280, H/4, W/4]; skips s0..s8 (docstring)
+        if down_residuals is not None:                          # a ControlNet's r_k, each the shape of its s_k
             skips = [s + r for s, r in zip(skips, down_residuals, strict=True)]
         if mid_residual is not None:
-            h = h + mid_residual
+            h = h + mid_residual                                # [B, 1280, H/4, W/4]
+        # up_blocks, each popping L + 1 skips: -> [B, 1280, H/2, W/2] (s8 s7 s6) -> [B, 640, H, W] (s5 s4 s3)
+        #                                      -> [B, 320, H, W] (s2 s1 s0)
         for block in self.up_blocks:
             n = len(block.resnets)
             size = skips[-n - 1].shape[-2:] if len(skips) > n else None  # the skip waiting after this block's
             h = block(h, skips, temb, context, size)
-        return self.conv_out(F.silu(self.conv_norm_out(h), inplace=True))
+        return self.conv_out(F.silu(self.conv_norm_out(h), inplace=True))  # eps [B, 4, H, W]
 
 
 UNet = UNet2DConditionModel

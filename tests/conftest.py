@@ -41,3 +41,33 @@ def trained(tmp_path_factory):
     finally:
         os.umask(old)
     return outs
+
+
+# ------------------------------------------------------------------ helpers the test files share
+def perturb_weights(*modules, std=0.02):
+    """Add N(0, std^2) noise to every weight: diffusers zero-inits some layers (conv_out, proj_out), and a parity
+    test should make every weight matter."""
+    with torch.no_grad():
+        for module in modules:
+            for p in module.parameters():
+                p.add_(torch.randn_like(p) * std)
+
+
+def tiny_pipeline(tmp_path, seed=0, latent=False, size=16):
+    """SDXL family at toy size: UNet of 2 levels with attention at the bottom, context 64 + 128, pooled 96; pixel
+    space, or (latent=True) with a 2-level VAE (16 px images <-> 8 x 8 x 4 latents)."""
+    from test_text import tiny_text_parts  # the tiny CLIPs (transformers) load only for the tests that use them
+
+    from minidiff.pipeline import Pipeline
+    from minidiff.schedule import Schedule
+    from minidiff.text import TextConditioner
+    from minidiff.unet import UNet, UNetConfig
+    from minidiff.vae import AutoencoderKL, VAEConfig
+
+    torch.manual_seed(seed)
+    text = TextConditioner(*tiny_text_parts(tmp_path, seed))
+    vae = AutoencoderKL(VAEConfig.tiny(block_out_channels=(32, 32), sample_size=size)) if latent else None
+    cfg = UNetConfig.tiny_sdxl(block_out_channels=(32, 64), transformer_depth=(0, 1), mid_transformer_depth=1,
+                               cross_attention_dim=192, pooled_dim=96, in_channels=4 if latent else 3,
+                               sample_size=size // 2 if latent else size, layers_per_block=1)
+    return Pipeline(UNet(cfg), vae, text, Schedule.scaled_linear(), name="tiny")

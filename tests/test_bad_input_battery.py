@@ -171,11 +171,9 @@ def test_b26_ctrl_c_resumes_bit_for_bit(tmp_path):
 
 def test_b29_ctrl_c_while_sampling(tmp_path, capsys, monkeypatch):
     """KeyboardInterrupt from inside the sampler (what CTRL-C raises there): one line, 130, no half-written PNG."""
-    import minidiff.pipeline
-
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(minidiff.pipeline, "generate", interrupted)
+    monkeypatch.setattr(sample, "generate", interrupted)  # pipeline.generate, as sample.py imported it
     fails(capsys, sample.main, ["--prompt", "x", *SAMPLE, "--out", tmp_path / "o"], "interrupted", 130)
     assert not list((tmp_path / "o").glob("*.png*"))

@@ -112,7 +112,7 @@ def _lora(path):
 def test_torchrun_finetune_trains_like_one_process_and_only_rank0_writes(tmp_path):
     import finetune
     from minidiff.weights.pretrained import save_pipeline
-    from test_dreambooth import tiny_pipeline
+    from conftest import tiny_pipeline
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

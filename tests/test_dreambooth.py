@@ -10,32 +10,17 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_pipeline
 from PIL import Image
 
 from minidiff import dreambooth as db
 from minidiff.data import ImageFolder, instance_images
 from minidiff.errors import DataError
 from minidiff.lora import inject_lora, lora_parameters
-from minidiff.pipeline import Pipeline, generate
+from minidiff.pipeline import generate
 from minidiff.schedule import Schedule
-from minidiff.text import TextConditioner
-from minidiff.unet import UNet, UNetConfig
-from minidiff.vae import AutoencoderKL, VAEConfig
-from test_text import tiny_text_parts
 
 SIZE = 16
-
-
-def tiny_pipeline(tmp_path, seed=0, latent=False):
-    """SDXL family at toy size: UNet of 2 levels with attention at the bottom, context 64 + 128, pooled 96; pixel
-    space, or (latent=True) with a 2-level VAE (16 px images <-> 8 x 8 x 4 latents)."""
-    torch.manual_seed(seed)
-    text = TextConditioner(*tiny_text_parts(tmp_path, seed))
-    vae = AutoencoderKL(VAEConfig.tiny(block_out_channels=(32, 32), sample_size=SIZE)) if latent else None
-    cfg = UNetConfig.tiny_sdxl(block_out_channels=(32, 64), transformer_depth=(0, 1), mid_transformer_depth=1,
-                               cross_attention_dim=192, pooled_dim=96, in_channels=4 if latent else 3,
-                               sample_size=SIZE // 2 if latent else SIZE, layers_per_block=1)
-    return Pipeline(UNet(cfg), vae, text, Schedule.scaled_linear(), name="tiny")
 
 
 @pytest.fixture(scope="module")
@@ -296,8 +281,8 @@ def test_training_changes_only_the_adapters(pipe, tmp_path):
     from minidiff.train.state import Trainable
 
     cfg = db.TrainConfig(steps=3, lr=1e-2, batch_size=1, min_snr_gamma=5.0, noise_offset=0.1, warmup=2)
-    result = db.train(unet, lora_parameters(unet), pipe.schedule, instance, klass, cache, cfg, tmp_path,
-                      {"unet": Trainable(unet)}, progress=False)
+    result = db.train(unet=unet, params=lora_parameters(unet), schedule=pipe.schedule, instance=instance, klass=klass,
+                      embed=cache, cfg=cfg, out_dir=tmp_path, modules={"unet": Trainable(unet)}, progress=False)
     assert result["steps"] == 3 and np.isfinite(result["loss"])
     after = unet.state_dict()
     for k, v in frozen.items():

@@ -7,6 +7,7 @@ single file (converted by test_pretrained's independent table), and both must ma
 import pytest
 import torch
 from safetensors.torch import save_file
+from conftest import perturb_weights
 from test_pretrained import UNET_KW, saved_diffusers_pipeline, to_original
 
 from minidiff.errors import MinidiffError
@@ -49,9 +50,7 @@ def saved_inpainting(tmp_path_factory):
     ref, _ = saved_diffusers_pipeline(tmp / "base")
     torch.manual_seed(7)
     unet = UNet2DConditionModel(**{**UNET_KW, "in_channels": 9, "out_channels": 4}).eval()
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
+    perturb_weights(unet)
     ref = StableDiffusionXLInpaintPipeline(**{**components(ref), "unet": unet})
     ref.save_pretrained(tmp / "model")
     save_file(to_original(tmp / "model"), tmp / "sd_xl_inpainting_tiny.safetensors")

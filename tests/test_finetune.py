@@ -16,7 +16,7 @@ from safetensors import safe_open
 import finetune
 from minidiff.weights.pretrained import load_pipeline, load_unet, save_pipeline
 from minidiff.lora import find_targets, load_lora
-from test_dreambooth import tiny_pipeline
+from conftest import tiny_pipeline
 
 FAST = ["--steps", "4", "--num-class-images", "3", "--class-steps", "2", "--class-batch-size", "2",
         "--validation-steps", "2", "--validation-images", "1", "--device", "cpu"]

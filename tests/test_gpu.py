@@ -19,7 +19,7 @@ import finetune
 from minidiff.train import hardware
 from minidiff.weights.pretrained import save_pipeline
 from minidiff.errors import MinidiffError, TrainingError
-from test_dreambooth import tiny_pipeline
+from conftest import tiny_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 

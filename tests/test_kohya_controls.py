@@ -92,13 +92,14 @@ def test_rank_and_module_dropout_by_hand():
 
 
 def test_text_encoder_lr_and_optimizers(tmp_path):
-    from test_dreambooth import tiny_pipeline
+    from conftest import tiny_pipeline
 
+    from minidiff.dreambooth.job import make_trainable
     from minidiff.optimizers import make_optimizer
 
     pipe = tiny_pipeline(tmp_path)
     args = finetune.build_parser().parse_args(["--train-text-encoder", "--text-encoder-lr", "5e-5", "--rank", "2"])
-    models, groups, tables = finetune.make_trainable(args, pipe, 1e-4)
+    models, groups, tables = make_trainable(args, pipe, 1e-4)
     assert set(models) == {"unet", "text_encoder", "text_encoder_2"} and not tables
     assert "lr" not in groups[0] and groups[1]["lr"] == 5e-5
     for name, cls in (("adamw", torch.optim.AdamW), ("adafactor", torch.optim.Adafactor), ("sgd", torch.optim.SGD)):
@@ -109,7 +110,7 @@ def test_text_encoder_lr_and_optimizers(tmp_path):
 
 def test_epochs_count_repeats(two_shapes, tmp_path, capsys):
     """--epochs 2 over 6 rows (2 images x 3 repeats) at batch 4 -> 2 * ceil(6 / 4) = 4 steps."""
-    from test_dreambooth import tiny_pipeline
+    from conftest import tiny_pipeline
 
     from minidiff.weights.pretrained import save_pipeline
 

@@ -3,7 +3,7 @@ sample.py --unet DIR swaps a UNet into any model (minidiff/model_folder.py)."""
 
 import pytest
 import torch
-from test_dreambooth import tiny_pipeline
+from conftest import tiny_pipeline
 
 import finetune
 import sample

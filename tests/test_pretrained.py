@@ -21,6 +21,7 @@ from minidiff.weights.pretrained import Tensors, file_hash, load_pipeline, load_
 from minidiff.weights.layouts import (View, detect_layout, diffusers_to_ldm_unet_key, infer_unet_config, infer_vae_config,
                                       ldm_to_diffusers_unet_key)
 from minidiff.errors import CheckpointError
+from conftest import perturb_weights
 from test_text import diffusers_sdxl, tiny_text_parts
 
 UNET_KW = dict(block_out_channels=(64, 128, 128), layers_per_block=2, sample_size=16,
@@ -41,9 +42,7 @@ def tiny_diffusers_pipeline(tmp_path, seed=0):
     text_parts = tiny_text_parts(tmp_path, seed)
     torch.manual_seed(seed + 1)
     unet, vae = UNet2DConditionModel(**UNET_KW).eval(), AutoencoderKL(**VAE_KW).eval()
-    with torch.no_grad():  # diffusers zero-inits some layers (conv_out, proj_out): make every weight matter
-        for p in [*unet.parameters(), *vae.parameters()]:
-            p.add_(torch.randn_like(p) * 0.02)
+    perturb_weights(unet, vae)
     return diffusers_sdxl(text_parts, unet=unet, vae=vae)
 
 
@@ -62,34 +61,49 @@ UNET_TOP = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "ti
             ("label_emb.0.0.", "add_embedding.linear_1."), ("label_emb.0.2.", "add_embedding.linear_2.")]
 UNET_RESNET = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("out_layers.0", "norm2"),
                ("out_layers.3", "conv2"), ("emb_layers.1", "time_emb_proj"), ("skip_connection", "conv_shortcut")]
-UNET_LAYER = []
-for i in range(3):
-    for j in range(2):
-        UNET_LAYER.append((f"input_blocks.{3 * i + j + 1}.0.", f"down_blocks.{i}.resnets.{j}."))
-        if i > 0:
-            UNET_LAYER.append((f"input_blocks.{3 * i + j + 1}.1.", f"down_blocks.{i}.attentions.{j}."))
-    for j in range(3):
-        UNET_LAYER.append((f"output_blocks.{3 * i + j}.0.", f"up_blocks.{i}.resnets.{j}."))
-        if i < 2:
-            UNET_LAYER.append((f"output_blocks.{3 * i + j}.1.", f"up_blocks.{i}.attentions.{j}."))
-    if i < 2:
-        UNET_LAYER.append((f"input_blocks.{3 * (i + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv."))
-        UNET_LAYER.append((f"output_blocks.{3 * i + 2}.{1 if i == 0 else 2}.", f"up_blocks.{i}.upsamplers.0."))
-UNET_LAYER.append(("output_blocks.2.2.conv.", "output_blocks.2.1.conv."))  # the script's SDXL fix-up
-UNET_LAYER += [("middle_block.1.", "mid_block.attentions.0."), ("middle_block.0.", "mid_block.resnets.0."),
-               ("middle_block.2.", "mid_block.resnets.1.")]
+MID = [("middle_block.1.", "mid_block.attentions.0."), ("middle_block.0.", "mid_block.resnets.0."),
+       ("middle_block.2.", "mid_block.resnets.1.")]
 
 
-def unet_to_original_key(k):
+def unet_layer_rules(levels, attn_down, attn_up):
+    """(ldm, diffusers) prefix pairs of the converter scripts' loop: `levels` levels, 2 resnets per down level and
+    3 per up level, attention at the down levels in `attn_down` and the up levels in `attn_up`."""
+    rules = []
+    for i in range(levels):
+        for j in range(2):
+            rules.append((f"input_blocks.{3 * i + j + 1}.0.", f"down_blocks.{i}.resnets.{j}."))
+            if i in attn_down:
+                rules.append((f"input_blocks.{3 * i + j + 1}.1.", f"down_blocks.{i}.attentions.{j}."))
+        for j in range(3):
+            rules.append((f"output_blocks.{3 * i + j}.0.", f"up_blocks.{i}.resnets.{j}."))
+            if i in attn_up:
+                rules.append((f"output_blocks.{3 * i + j}.1.", f"up_blocks.{i}.attentions.{j}."))
+        if i < levels - 1:
+            rules.append((f"input_blocks.{3 * (i + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv."))
+            rules.append((f"output_blocks.{3 * i + 2}.{1 if i == 0 else 2}.", f"up_blocks.{i}.upsamplers.0."))
+    return rules
+
+
+def original_unet_key(k, top, layer):
+    """Sequential str.replace as the converter scripts do it: top-level prefixes, resnet names, then layers."""
     v = k
-    for sd, hf in UNET_TOP:
+    for sd, hf in top:
         v = sd + v[len(hf):] if v.startswith(hf) else v
     if "resnets" in k:
         for sd, hf in UNET_RESNET:
             v = v.replace(hf, sd)
-    for sd, hf in UNET_LAYER:
+    for sd, hf in layer:
         v = v.replace(hf, sd)
     return v
+
+
+UNET_LAYER = unet_layer_rules(3, attn_down={1, 2}, attn_up={0, 1})
+UNET_LAYER.append(("output_blocks.2.2.conv.", "output_blocks.2.1.conv."))  # the script's SDXL fix-up
+UNET_LAYER += MID
+
+
+def unet_to_original_key(k):
+    return original_unet_key(k, UNET_TOP, UNET_LAYER)
 
 
 VAE_MAP = [("nin_shortcut", "conv_shortcut"), ("norm_out", "conv_norm_out"), ("mid.attn_1.", "mid_block.attentions.0.")]
@@ -114,6 +128,21 @@ def with_text_model(sd):
     return {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v for k, v in sd.items()}
 
 
+def vae_to_original(vae) -> dict:
+    """first_stage_model.* of a diffusers VAE state dict (attention linears become the original 1x1 convs)."""
+    out = {}
+    for k, v in vae.items():
+        new = k
+        for sd, hf in VAE_MAP:
+            new = new.replace(hf, sd)
+        if "attentions" in k:
+            for sd, hf in VAE_ATTN:
+                new = new.replace(hf, sd)
+            v = v.reshape(*v.shape, 1, 1) if v.ndim == 2 else v
+        out["first_stage_model." + new] = v
+    return out
+
+
 def to_original(folder: Path) -> dict:
     """The original sd_xl_base_1.0 layout of a diffusers folder, converted independently of minidiff."""
     return to_original_state(*(load_file(folder / f) for f in (
@@ -124,15 +153,7 @@ def to_original(folder: Path) -> dict:
 def to_original_state(unet, vae, text_encoder, text_encoder_2) -> dict:
     """The same from four diffusers/transformers state dicts (real or meta tensors)."""
     out = {"model.diffusion_model." + unet_to_original_key(k): v for k, v in unet.items()}
-    for k, v in vae.items():
-        new = k
-        for sd, hf in VAE_MAP:
-            new = new.replace(hf, sd)
-        if "attentions" in k:
-            for sd, hf in VAE_ATTN:
-                new = new.replace(hf, sd)
-            v = v.reshape(*v.shape, 1, 1) if v.ndim == 2 else v
-        out["first_stage_model." + new] = v
+    out.update(vae_to_original(vae))
     clip_l = with_text_model(text_encoder)
     out.update({"conditioner.embedders.0.transformer." + k: v for k, v in clip_l.items()})
     out["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]

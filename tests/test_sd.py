@@ -13,7 +13,9 @@ import re
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_pretrained import OPEN_CLIP, VAE_ATTN, VAE_KW, VAE_MAP, with_text_model
+from conftest import perturb_weights
+from test_pretrained import (MID, OPEN_CLIP, UNET_TOP, VAE_KW, original_unet_key, unet_layer_rules, vae_to_original,
+                             with_text_model)
 from test_text import clip_configs, make_tokenizer_dir
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizerFast
 
@@ -40,9 +42,7 @@ def tiny_sd_parts(tmp_path, seed=0, sd2=False, text_layers=3):
     tok = CLIPTokenizerFast.from_pretrained(make_tokenizer_dir(tmp_path / "tokenizer", "!" if sd2 else "<|endoftext|>"))
     unet = UNet2DConditionModel(**UNET_SD_KW, use_linear_projection=sd2).eval()
     vae = AutoencoderKL(**{**VAE_KW, "scaling_factor": 0.18215}).eval()
-    with torch.no_grad():  # diffusers zero-inits some layers (conv_out, proj_out): make every weight matter
-        for p in [*unet.parameters(), *vae.parameters()]:
-            p.add_(torch.randn_like(p) * 0.02)
+    perturb_weights(unet, vae)
     return tok, te, unet, vae
 
 
@@ -66,52 +66,19 @@ def saved(tmp_path_factory):
 # ------------------------------------------------------------------ an independent diffusers -> original converter
 # Re-typed from diffusers scripts/convert_diffusers_to_original_stable_diffusion.py: SD 1.x's 4 levels, attention on
 # levels 0-2 going down and 1-3 going up, 2 resnets per down level, 3 per up level.
-SD_TOP = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
-          ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out.")]
-SD_RESNET = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("out_layers.0", "norm2"), ("out_layers.3", "conv2"),
-             ("emb_layers.1", "time_emb_proj"), ("skip_connection", "conv_shortcut")]
-SD_LAYER = []
-for i in range(4):
-    for j in range(2):
-        SD_LAYER.append((f"input_blocks.{3 * i + j + 1}.0.", f"down_blocks.{i}.resnets.{j}."))
-        if i < 3:
-            SD_LAYER.append((f"input_blocks.{3 * i + j + 1}.1.", f"down_blocks.{i}.attentions.{j}."))
-    for j in range(3):
-        SD_LAYER.append((f"output_blocks.{3 * i + j}.0.", f"up_blocks.{i}.resnets.{j}."))
-        if i > 0:
-            SD_LAYER.append((f"output_blocks.{3 * i + j}.1.", f"up_blocks.{i}.attentions.{j}."))
-    if i < 3:
-        SD_LAYER.append((f"input_blocks.{3 * (i + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv."))
-        SD_LAYER.append((f"output_blocks.{3 * i + 2}.{1 if i == 0 else 2}.", f"up_blocks.{i}.upsamplers.0."))
-SD_LAYER += [("middle_block.1.", "mid_block.attentions.0."), ("middle_block.0.", "mid_block.resnets.0."),
-             ("middle_block.2.", "mid_block.resnets.1.")]
+SD_TOP = UNET_TOP[:5]  # no label_emb: SD has no pooled / time_ids embedding
+SD_LAYER = unet_layer_rules(4, attn_down={0, 1, 2}, attn_up={1, 2, 3}) + MID
 
 
 def sd_unet_key(k):
-    v = k
-    for sd, hf in SD_TOP:
-        v = sd + v[len(hf):] if v.startswith(hf) else v
-    if "resnets" in k:
-        for sd, hf in SD_RESNET:
-            v = v.replace(hf, sd)
-    for sd, hf in SD_LAYER:
-        v = v.replace(hf, sd)
-    return v
+    return original_unet_key(k, SD_TOP, SD_LAYER)
 
 
 def sd_original_state(unet, vae, te, open_clip=False) -> dict:
     """v1-5-pruned / v2-1 layout: model.diffusion_model., first_stage_model., cond_stage_model.transformer.
     (transformers names) or cond_stage_model.model. (open_clip names, fused in_proj)."""
     out = {"model.diffusion_model." + sd_unet_key(k): v for k, v in unet.items()}
-    for k, v in vae.items():
-        new = k
-        for sd, hf in VAE_MAP:
-            new = new.replace(hf, sd)
-        if "attentions" in k:
-            for sd, hf in VAE_ATTN:
-                new = new.replace(hf, sd)
-            v = v.reshape(*v.shape, 1, 1) if v.ndim == 2 else v
-        out["first_stage_model." + new] = v
+    out.update(vae_to_original(vae))
     te = with_text_model(te)
     if not open_clip:
         out.update({"cond_stage_model.transformer." + k: v for k, v in te.items()})

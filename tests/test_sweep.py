@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_dreambooth import tiny_pipeline
+from conftest import tiny_pipeline
 
 from minidiff import sweep
 from minidiff.lora import inject_lora, load_lora, save_lora

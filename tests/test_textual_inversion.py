@@ -95,7 +95,7 @@ def test_finetune_ti_learns_only_the_token_and_sample_uses_it(tmp_path):
     import numpy as np
     from PIL import Image
     from safetensors import safe_open
-    from test_dreambooth import tiny_pipeline
+    from conftest import tiny_pipeline
 
     import finetune
     import sample

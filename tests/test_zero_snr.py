@@ -8,14 +8,8 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import (  # noqa: E402
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-)
 from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr  # noqa: E402
+from test_samplers import CLASSES, denoiser, diffusers_loop  # noqa: E402  (the same schedulers, denoiser, loop)
 
 from minidiff.weights.pretrained import schedule_from_config  # noqa: E402
 from minidiff.dreambooth import diffusion_target  # noqa: E402
@@ -24,16 +18,6 @@ from minidiff.schedule import Schedule, split_at  # noqa: E402
 
 ZTSNR = dict(num_train_timesteps=1000, prediction_type="v_prediction", rescale_betas_zero_snr=True, steps_offset=1)
 BETAS = {"scaled_linear": dict(beta_start=0.00085, beta_end=0.012), "linear": dict(beta_start=1e-4, beta_end=0.02)}
-CLASSES = {
-    "ddpm": (DDPMScheduler, dict(clip_sample=False, variance_type="fixed_small")),
-    "ddim": (DDIMScheduler, dict(set_alpha_to_one=False, clip_sample=False)),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++", solver_order=2,
-                                                   lower_order_final=True)),
-}
-
-
 def ours(kind):
     return schedule_from_config({"beta_schedule": kind, **BETAS[kind], **ZTSNR})
 
@@ -41,19 +25,6 @@ def ours(kind):
 def reference(name, kind, spacing):
     cls, extra = CLASSES[name]
     return cls(beta_schedule=kind, **BETAS[kind], **ZTSNR, **extra, timestep_spacing=spacing)
-
-
-def denoiser(x, t):
-    return 0.1 * x + torch.sin(t / 100)
-
-
-def diffusers_loop(scheduler, noise, steps, seed):
-    scheduler.set_timesteps(steps)
-    g = torch.Generator().manual_seed(seed)
-    x = noise * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        x = scheduler.step(denoiser(scheduler.scale_model_input(x, t), t), t, x, generator=g).prev_sample
-    return x
 
 
 @pytest.mark.parametrize("kind", ["scaled_linear", "linear"])

@@ -43,9 +43,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..cli import ArgumentParser, exit_code
+from ..train import loop
+from ..train.state import EMA, LossLog, check_finite
 from . import assets_dir, world
 
 TINY_DIR = assets_dir() / "tiny-sdxl"
@@ -272,8 +273,6 @@ def pretrain(out_dir, steps=2500, batch_size=16, lr=1e-3, warmup=200, ema_decay=
     """Train the miniature from scratch on the world (minidiff/bundled/world.py: random individuals of 4 bodies x 13 poses,
     x-flipped at random) and write it to out_dir every `save_every` steps and at the end (a run cut short still
     leaves a usable model). Loss: v-prediction MSE on the zero-terminal-SNR schedule (module docstring)."""
-    from ..train.state import EMA, LossLog, check_finite
-
     out, rng, gen = Path(out_dir), random.Random(seed), torch.Generator().manual_seed(seed)
     pipe = build_pipeline(out, seed)
     nets = torch.nn.ModuleDict({"unet": pipe.unet, "text_encoder": pipe.text.text_encoder,
@@ -286,11 +285,12 @@ def pretrain(out_dir, steps=2500, batch_size=16, lr=1e-3, warmup=200, ema_decay=
             "ema_decay": ema_decay, "caption_dropout": caption_dropout, "seed": seed, "device": str(device),
             "torch_threads": torch.get_num_threads(), "characters": list(PRETRAIN_CHARACTERS),
             "individuals": scene.counts(), "parameters": sum(p.numel() for p in nets.parameters())}
-    log, start = LossLog(out), time.time()
-    for step in tqdm(range(1, steps + 1), desc="pretraining tiny-sdxl", disable=not progress):
+    log, start, last = LossLog(out), time.time(), {}
+
+    def step_fn(step):
         x0, rows = scene.draw(batch_size, rng, world.NAMED_SHARE)
         flip = (torch.rand(batch_size, generator=gen) < 0.5)[:, None, None, None]
-        x0 = torch.where(flip, x0.flip(-1), x0).to(device)
+        x0 = torch.where(flip, x0.flip(-1), x0).to(device)  # [B, 3, 32, 32]
         captions = ["" if rng.random() < caption_dropout else world.random_caption(b, look, p, rng, name=name)
                     for b, p, look, name in rows]
         context, pooled = embed(pipe.text, captions)
@@ -300,21 +300,22 @@ def pretrain(out_dir, steps=2500, batch_size=16, lr=1e-3, warmup=200, ema_decay=
         pred = nets["unet"](x_t, t.to(device), context=context, text_embeds=pooled,
                             time_ids=size_ids(batch_size, gen).to(device))
         loss = F.mse_loss(pred.float(), schedule.v_target(x0, eps, t))  # v = sqrt(ab) eps - sqrt(1 - ab) x_0
-        check_finite(loss, step)
+        check_finite(loss, step)  # before backward: nothing NaN reaches the weights
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, step / max(1, warmup))
-        opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(nets.parameters(), 1.0)
-        opt.step()
         ema.decay = min(ema_decay, (1 + step) / (10 + step))  # EMA warm-up: early snapshots forget the init
-        ema.update(nets)
-        if step % 25 == 0 or step == steps:
-            log.log(step, loss=loss.item())
-        if step % save_every == 0 or step == steps:
-            info["minutes"] = round((time.time() - start) / 60, 2)
-            save_snapshot(ema.module, pipe, out, step, info, preview=step == steps)
-            log.plot(title="tiny-sdxl pretraining loss (v MSE)")
+        loop.optimizer_step(optimizer=opt, params=list(nets.parameters()), max_grad_norm=1.0, ema=ema, model=nets)
+        last["loss"] = loss.item()
+        return last
+
+    def snapshot(step):
+        info["minutes"] = round((time.time() - start) / 60, 2)
+        save_snapshot(ema.module, pipe, out, step, info, preview=step == steps)
+        log.plot(title="tiny-sdxl pretraining loss (v MSE)")
+
+    loop.train(step_fn=step_fn, steps=steps, finite=(), desc="pretraining tiny-sdxl", progress=progress,
+               hooks=[(25, lambda step: log.log(step, loss=last["loss"]), True), (save_every, snapshot, True)])
     return out
 
 

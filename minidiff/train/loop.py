@@ -1,4 +1,4 @@
-"""The one training-loop shape every trainer uses (DDPM, GAN, the classifier; DreamBooth and the miniature next).
+"""The one training-loop shape every trainer uses (DDPM, GAN, the classifier, the miniature's pretraining, DreamBooth).
 
 A trainer is a step function and a few hooks. `loop.train` owns only what every loop repeats:
 
@@ -30,15 +30,15 @@ and a classifier (an lr schedule) share the same loop. Resume is not a hook: loa
 with `torch.amp.GradScaler(enabled=...)`: a disabled scaler's scale/unscale_/step/update are identities around a
 plain optimizer.step(), and `autocast(dtype)` is `nullcontext()` when there is nothing to cast.
 
-DreamBooth on this shape (dreambooth.train today writes the same steps inline):
+DreamBooth on this shape (minidiff/dreambooth/loop.py::train):
     scaler = grad_scaler(device, use_scaler)
     step_fn(step): grad_accum x [make_batch -> rows_of_rank -> compute_loss (under autocast) ->
                    scaler.scale(loss / grad_accum).backward()], then
                    lr = optimizer_step(optimizer=, params=, scaler=, max_grad_norm=, lr_scheduler=,
                                        after_backward=lambda: ddp.average_gradients(params, ctx))      DDP hook 1
-                   -> {"loss", "instance", "prior", "lr"}
     reduce:        all_reduce the logged sums over the processes and divide by W                      DDP hook 2
-    hooks:         [(save_every, save checkpoint (extra={"scaler": scaler.state_dict()}) + on_save, False),
+    agree:         ddp.any_process(CTRL-C requested): every process stops after the same step          DDP hook 3
+    hooks:         [(save_every, checkpoint (extra={"scaler": ...}) + on_save, False),
                     (validate_every, on_validate under torch.random.fork_rng unless step == steps, False)]
     hooks_here=ctx.is_main; start from state.load_checkpoint (+ scaler.load_state_dict) before the loop.
 """
@@ -85,13 +85,15 @@ _DISABLED = torch.amp.GradScaler("cpu", enabled=False)
 
 
 def train(*, step_fn, steps, start=0, log=None, finite=("loss",), hint=state.NAN_HINT, hooks=(), reduce=None,
-          hooks_here=True, postfix=None, postfix_every=1, on_stop=None, desc="training", progress=True, **bar_kw):
+          hooks_here=True, postfix=None, postfix_every=1, on_stop=None, agree=None, desc="training", progress=True,
+          **bar_kw):
     """Run steps start+1 .. steps of `step_fn` (the contract is in the module docstring). Returns a summary dict."""
     t0, aside, logs = time.perf_counter(), 0.0, {}
     bar = tqdm(range(start + 1, steps + 1), initial=start, total=steps, desc=desc,
                disable=not progress or not hooks_here, **bar_kw)
-    # on_stop(step): CTRL-C writes a checkpoint after the current step and stops (interrupt.steps, exit 130)
-    for step in (interrupt.steps(bar, on_stop=on_stop) if on_stop is not None else bar):
+    # on_stop(step): CTRL-C writes a checkpoint after the current step and stops (interrupt.steps, exit 130);
+    # agree(requested) -> bool: DDP hook 3, every process stops after the same step
+    for step in (interrupt.steps(bar, on_stop=on_stop, agree=agree) if on_stop is not None else bar):
         logs = step_fn(step)
         if reduce is not None:
             logs = reduce(logs)
