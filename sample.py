@@ -34,6 +34,7 @@ from minidiff.cli import exit_code
 from minidiff.comic import read_page, render_page
 from minidiff.control_images import KINDS, read_control
 from minidiff.control_images import parse_control as split_control
+from minidiff.controlnet import Control
 from minidiff.errors import MinidiffError
 from minidiff.images import make_grid, save_png
 from minidiff.lora import load_lora
@@ -91,6 +92,8 @@ def build_parser():
       "pose or depth image; their estimators need weights minidiff does not have); SCALE defaults to 1")
     a("--controlnet", action="append", default=[], metavar="PATH",
       help="ControlNet folder or file for the --control images, in order (default: the miniature's tiny one)")
+    a("--guess-mode", action="store_true", help="the ControlNets steer only the prompt's half of the guided batch, "
+      "so guidance amplifies the control image too (diffusers' guess_mode)")
     a("--embedding", action="append", default=[], metavar="FILE[:TOKEN]", help="textual-inversion embedding "
       "(.safetensors from A1111, ComfyUI, diffusers or finetune.py --train ti), repeatable; write its token (default: "
       "the file's stem) in the prompt")
@@ -224,7 +227,7 @@ def run(args):
     check_fits(3 * rows * pipe.unet.config.block_out_channels[0] * (width // pipe.scale) * (height // pipe.scale)
                * next(pipe.unet.parameters()).element_size(), pipe.device, "the first UNet level's activations",
                f"{width}x{height} is too large; the model's native size is {native}x{native}")
-    controls = [(net.to(pipe.device, pipe.unet.dtype), image, scale)
+    controls = [Control(net.to(pipe.device, pipe.unet.dtype), image, scale, guess_mode=args.guess_mode)
                 for net, image, scale in read_controls(args, width, height)]
     peaks.end("load")
     t0 = time.perf_counter()
@@ -245,7 +248,8 @@ def run(args):
                 "model": str(args.model), "unet": args.unet, "vae": args.vae, "loras": loras, "embeddings": embeddings,
                 "dtype": dtype_name, "base_precision": memory["base_precision"], "vae_tile": memory["vae_tile"],
                 "controls": [{"image": Path(p).name, "type": k, "scale": sc, "controlnet": args.controlnet[
-                    min(i, len(args.controlnet) - 1)]} for i, (p, k, sc) in enumerate(args.control)]}
+                    min(i, len(args.controlnet) - 1)]} for i, (p, k, sc) in enumerate(args.control)],
+                "guess_mode": args.guess_mode}
     for i, (prompt, img) in enumerate(zip(runs, images)):
         path = save_png(img, out / f"{i:04d}-seed{args.seed + i}.png", {"prompt": prompt, "seed": args.seed + i,
                                                                         **settings})

@@ -250,15 +250,16 @@ def test_sample_py_control_flags(saved, nets, tmp_path, capsys):
     sketch.save(tmp_path / "sketch.png")
     fast = ["--model", str(tmp_path / "model"), "--prompt", "a cat", "--steps", "2", "--width", "64", "--height",
             "64", "--device", "cpu"]
-    for name, extra in (("plain", []), ("control", ["--control", f"{tmp_path / 'sketch.png'}:scribble:0.8",
-                                                    "--controlnet", str(tmp_path / "cn")])):
+    control = ["--control", f"{tmp_path / 'sketch.png'}:scribble:0.8", "--controlnet", str(tmp_path / "cn")]
+    for name, extra in (("plain", []), ("control", control), ("guess", [*control, "--guess-mode"])):
         assert sample.main([*fast, *extra, "--out", str(tmp_path / name)]) == 0
     assert "control image 50x40 resized to 64x64" in capsys.readouterr().err
     meta = read_png_metadata(tmp_path / "control" / "0000-seed0.png")
     assert meta["controls"] == [{"image": "sketch.png", "type": "scribble", "scale": 0.8,
                                  "controlnet": str(tmp_path / "cn")}]
-    a, b = (Image.open(tmp_path / n / "0000-seed0.png") for n in ("plain", "control"))
-    assert a.tobytes() != b.tobytes()
+    assert meta["guess_mode"] is False and read_png_metadata(tmp_path / "guess" / "0000-seed0.png")["guess_mode"]
+    a, b, c = (Image.open(tmp_path / n / "0000-seed0.png").tobytes() for n in ("plain", "control", "guess"))
+    assert len({a, b, c}) == 3  # the control changes the image, and guess mode changes how
     for bad, message in (([f"--control={tmp_path / 'missing.png'}:canny"], "no such image file"),
                          ([f"--control={tmp_path / 'sketch.png'}"], "needs --controlnet")):
         assert sample.main([*fast, *bad, "--out", str(tmp_path / "bad")]) == 2
