@@ -48,20 +48,31 @@ from minidiff.weights.pretrained import file_hash, load_pipeline
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "minidiff" / "assets" / "tiny-sdxl"
 DEFAULT_CONTROLNET = ROOT / "minidiff" / "assets" / "tiny-controlnet"
-DEFAULT_PROMPTS = ("a picture of a girl", "a picture of a robot jumping", "a picture of a zombie walking",
-                   "a picture of a boy climbing")
+DEFAULT_PROMPTS = (
+    "a picture of a girl",
+    "a picture of a robot jumping",
+    "a picture of a zombie walking",
+    "a picture of a boy climbing",
+)
 SAMPLERS = ("euler", "euler_a", "ddim", "ddpm", "dpmpp_2m")
 
 
 def build_parser():
-    p = Parser(prog=Path(__file__).name,
-               description="Text to image with an SDXL-family model (and LoRAs).")
+    p = Parser(prog=Path(__file__).name, description="Text to image with an SDXL-family model (and LoRAs).")
     a = p.add_argument
-    a("--model", default=None, help="diffusers SDXL folder or original single .safetensors file "
-      "(default: the bundled miniature, minidiff/assets/tiny-sdxl)")
+    a(
+        "--model",
+        default=None,
+        help="diffusers SDXL folder or original single .safetensors file "
+        "(default: the bundled miniature, minidiff/assets/tiny-sdxl)",
+    )
     a("--vae", default=None, help="VAE folder or file to use instead of the model's (e.g. the SDXL fp16-fix VAE)")
-    a("--unet", default=None, help="a UNet to use instead of the model's: a folder (e.g. a full fine-tune's "
-      "OUT/unet) or file of the same architecture")
+    a(
+        "--unet",
+        default=None,
+        help="a UNet to use instead of the model's: a folder (e.g. a full fine-tune's "
+        "OUT/unet) or file of the same architecture",
+    )
     a("--tokenizers", default=None, help="folder holding tokenizer/ and tokenizer_2/ (needed with a single file)")
     a("--prompt", action="append", default=None, help="repeatable")
     a("--prompts", default=None, help="a text file, one prompt per line")
@@ -69,42 +80,94 @@ def build_parser():
     a("--prompt-2", default=None, help="prompt for the second text encoder (OpenCLIP bigG; default: the prompt)")
     a("--negative-2", default=None, help="negative prompt for the second text encoder (default: --negative)")
     a("--page", default=None, help="a comic page file (JSON, see minidiff/comic.py and examples/page.json)")
-    a("--panel", type=int, action="append", default=None, metavar="N",
-      help="with --page: re-render only panel N (repeatable); the other panel files are left as they are")
+    a(
+        "--panel",
+        type=int,
+        action="append",
+        default=None,
+        metavar="N",
+        help="with --page: re-render only panel N (repeatable); the other panel files are left as they are",
+    )
     a("--steps", type=int, default=30)
-    a("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = no guidance; default 5, and 2 for "
-      "the bundled miniature: minidiff/bundled/tiny.py GUIDANCE)")
-    a("--sampler", choices=SAMPLERS, default=None,
-      help="default: the one the model's scheduler config names (euler for SDXL, euler_a for the miniature)")
-    a("--spacing", choices=("leading", "trailing", "linspace"), default=None,
-      help="timestep spacing (default: the model's scheduler config, 'leading' for SDXL)")
+    a(
+        "--cfg",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale (1 = no guidance; default 5, and 2 for "
+        "the bundled miniature: minidiff/bundled/tiny.py GUIDANCE)",
+    )
+    a(
+        "--sampler",
+        choices=SAMPLERS,
+        default=None,
+        help="default: the one the model's scheduler config names (euler for SDXL, euler_a for the miniature)",
+    )
+    a(
+        "--spacing",
+        choices=("leading", "trailing", "linspace"),
+        default=None,
+        help="timestep spacing (default: the model's scheduler config, 'leading' for SDXL)",
+    )
     a("--karras", action="store_true", help="Karras sigmas (euler, euler_a, dpmpp_2m)")
-    a("--guidance-rescale", type=float, default=None, help="phi of Lin et al. 2023 (0 = off; default: 0.7 for a "
-      "zero-terminal-SNR model such as the miniature, else 0)")
+    a(
+        "--guidance-rescale",
+        type=float,
+        default=None,
+        help="phi of Lin et al. 2023 (0 = off; default: 0.7 for a "
+        "zero-terminal-SNR model such as the miniature, else 0)",
+    )
     a("--seed", type=int, default=0)
     a("--width", type=int, default=None, help="default: the model's native size (1024 for SDXL)")
     a("--height", type=int, default=None)
     a("--num", type=int, default=1, help="images per prompt")
     a("--batch-size", type=int, default=4)
     a("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="repeatable; scale defaults to 1")
-    a("--control", action="append", default=[], metavar="IMAGE[:TYPE[:SCALE]]",
-      help="control image (repeatable): TYPE canny, scribble (made here from IMAGE) or image (used as is: a ready "
-      "pose or depth image; their estimators need weights minidiff does not have); SCALE defaults to 1")
-    a("--controlnet", action="append", default=[], metavar="PATH",
-      help="ControlNet folder or file for the --control images, in order (default: the miniature's tiny one)")
-    a("--guess-mode", action="store_true", help="the ControlNets steer only the prompt's half of the guided batch, "
-      "so guidance amplifies the control image too (diffusers' guess_mode)")
-    a("--embedding", action="append", default=[], metavar="FILE[:TOKEN]", help="textual-inversion embedding "
-      "(.safetensors from A1111, ComfyUI, diffusers or finetune.py --train ti), repeatable; write its token (default: "
-      "the file's stem) in the prompt")
+    a(
+        "--control",
+        action="append",
+        default=[],
+        metavar="IMAGE[:TYPE[:SCALE]]",
+        help="control image (repeatable): TYPE canny, scribble (made here from IMAGE) or image (used as is: a ready "
+        "pose or depth image; their estimators need weights minidiff does not have); SCALE defaults to 1",
+    )
+    a(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="ControlNet folder or file for the --control images, in order (default: the miniature's tiny one)",
+    )
+    a(
+        "--guess-mode",
+        action="store_true",
+        help="the ControlNets steer only the prompt's half of the guided batch, "
+        "so guidance amplifies the control image too (diffusers' guess_mode)",
+    )
+    a(
+        "--embedding",
+        action="append",
+        default=[],
+        metavar="FILE[:TOKEN]",
+        help="textual-inversion embedding "
+        "(.safetensors from A1111, ComfyUI, diffusers or finetune.py --train ti), repeatable; write its token (default: "
+        "the file's stem) in the prompt",
+    )
     a("--out", default="runs/sample")
     a("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     a("--dtype", choices=("fp16", "bf16", "fp32"), default=None, help="default: fp16 on CUDA, fp32 on CPU")
-    a("--base-precision", choices=("fp16", "bf16", "fp8"), default=None,
-      help="how the UNet's weights are stored (default: --dtype); fp8: e4m3, cast up per layer at use")
+    a(
+        "--base-precision",
+        choices=("fp16", "bf16", "fp8"),
+        default=None,
+        help="how the UNet's weights are stored (default: --dtype); fp8: e4m3, cast up per layer at use",
+    )
     a("--vae-tile", type=int, default=64, help="decode latents wider than this in overlapping tiles (0: whole)")
-    a("--low-memory", action="store_true", help="simulate first and pick what fits the detected card: fp8 base "
-      "weights, smaller VAE tiles (docs/memory-budget.md)")
+    a(
+        "--low-memory",
+        action="store_true",
+        help="simulate first and pick what fits the detected card: fp8 base "
+        "weights, smaller VAE tiles (docs/memory-budget.md)",
+    )
     return p
 
 
@@ -117,8 +180,9 @@ def parse_lora(spec):
     try:
         value = float(scale)
     except ValueError:
-        raise MinidiffError(f"--lora {spec}: the scale {scale!r} is not a number "
-                            "(expected PATH or PATH:SCALE)") from None
+        raise MinidiffError(
+            f"--lora {spec}: the scale {scale!r} is not a number (expected PATH or PATH:SCALE)"
+        ) from None
     if not math.isfinite(value):
         raise MinidiffError(f"--lora {spec}: the scale must be a finite number, got {scale}")
     return path, value
@@ -153,8 +217,10 @@ def check_args(args):
         raise MinidiffError(f"--karras works with euler, euler_a and dpmpp_2m, not {args.sampler}")
     if args.model is None:
         if not DEFAULT_MODEL.exists():
-            raise MinidiffError("no model given: pass --model (a diffusers SDXL folder or an original .safetensors "
-                                "file); the bundled miniature minidiff/assets/tiny-sdxl is not there")
+            raise MinidiffError(
+                "no model given: pass --model (a diffusers SDXL folder or an original .safetensors "
+                "file); the bundled miniature minidiff/assets/tiny-sdxl is not there"
+            )
         args.model = str(DEFAULT_MODEL)
     if args.cfg is None:
         args.cfg = tiny.default_cfg(args.model)
@@ -170,24 +236,29 @@ def check_args(args):
             raise MinidiffError("--control needs --controlnet PATH (a ControlNet made for this model)")
         args.controlnet = [str(DEFAULT_CONTROLNET)]
     if args.controlnet and len(args.controlnet) not in (1, len(args.control)):
-        raise MinidiffError(f"{len(args.control)} --control images but {len(args.controlnet)} --controlnet: give one "
-                            "ControlNet for all, or one per control image")
+        raise MinidiffError(
+            f"{len(args.control)} --control images but {len(args.controlnet)} --controlnet: give one "
+            "ControlNet for all, or one per control image"
+        )
 
 
 def parse_control(spec):
     """'sketch.png:scribble:0.8' -> (path, 'scribble', 0.8); the type defaults to 'image', the scale to 1."""
     path, kind, scale = split_control(spec)
     if not Path(path).is_file():
-        raise MinidiffError(f"--control {spec}: no such image file (expected IMAGE[:TYPE[:SCALE]], TYPE one of "
-                            f"{', '.join(KINDS)})")
+        raise MinidiffError(
+            f"--control {spec}: no such image file (expected IMAGE[:TYPE[:SCALE]], TYPE one of {', '.join(KINDS)})"
+        )
     return path, kind, scale
 
 
 def read_controls(args, width, height):
     """[(ControlNet, control image [1, 3, height, width] in [0, 1], scale)] from --control and --controlnet."""
     nets = [load_controlnet(p) for p in args.controlnet]
-    return [(nets[min(i, len(nets) - 1)], read_control(path, kind, height, width), scale)
-            for i, (path, kind, scale) in enumerate(args.control)]
+    return [
+        (nets[min(i, len(nets) - 1)], read_control(path, kind, height, width), scale)
+        for i, (path, kind, scale) in enumerate(args.control)
+    ]
 
 
 def run(args):
@@ -211,52 +282,115 @@ def run(args):
     embeddings = []
     for spec in args.embedding:
         path, token = parse_embedding(spec)
-        embeddings.append({"file": Path(path).name, "token": load_embedding(pipe.text, path, token),
-                           "sha256": file_hash(path)})
+        embeddings.append(
+            {"file": Path(path).name, "token": load_embedding(pipe.text, path, token), "sha256": file_hash(path)}
+        )
     args.sampler = args.sampler or model_sampler(pipe)
     if args.guidance_rescale is None:
         args.guidance_rescale = default_guidance_rescale(pipe)
     native = pipe.unet.config.sample_size * pipe.scale
     width, height = args.width or native, args.height or native
-    memory = memory_plan.prepare(pipe, memory_plan.Job(
-        "sample", latent=max(width, height) // pipe.scale, batch=min(args.batch_size, len(prompts) * args.num),
-        precision=dtype_name, base_precision=args.base_precision or dtype_name, guidance=args.cfg > 1,
-        vae_tile=args.vae_tile or None), pipe.device, args.low_memory)
+    memory = memory_plan.prepare(
+        pipe,
+        memory_plan.Job(
+            "sample",
+            latent=max(width, height) // pipe.scale,
+            batch=min(args.batch_size, len(prompts) * args.num),
+            precision=dtype_name,
+            base_precision=args.base_precision or dtype_name,
+            guidance=args.cfg > 1,
+            vae_tile=args.vae_tile or None,
+        ),
+        pipe.device,
+        args.low_memory,
+    )
     runs = [p for p in prompts for _ in range(args.num)]
     rows = min(args.batch_size, len(runs)) * (2 if args.cfg > 1 else 1)  # (batches of 1 for euler_a and ddpm)
-    check_fits(3 * rows * pipe.unet.config.block_out_channels[0] * (width // pipe.scale) * (height // pipe.scale)
-               * next(pipe.unet.parameters()).element_size(), pipe.device, "the first UNet level's activations",
-               f"{width}x{height} is too large; the model's native size is {native}x{native}")
-    controls = [Control(net.to(pipe.device, pipe.unet.dtype), image, scale, guess_mode=args.guess_mode)
-                for net, image, scale in read_controls(args, width, height)]
+    check_fits(
+        3
+        * rows
+        * pipe.unet.config.block_out_channels[0]
+        * (width // pipe.scale)
+        * (height // pipe.scale)
+        * next(pipe.unet.parameters()).element_size(),
+        pipe.device,
+        "the first UNet level's activations",
+        f"{width}x{height} is too large; the model's native size is {native}x{native}",
+    )
+    controls = [
+        Control(net.to(pipe.device, pipe.unet.dtype), image, scale, guess_mode=args.guess_mode)
+        for net, image, scale in read_controls(args, width, height)
+    ]
     peaks.end("load")
     t0 = time.perf_counter()
-    images = generate(pipe, runs, negative=args.negative, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
-                      seed=args.seed, width=width, height=height, guidance_rescale=args.guidance_rescale,
-                      batch_size=args.batch_size, spacing=args.spacing, karras=args.karras,
-                      prompt_2=args.prompt_2, negative_2=args.negative_2, controls=controls)
+    images = generate(
+        pipe,
+        runs,
+        negative=args.negative,
+        steps=args.steps,
+        cfg=args.cfg,
+        sampler=args.sampler,
+        seed=args.seed,
+        width=width,
+        height=height,
+        guidance_rescale=args.guidance_rescale,
+        batch_size=args.batch_size,
+        spacing=args.spacing,
+        karras=args.karras,
+        prompt_2=args.prompt_2,
+        negative_2=args.negative_2,
+        controls=controls,
+    )
     seconds = time.perf_counter() - t0
     peaks.end("generate")
-    print(f"{len(runs)} image(s) in {seconds:.1f} s ({seconds / len(runs):.2f} s/image"
-          + (f"; peak {peaks.what} {peaks.gib['generate']:.2f} GiB)" if peaks.gib else ")"))
+    print(
+        f"{len(runs)} image(s) in {seconds:.1f} s ({seconds / len(runs):.2f} s/image"
+        + (f"; peak {peaks.what} {peaks.gib['generate']:.2f} GiB)" if peaks.gib else ")")
+    )
 
     out = Path(args.out)
-    settings = {"negative": args.negative, "prompt_2": args.prompt_2, "negative_2": args.negative_2,
-                "steps": args.steps, "cfg": args.cfg, "sampler": args.sampler,
-                "spacing": args.spacing or pipe.scheduler_config.get("timestep_spacing", "leading"),
-                "karras": args.karras, "guidance_rescale": args.guidance_rescale, "width": width, "height": height,
-                "model": str(args.model), "unet": args.unet, "vae": args.vae, "loras": loras, "embeddings": embeddings,
-                "dtype": dtype_name, "base_precision": memory["base_precision"], "vae_tile": memory["vae_tile"],
-                "controls": [{"image": Path(p).name, "type": k, "scale": sc, "controlnet": args.controlnet[
-                    min(i, len(args.controlnet) - 1)]} for i, (p, k, sc) in enumerate(args.control)],
-                "guess_mode": args.guess_mode}
+    settings = {
+        "negative": args.negative,
+        "prompt_2": args.prompt_2,
+        "negative_2": args.negative_2,
+        "steps": args.steps,
+        "cfg": args.cfg,
+        "sampler": args.sampler,
+        "spacing": args.spacing or pipe.scheduler_config.get("timestep_spacing", "leading"),
+        "karras": args.karras,
+        "guidance_rescale": args.guidance_rescale,
+        "width": width,
+        "height": height,
+        "model": str(args.model),
+        "unet": args.unet,
+        "vae": args.vae,
+        "loras": loras,
+        "embeddings": embeddings,
+        "dtype": dtype_name,
+        "base_precision": memory["base_precision"],
+        "vae_tile": memory["vae_tile"],
+        "controls": [
+            {
+                "image": Path(p).name,
+                "type": k,
+                "scale": sc,
+                "controlnet": args.controlnet[min(i, len(args.controlnet) - 1)],
+            }
+            for i, (p, k, sc) in enumerate(args.control)
+        ],
+        "guess_mode": args.guess_mode,
+    }
     for i, (prompt, img) in enumerate(zip(runs, images)):
-        path = save_png(img, out / f"{i:04d}-seed{args.seed + i}.png", {"prompt": prompt, "seed": args.seed + i,
-                                                                        **settings})
+        path = save_png(
+            img, out / f"{i:04d}-seed{args.seed + i}.png", {"prompt": prompt, "seed": args.seed + i, **settings}
+        )
         print(path)
     grid = make_grid(images, nrow=args.num if args.num > 1 else None)
-    print(save_png(grid, out / "grid.png", {"prompts": runs, "seeds": [args.seed + i for i in range(len(runs))],
-                                            **settings}))
+    print(
+        save_png(
+            grid, out / "grid.png", {"prompts": runs, "seeds": [args.seed + i for i in range(len(runs))], **settings}
+        )
+    )
     return images
 
 
@@ -267,8 +401,9 @@ def load(args):
         check_gpu(device)
     dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    pipe = load_pipeline(args.model, dtype=dtype, device=device, vae=args.vae, tokenizers=args.tokenizers,
-                         unet=args.unet)
+    pipe = load_pipeline(
+        args.model, dtype=dtype, device=device, vae=args.vae, tokenizers=args.tokenizers, unet=args.unet
+    )
     return pipe, dtype_name
 
 
@@ -288,8 +423,10 @@ def run_page(args):
         if panel.controls and not panel.controlnets:
             default = Path(args.model) == DEFAULT_MODEL and DEFAULT_CONTROLNET.exists()
             if not (args.controlnet or default):
-                raise MinidiffError(f"panel {panel.number}: 'control' needs a 'controlnet' (or --controlnet PATH): "
-                                    "a ControlNet made for this model")
+                raise MinidiffError(
+                    f"panel {panel.number}: 'control' needs a 'controlnet' (or --controlnet PATH): "
+                    "a ControlNet made for this model"
+                )
             panel.controlnets = [Path(p) for p in args.controlnet] or [DEFAULT_CONTROLNET]
     out = Path(args.out if args.out != "runs/sample" else "runs/page")
     lock = run_folder.claim(out)  # noqa: F841 (a writable folder, ours until run returns)

@@ -53,13 +53,35 @@ from minidiff.train import hardware, loop, resume, state
 from minidiff.unet import UNet, UNetConfig
 
 DEFAULTS = {  # per recipe; every one can be overridden on the command line
-    "ho": dict(size=32, steps=800, batch_size=8, lr=1e-3, ema_decay=0.999, schedule="cosine", sampler="ddpm",
-               save_every=400, sample_every=0),
-    "seed": dict(size=32, steps=400, batch_size=2, lr=8e-4, ema_decay=0.0, schedule="linear", sampler="ddim",
-                 save_every=200, sample_every=0),
+    "ho": dict(
+        size=32,
+        steps=800,
+        batch_size=8,
+        lr=1e-3,
+        ema_decay=0.999,
+        schedule="cosine",
+        sampler="ddpm",
+        save_every=400,
+        sample_every=0,
+    ),
+    "seed": dict(
+        size=32,
+        steps=400,
+        batch_size=2,
+        lr=8e-4,
+        ema_decay=0.0,
+        schedule="linear",
+        sampler="ddim",
+        save_every=200,
+        sample_every=0,
+    ),
 }
-WIDTHS = {32: (32, 64, 64), 64: (32, 64, 128, 128), 128: (32, 64, 128, 128, 256),  # UNet block_out_channels
-          256: (64, 64, 128, 128, 256, 256)}  # Ho et al.'s 256 px net is (128, 128, 256, 256, 512, 512)
+WIDTHS = {
+    32: (32, 64, 64),
+    64: (32, 64, 128, 128),
+    128: (32, 64, 128, 128, 256),  # UNet block_out_channels
+    256: (64, 64, 128, 128, 256, 256),
+}  # Ho et al.'s 256 px net is (128, 128, 256, 256, 512, 512)
 SEED_STEPS = 5  # the seed notebook's `timesteps`
 N_SAMPLES = 25  # grid.png is 5 x 5
 RESUME_KEYS = ("recipe", "data", "fit", "size", "schedule", "batch_size", "lr", "ema_decay", "dropout", "seed", "unet")
@@ -67,15 +89,25 @@ SAMPLE_SEED_OFFSET = 1  # sampling noise comes from torch.Generator().manual_see
 
 
 def build_parser():
-    p = Parser(prog=Path(__file__).name,
-               description="Train a pixel-space DDPM on a few images (Ho et al. 2020), or the seed's failed recipe.")
-    p.add_argument("--recipe", choices=tuple(DEFAULTS), default="ho",
-                   help="ho: DDPM done right (default); seed: the seed project's 5-step linear-blend model")
+    p = Parser(
+        prog=Path(__file__).name,
+        description="Train a pixel-space DDPM on a few images (Ho et al. 2020), or the seed's failed recipe.",
+    )
+    p.add_argument(
+        "--recipe",
+        choices=tuple(DEFAULTS),
+        default="ho",
+        help="ho: DDPM done right (default); seed: the seed project's 5-step linear-blend model",
+    )
     p.add_argument("--data", default=None, help="image folder (default: the six bundled female_adventurer drawings)")
     p.add_argument("--fit", choices=("pad", "crop"), default="pad", help="square images by padding (white) or crop")
     p.add_argument("--size", type=int, choices=tuple(WIDTHS), default=None, help="image side (default 32)")
-    p.add_argument("--schedule", choices=("linear", "cosine"), default=None,
-                   help="betas: linear 1e-4..0.02 (Ho et al.) or cosine (iDDPM; default, better at 32-64 px)")
+    p.add_argument(
+        "--schedule",
+        choices=("linear", "cosine"),
+        default=None,
+        help="betas: linear 1e-4..0.02 (Ho et al.) or cosine (iDDPM; default, better at 32-64 px)",
+    )
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default=None, help="ancestral ddpm (default) or ddim (eta 0)")
     p.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default 100; 1000 = the paper's)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: ho 800, seed 400)")
@@ -95,8 +127,9 @@ def resolve_args(args):
             setattr(args, key, value)
     if args.sample_steps is None:
         args.sample_steps = SEED_STEPS if args.recipe == "seed" else 100
-    check_counts(args, positive=("steps", "batch_size", "sample_steps", "threads"),
-                 non_negative=("save_every", "sample_every"))
+    check_counts(
+        args, positive=("steps", "batch_size", "sample_steps", "threads"), non_negative=("save_every", "sample_every")
+    )
     if not args.lr > 0:
         raise MinidiffError(f"--lr must be positive, got {args.lr}")
     if not 0 <= args.ema_decay < 1:
@@ -206,9 +239,15 @@ def build_model(args):
     if args.recipe == "seed":
         return SeedNet(args.size), None
     widths = WIDTHS[args.size]
-    config = UNetConfig.pixel(image_size=args.size, block_out_channels=widths, layers_per_block=1,
-                              attention_resolutions=(16,), head_dim=32, dropout=args.dropout,
-                              norm_num_groups=min(32, widths[0] // 4))
+    config = UNetConfig.pixel(
+        image_size=args.size,
+        block_out_channels=widths,
+        layers_per_block=1,
+        attention_resolutions=(16,),
+        head_dim=32,
+        dropout=args.dropout,
+        norm_num_groups=min(32, widths[0] // 4),
+    )
     return UNet(config), config
 
 
@@ -221,8 +260,17 @@ def generate(model, schedule, args, n=N_SAMPLES, progress=True):
     model.eval()
     if args.recipe == "seed":
         return seed_sample(model, noise).clamp(-1, 1).cpu()
-    x = sample(model, schedule, noise, steps=args.sample_steps, sampler=args.sampler, spacing="trailing",
-               generator=g, progress=progress, clip_x0=1.0)
+    x = sample(
+        model,
+        schedule,
+        noise,
+        steps=args.sample_steps,
+        sampler=args.sampler,
+        spacing="trailing",
+        generator=g,
+        progress=progress,
+        clip_x0=1.0,
+    )
     return x.clamp(-1, 1).cpu()
 
 
@@ -238,8 +286,12 @@ def run(args):
     else:
         torch.set_num_threads(args.threads)
     state.seed_all(args.seed)
-    dataset = data.ImageFolder(args.data if args.data is not None else data.instance_images(), args.size,
-                               fit=args.fit, flip=args.recipe == "ho")
+    dataset = data.ImageFolder(
+        args.data if args.data is not None else data.instance_images(),
+        args.size,
+        fit=args.fit,
+        flip=args.recipe == "ho",
+    )
     schedule = Schedule.from_name(args.schedule)
     model, config = build_model(args)
     model = model.to(device)
@@ -247,8 +299,11 @@ def run(args):
     ema = state.EMA(model, args.ema_decay) if args.ema_decay > 0 else None
     modules = {"model": model, **({"ema": ema} if ema else {})}
     settings = {k: v for k, v in vars(args).items() if k != "resume"}
-    settings |= {"n_images": len(dataset.images), "unet": config.__dict__ if config else "SeedNet",
-                 "params": sum(p.numel() for p in model.parameters())}
+    settings |= {
+        "n_images": len(dataset.images),
+        "unet": config.__dict__ if config else "SeedNet",
+        "params": sum(p.numel() for p in model.parameters()),
+    }
     step = 0
     if args.resume:  # the settings first (resume.py: a change is refused), then the content, then restore
         file, _, extra = state.checkpoint_extra(args.resume, out)
@@ -264,8 +319,17 @@ def run(args):
         return seed_loss(model, x0) if args.recipe == "seed" else ddpm_loss(model, schedule, x0)
 
     def write_grid(path, at_step, x):
-        save_png(make_grid(x, nrow=5), path, {"step": at_step, "seed": args.seed, "recipe": args.recipe,
-                                              "weights": "EMA" if ema else "raw", "settings": settings})
+        save_png(
+            make_grid(x, nrow=5),
+            path,
+            {
+                "step": at_step,
+                "seed": args.seed,
+                "recipe": args.recipe,
+                "weights": "EMA" if ema else "raw",
+                "settings": settings,
+            },
+        )
 
     def step_fn(step):
         if ema is not None:  # warm-up: p_ema follows the net closely at first, then averages ~1/(1 - decay) steps
@@ -273,16 +337,26 @@ def run(args):
         return {"loss": train_step(model, optimizer, ema, loss_fn)}
 
     def write_samples(step):
-        write_grid(out / "samples" / f"step-{step:06d}.png", step, generate(sampler_model, schedule, args,
-                                                                           progress=False))
+        write_grid(
+            out / "samples" / f"step-{step:06d}.png", step, generate(sampler_model, schedule, args, progress=False)
+        )
 
     def save(step):
         return state.save_checkpoint(out, step, modules, {"adam": optimizer}, extra={"settings": settings})
 
-    summary = loop.train(step_fn=step_fn, steps=args.steps, start=step, log=log, hint="lower --lr",
-                         hooks=[(args.sample_every, write_samples, False), (args.save_every, save, True)],
-                         postfix=lambda logs: {"loss": f"{logs['loss'].item():.4f}"}, postfix_every=10,
-                         on_stop=save, desc=f"ddpm {args.recipe}", dynamic_ncols=True)
+    summary = loop.train(
+        step_fn=step_fn,
+        steps=args.steps,
+        start=step,
+        log=log,
+        hint="lower --lr",
+        hooks=[(args.sample_every, write_samples, False), (args.save_every, save, True)],
+        postfix=lambda logs: {"loss": f"{logs['loss'].item():.4f}"},
+        postfix_every=10,
+        on_stop=save,
+        desc=f"ddpm {args.recipe}",
+        dynamic_ncols=True,
+    )
     train_seconds = summary["seconds"]
 
     log.plot(title=f"DDPM ({args.recipe}): training loss")
@@ -291,18 +365,31 @@ def run(args):
     sample_seconds = time.perf_counter() - t0
     write_grid(out / "grid.png", args.steps, samples)
     result = metrics.evaluate(samples, dataset.tensors())
-    result.update(recipe=args.recipe, steps=args.steps, size=args.size, seed=args.seed, sampler=args.sampler,
-                  sample_steps=args.sample_steps, train_seconds=train_seconds, sample_seconds=sample_seconds)
+    result.update(
+        recipe=args.recipe,
+        steps=args.steps,
+        size=args.size,
+        seed=args.seed,
+        sampler=args.sampler,
+        sample_steps=args.sample_steps,
+        train_seconds=train_seconds,
+        sample_seconds=sample_seconds,
+    )
     io.write_json(result, out / "metrics.json")
-    print(f"ddpm {args.recipe}: {args.steps} steps in {train_seconds:.0f}s, {N_SAMPLES} samples in "
-          f"{sample_seconds:.0f}s -> {out}/grid.png; palette_distance {result['palette_distance']:.2f}, identity "
-          f"{result['identity']:.2f}, nn_distance {result['nn_distance']:.3f}, diversity {result['diversity']:.3f}")
+    print(
+        f"ddpm {args.recipe}: {args.steps} steps in {train_seconds:.0f}s, {N_SAMPLES} samples in "
+        f"{sample_seconds:.0f}s -> {out}/grid.png; palette_distance {result['palette_distance']:.2f}, identity "
+        f"{result['identity']:.2f}, nn_distance {result['nn_distance']:.3f}, diversity {result['diversity']:.3f}"
+    )
     return result
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    if argv[:2] == ["--preset", "tiny-sdxl"]:  # captions + two CLIPs + the SDXL UNet: the loop is minidiff/bundled/tiny.py's
+    if argv[:2] == [
+        "--preset",
+        "tiny-sdxl",
+    ]:  # captions + two CLIPs + the SDXL UNet: the loop is minidiff/bundled/tiny.py's
         return tiny.main(argv[2:])
     args = build_parser().parse_args(argv)
     return exit_code(run, args)

@@ -53,11 +53,17 @@ N_GRID = 64
 
 
 def build_parser():
-    p = Parser(prog=Path(__file__).name,
-               description="Train a DCGAN-sized GAN on a few images: the seed's recipe or the data-efficient one.")
-    p.add_argument("--recipe", choices=("dcgan", "data-efficient"), default="data-efficient",
-                   help="dcgan: the seed's (BN, sigmoid+BCE, no augmentation); data-efficient: DiffAugment + "
-                        "spectral norm + hinge + EMA (default)")
+    p = Parser(
+        prog=Path(__file__).name,
+        description="Train a DCGAN-sized GAN on a few images: the seed's recipe or the data-efficient one.",
+    )
+    p.add_argument(
+        "--recipe",
+        choices=("dcgan", "data-efficient"),
+        default="data-efficient",
+        help="dcgan: the seed's (BN, sigmoid+BCE, no augmentation); data-efficient: DiffAugment + "
+        "spectral norm + hinge + EMA (default)",
+    )
     p.add_argument("--data", default=None, help="image folder (default: the six bundled female_adventurer drawings)")
     p.add_argument("--fit", choices=("pad", "crop"), default="pad", help="square images by padding (white) or crop")
     p.add_argument("--size", type=int, default=None, help="image side, a power of two >= 16 (dcgan 64, else 32)")
@@ -76,7 +82,9 @@ def resolve_args(args):
     for key, value in DEFAULTS[args.recipe].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    check_counts(args, positive=("steps", "batch_size", "width", "threads"), non_negative=("save_every", "sample_every"))
+    check_counts(
+        args, positive=("steps", "batch_size", "width", "threads"), non_negative=("save_every", "sample_every")
+    )
     if not args.lr > 0:
         raise MinidiffError(f"--lr must be positive, got {args.lr}")
     if args.size < 16 or args.size > 1024 or args.size & (args.size - 1):
@@ -123,21 +131,26 @@ def run(args):
     reals = load_training_images(args).to(device)
     n = reals.shape[0]
     batch_size = min(args.batch_size, n) if args.recipe == "dcgan" else args.batch_size  # Keras: batch <= dataset
-    cfg = gan.GANConfig.from_recipe(args.recipe, size=args.size, lr=args.lr, g_width=args.width, d_width=args.width,
-                                    r1_gamma=args.r1)
+    cfg = gan.GANConfig.from_recipe(
+        args.recipe, size=args.size, lr=args.lr, g_width=args.width, d_width=args.width, r1_gamma=args.r1
+    )
     G, D = (m.to(device) for m in gan.build(cfg))
     opt_g = torch.optim.Adam(G.parameters(), cfg.lr, betas=cfg.betas)
     opt_d = torch.optim.Adam(D.parameters(), cfg.lr, betas=cfg.betas)
     ema = state.EMA(G, cfg.ema_decay) if cfg.ema_decay > 0 else None
     modules = {"G": G, "D": D, **({"G_ema": ema} if ema else {})}
     optimizers = {"G": opt_g, "D": opt_d}
-    settings = {k: v for k, v in vars(args).items() if k not in ("resume",)} | {"batch_size": batch_size,
-                                                                                "config": asdict(cfg), "n_images": n}
+    settings = {k: v for k, v in vars(args).items() if k not in ("resume",)} | {
+        "batch_size": batch_size,
+        "config": asdict(cfg),
+        "n_images": n,
+    }
     step = 0
     if args.resume:  # the settings first (resume.py: a change is refused), then the content, then restore
         file, _, extra = state.checkpoint_extra(args.resume, out)
-        resume.check_settings(extra.get("config", {}), asdict(cfg), list(asdict(cfg)), file,
-                              "--steps and the output flags")
+        resume.check_settings(
+            extra.get("config", {}), asdict(cfg), list(asdict(cfg)), file, "--steps and the output flags"
+        )
         step, extra = state.load_checkpoint(file, modules, optimizers, out_dir=out)
     log = state.LossLog(out, resume_step=step if args.resume else None)
     z_grid = torch.randn(N_GRID, cfg.latent, generator=torch.Generator().manual_seed(args.seed + GRID_SEED_OFFSET))
@@ -146,8 +159,17 @@ def run(args):
 
     def write_grid(path, at_step):
         x = gan.sample(sampler, z_grid)
-        save_png(make_grid(x, nrow=8), path, {"step": at_step, "seed": args.seed, "recipe": args.recipe,
-                                              "generator": "EMA" if ema else "G", "settings": settings})
+        save_png(
+            make_grid(x, nrow=8),
+            path,
+            {
+                "step": at_step,
+                "seed": args.seed,
+                "recipe": args.recipe,
+                "generator": "EMA" if ema else "G",
+                "settings": settings,
+            },
+        )
 
     def checkpoint(at_step):
         return state.save_checkpoint(out, at_step, modules, optimizers, extra={"config": asdict(cfg), "args": settings})
@@ -156,29 +178,53 @@ def run(args):
         return gan.train_step(G, D, opt_g, opt_d, reals[batch_indices(n, batch_size).to(device)], cfg, step, ema)
 
     def postfix(logs):
-        return {"D(x)": f"{logs['d_x']:.3f}", "D(G(z))": f"{logs['d_g_z']:.3f}", "L_D": f"{logs['loss_d']:.3f}",
-                "L_G": f"{logs['loss_g']:.3f}"}
+        return {
+            "D(x)": f"{logs['d_x']:.3f}",
+            "D(G(z))": f"{logs['d_g_z']:.3f}",
+            "L_D": f"{logs['loss_d']:.3f}",
+            "L_G": f"{logs['loss_g']:.3f}",
+        }
 
-    summary = loop.train(step_fn=step_fn, steps=args.steps, start=step, log=log, finite=("loss_d", "loss_g"),
-                         hint="lower --lr, or try --r1 auto",
-                         hooks=[(args.sample_every, lambda s: write_grid(out / f"grid-{s:06d}.png", s), False),
-                                (args.save_every, checkpoint, True)],
-                         postfix=postfix, postfix_every=10, on_stop=checkpoint, desc=f"gan {args.recipe}",
-                         dynamic_ncols=True)
+    summary = loop.train(
+        step_fn=step_fn,
+        steps=args.steps,
+        start=step,
+        log=log,
+        finite=("loss_d", "loss_g"),
+        hint="lower --lr, or try --r1 auto",
+        hooks=[
+            (args.sample_every, lambda s: write_grid(out / f"grid-{s:06d}.png", s), False),
+            (args.save_every, checkpoint, True),
+        ],
+        postfix=postfix,
+        postfix_every=10,
+        on_stop=checkpoint,
+        desc=f"gan {args.recipe}",
+        dynamic_ncols=True,
+    )
     train_seconds = summary["seconds"]
 
     log.plot(title=f"GAN ({args.recipe}): losses, D(x) and D(G(z))")
-    log.plot(title=f"GAN ({args.recipe}): D(x) and D(G(z)), mean sigmoid", path=out / "d_outputs.png",
-             names=["d_x", "d_g_z"])
+    log.plot(
+        title=f"GAN ({args.recipe}): D(x) and D(G(z)), mean sigmoid", path=out / "d_outputs.png", names=["d_x", "d_g_z"]
+    )
     write_grid(out / "grid.png", args.steps)
     samples = gan.sample(sampler, z_grid).float().cpu()
     result = metrics.evaluate(samples, reals.float().cpu())
-    result.update(recipe=args.recipe, steps=args.steps, size=args.size, seed=args.seed, train_seconds=train_seconds,
-                  generator="EMA" if ema else "G")
+    result.update(
+        recipe=args.recipe,
+        steps=args.steps,
+        size=args.size,
+        seed=args.seed,
+        train_seconds=train_seconds,
+        generator="EMA" if ema else "G",
+    )
     io.write_json(result, out / "metrics.json")
-    print(f"{args.recipe}: {args.steps} steps in {train_seconds:.0f}s -> {out}/grid.png; palette_distance "
-          f"{result['palette_distance']:.2f}, identity {result['identity']:.2f}, nn_distance "
-          f"{result['nn_distance']:.3f}, diversity {result['diversity']:.3f}")
+    print(
+        f"{args.recipe}: {args.steps} steps in {train_seconds:.0f}s -> {out}/grid.png; palette_distance "
+        f"{result['palette_distance']:.2f}, identity {result['identity']:.2f}, nn_distance "
+        f"{result['nn_distance']:.3f}, diversity {result['diversity']:.3f}"
+    )
     return result
 
 

@@ -13,6 +13,7 @@ For each class prompt "a picture of a girl / man / zombie / robot" (the world's 
 Writes OUT/base-model.json and OUT/base-model.png (rows: the prompts; 8 samples each, 4x nearest neighbour).
 The bar of issue 12: >= 90 % recognised per class prompt.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,24 +50,43 @@ def main(argv=None):
     rows, shown = {}, []
     for body in world.WORLD_BODIES:
         prompt = f"a picture of a {world.CLASS_WORD[body]}"
-        x = generate(pipe, [prompt] * args.samples, steps=args.steps, cfg=args.cfg, seed=0, width=tiny.SIZE,
-                     height=tiny.SIZE, batch_size=args.samples, progress=False)
+        x = generate(
+            pipe,
+            [prompt] * args.samples,
+            steps=args.steps,
+            cfg=args.cfg,
+            seed=0,
+            width=tiny.SIZE,
+            height=tiny.SIZE,
+            batch_size=args.samples,
+            progress=False,
+        )
         chars, _, _ = classifier.predict(x, judge)
         own = metrics.prepare(data.load_tensor_set([data.kenney_path(body, q) for q in data.POSES], tiny.SIZE))
         samples = metrics.prepare(x)
-        rows[prompt] = {"recognised": sum(c == body for c in chars) / len(chars),
-                        "background": metrics.background_distance(samples, own),
-                        "diversity": metrics.diversity(samples),
-                        "verdicts": {c: chars.count(c) for c in sorted(set(chars))}}
+        rows[prompt] = {
+            "recognised": sum(c == body for c in chars) / len(chars),
+            "background": metrics.background_distance(samples, own),
+            "diversity": metrics.diversity(samples),
+            "verdicts": {c: chars.count(c) for c in sorted(set(chars))},
+        }
         shown.append(x[:8])
         print(prompt, json.dumps({k: v for k, v in rows[prompt].items() if k != "verdicts"}), flush=True)
-    result = {"command": "python bench/base_model.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "cfg": args.cfg, "steps": args.steps, "samples": args.samples, "sampler": "the model's (euler_a)",
-              "rows": rows, "bar_0.9": all(r["recognised"] >= 0.9 for r in rows.values()),
-              "seconds": round(time.time() - t0, 1)}
+    result = {
+        "command": "python bench/base_model.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "cfg": args.cfg,
+        "steps": args.steps,
+        "samples": args.samples,
+        "sampler": "the model's (euler_a)",
+        "rows": rows,
+        "bar_0.9": all(r["recognised"] >= 0.9 for r in rows.values()),
+        "seconds": round(time.time() - t0, 1),
+    }
     (out / "base-model.json").write_text(json.dumps(result, indent=2) + "\n")
     grid = labelled_grid(torch.cat(shown), list(rows), [f"seed {i}" for i in range(8)])
-    save_png(grid, out / "base-model.png", {"prompts": list(rows), "cfg": args.cfg, "steps": args.steps, "seeds": "0-7"})
+    save_png(
+        grid, out / "base-model.png", {"prompts": list(rows), "cfg": args.cfg, "steps": args.steps, "seeds": "0-7"}
+    )
     print(f"wrote {out} in {result['seconds']} s; >= 90 % recognised per class prompt: {result['bar_0.9']}")
 
 

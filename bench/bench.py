@@ -17,6 +17,7 @@ the same numbers, or the timings compare two different computations).
 
 diffusers and peft are imported only here and only in the "diffusers" workers: they are oracles, never minidiff deps.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,12 +83,14 @@ def _add_lora(impl, model, device, seed):
     """Rank-4 LoRA on to_q/to_k/to_v/to_out.0 with A from the shared init, B = 0; returns the fp32 trainables."""
     if impl == "ours":
         from minidiff.lora import inject_lora, lora_layers, lora_parameters
+
         inject_lora(model, targets="attn", rank=4)
         for name, layer in lora_layers(model).items():
             A = layer.lora_A["default"]
             A.data = init_value(f"{name}.lora_A", A.shape, torch.float32, device, seed)
         return lora_parameters(model)
     from peft import LoraConfig
+
     model.requires_grad_(False)
     model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
     for name, module in model.named_modules():
@@ -138,8 +141,14 @@ def task_train(args, dtype, out_file):
         if step == 0:
             save_output(pred.detach(), out_file)
     n = sum(p.numel() for p in params)
-    return {"times": times, "time_s": _headline(times), "cpu_times": cpu, "cpu_s": _headline(cpu), "losses": losses,
-            "lora_params": n}
+    return {
+        "times": times,
+        "time_s": _headline(times),
+        "cpu_times": cpu,
+        "cpu_s": _headline(cpu),
+        "losses": losses,
+        "lora_params": n,
+    }
 
 
 class StubText:
@@ -158,8 +167,9 @@ class StubText:
 
     @staticmethod
     def time_ids(original_size, crop_top_left, target_size, batch=1):
-        return torch.tensor([[*map(float, original_size), *map(float, crop_top_left), *map(float, target_size)]]
-                            ).repeat(batch, 1)
+        return torch.tensor(
+            [[*map(float, original_size), *map(float, crop_top_left), *map(float, target_size)]]
+        ).repeat(batch, 1)
 
 
 def task_sample(args, dtype, out_file, n_images, batch):
@@ -178,28 +188,62 @@ def task_sample(args, dtype, out_file, n_images, batch):
     if args.impl == "ours":
         from minidiff.pipeline import Pipeline, generate
         from minidiff.schedule import Schedule
+
         pipe = Pipeline(unet, vae, StubText(ctx, pooled), Schedule.scaled_linear(), vae_tile=None)  # as diffusers
 
         def run():
-            return generate(pipe, [str(i) for i in range(n_images)], negative="", steps=args.steps, cfg=5.0,
-                            sampler="euler", width=size, height=size, batch_size=batch, progress=False,
-                            noise=noise.to(args.device)) * 0.5 + 0.5
+            return (
+                generate(
+                    pipe,
+                    [str(i) for i in range(n_images)],
+                    negative="",
+                    steps=args.steps,
+                    cfg=5.0,
+                    sampler="euler",
+                    width=size,
+                    height=size,
+                    batch_size=batch,
+                    progress=False,
+                    noise=noise.to(args.device),
+                )
+                * 0.5
+                + 0.5
+            )
     else:
         from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
-                                         tokenizer_2=None, unet=unet, scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
-                                         add_watermarker=False)
+
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=None,
+            text_encoder_2=None,
+            tokenizer=None,
+            tokenizer_2=None,
+            unet=unet,
+            scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
+            add_watermarker=False,
+        )
         pipe.set_progress_bar_config(disable=True)
 
         def run():
             out = []
             for s in range(0, n_images, batch):
                 sl = slice(s, s + batch)
-                out.append(pipe(prompt_embeds=ctx[sl], negative_prompt_embeds=torch.zeros_like(ctx[sl]),
-                                pooled_prompt_embeds=pooled[sl], negative_pooled_prompt_embeds=torch.zeros_like(pooled[sl]),
-                                num_inference_steps=args.steps, guidance_scale=5.0, height=size, width=size,
-                                latents=noise[sl].to(args.device, dtype), output_type="pt").images)
+                out.append(
+                    pipe(
+                        prompt_embeds=ctx[sl],
+                        negative_prompt_embeds=torch.zeros_like(ctx[sl]),
+                        pooled_prompt_embeds=pooled[sl],
+                        negative_pooled_prompt_embeds=torch.zeros_like(pooled[sl]),
+                        num_inference_steps=args.steps,
+                        guidance_scale=5.0,
+                        height=size,
+                        width=size,
+                        latents=noise[sl].to(args.device, dtype),
+                        output_type="pt",
+                    ).images
+                )
             return torch.cat(out)
+
     sync(args.device)
     t0, c0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
@@ -207,8 +251,14 @@ def task_sample(args, dtype, out_file, n_images, batch):
     sync(args.device)
     total, cpu = time.perf_counter() - t0, time.process_time() - c0
     save_output(images[:1].float(), out_file)
-    return {"time_s": total / n_images, "cpu_s": cpu / n_images, "total_s": total, "images": n_images, "batch": batch,
-            "steps": args.steps}
+    return {
+        "time_s": total / n_images,
+        "cpu_s": cpu / n_images,
+        "total_s": total,
+        "images": n_images,
+        "batch": batch,
+        "steps": args.steps,
+    }
 
 
 def _headline(times):
@@ -218,6 +268,7 @@ def _headline(times):
 
 def save_output(t, path):
     from safetensors.torch import save_file
+
     save_file({"out": t.detach().float().cpu().contiguous()}, str(path))
 
 
@@ -244,22 +295,48 @@ def worker(args):
 def run_worker(args, task, impl, tmp) -> dict:
     out = Path(tmp) / f"{task}-{impl}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker-out", str(out), "--task", task, "--impl", impl]
-    for k in ("device", "config", "latent", "batch", "precision", "reps", "train_steps", "steps", "images",
-              "class_images", "class_batch", "seed", "threads"):
+    for k in (
+        "device",
+        "config",
+        "latent",
+        "batch",
+        "precision",
+        "reps",
+        "train_steps",
+        "steps",
+        "images",
+        "class_images",
+        "class_batch",
+        "seed",
+        "threads",
+    ):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
-    cmd += [f for f, on in (("--checkpointing", args.checkpointing), ("--no-checkpointing", not args.checkpointing),
-                            ("--channels-last", args.channels_last), ("--compile", args.compile)) if on]
+    cmd += [
+        f
+        for f, on in (
+            ("--checkpointing", args.checkpointing),
+            ("--no-checkpointing", not args.checkpointing),
+            ("--channels-last", args.channels_last),
+            ("--compile", args.compile),
+        )
+        if on
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0 or not out.exists():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"task": task, "impl": impl, "error": " | ".join(tail) or f"exit {proc.returncode}",
-                "wall_s": round(time.perf_counter() - t0, 1)}
+        return {
+            "task": task,
+            "impl": impl,
+            "error": " | ".join(tail) or f"exit {proc.returncode}",
+            "wall_s": round(time.perf_counter() - t0, 1),
+        }
     return json.loads(out.read_text())
 
 
 def max_diff(tmp, task):
     from safetensors.torch import load_file
+
     a, b = (Path(tmp) / f"{task}-{i}.safetensors" for i in ("ours", "diffusers"))
     if not (a.exists() and b.exists()):
         return None
@@ -277,8 +354,12 @@ def _combine(runs):
     ok = [r for r in runs if "error" not in r]
     if len(ok) < 2:
         return ok[0] if ok else (runs[0] if runs else {})
-    r = dict(ok[0], time_s=_median([x["time_s"] for x in ok]), cpu_s=_median([x["cpu_s"] for x in ok]),
-             rounds=[x["time_s"] for x in ok])
+    r = dict(
+        ok[0],
+        time_s=_median([x["time_s"] for x in ok]),
+        cpu_s=_median([x["cpu_s"] for x in ok]),
+        rounds=[x["time_s"] for x in ok],
+    )
     for key in ("peak_rss_gb", "peak_cuda_gb"):
         if key in r:
             r[key] = max(x[key] for x in ok)
@@ -292,8 +373,19 @@ def _ratio(o_runs, d_runs, key):
 
 
 def table(results) -> str:
-    rows = [("task", "impl", "time", "cpu time", "peak mem", "ours/diffusers time (cpu time)", "ours/diffusers mem",
-             "max |diff|", "notes")]
+    rows = [
+        (
+            "task",
+            "impl",
+            "time",
+            "cpu time",
+            "peak mem",
+            "ours/diffusers time (cpu time)",
+            "ours/diffusers mem",
+            "max |diff|",
+            "notes",
+        )
+    ]
     runs = {}
     for r in results["runs"]:
         runs.setdefault((r["task"], r["impl"]), []).append(r)
@@ -322,8 +414,19 @@ def table(results) -> str:
                 ratio_t = f"{_ratio(o_runs, d_runs, 'time_s'):.2f}x ({_ratio(o_runs, d_runs, 'cpu_s'):.2f}x)"
                 ratio_m = f"{o[mem_key] / d[mem_key]:.2f}x"
                 diff = "" if results["diffs"].get(task) is None else f"{results['diffs'][task]:.2e}"
-            rows.append((task, impl, f"{r['time_s']:.3f} {unit}", f"{r['cpu_s']:.3f} s", f"{r[mem_key]:.2f} GiB",
-                         ratio_t, ratio_m, diff, "; ".join(notes)))
+            rows.append(
+                (
+                    task,
+                    impl,
+                    f"{r['time_s']:.3f} {unit}",
+                    f"{r['cpu_s']:.3f} s",
+                    f"{r[mem_key]:.2f} GiB",
+                    ratio_t,
+                    ratio_m,
+                    diff,
+                    "; ".join(notes),
+                )
+            )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -363,11 +466,18 @@ def parse_args(argv=None):
     p.add_argument("--images", type=int, default=1, help="images for the sample task (batch 1)")
     p.add_argument("--class-images", type=int, default=None, help="images for classgen (default 2 cpu, 8 cuda)")
     p.add_argument("--class-batch", type=int, default=None, help="classgen batch (default 2 cpu, 4 cuda)")
-    p.add_argument("--rounds", type=int, default=1, help="repeat each task's pair N times, alternating which goes "
-                   "first; the table shows medians and the median of the per-round ratios (for a noisy machine)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat each task's pair N times, alternating which goes "
+        "first; the table shows medians and the median of the per-round ratios (for a noisy machine)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    p.add_argument("--json", default=None, help="where to write the results (default bench/results/<device>-<time>.json)")
+    p.add_argument(
+        "--json", default=None, help="where to write the results (default bench/results/<device>-<time>.json)"
+    )
     p.add_argument("--show", default=None, help="print the table of a results JSON written earlier, run nothing")
     p.add_argument("--task", help=argparse.SUPPRESS)
     p.add_argument("--impl", help=argparse.SUPPRESS)
@@ -393,6 +503,7 @@ def main(argv=None):
         return None
     if args.device == "cuda":
         from minidiff.train.hardware import check_gpu
+
         check_gpu("cuda")
     tasks = [t for t in args.tasks.split(",") if t]
     bad = set(tasks) - set(TASKS)
@@ -403,12 +514,16 @@ def main(argv=None):
     try:
         import diffusers
         import peft
+
         setup.update(diffusers=diffusers.__version__, peft=peft.__version__)
     except ImportError:
         pass
     results = {"setup": setup, "runs": [], "diffs": {}}
-    path = Path(args.json) if args.json else ROOT / "bench" / "results" / (
-        f"{args.device}-{args.config}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    path = (
+        Path(args.json)
+        if args.json
+        else ROOT / "bench" / "results" / (f"{args.device}-{args.config}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for task in tasks:
             for k, impl in _schedule(args.impls.split(","), args.rounds):
@@ -439,11 +554,14 @@ def write_json(results, path):
 def report(results) -> str:
     """The header lines and the table (also: python bench/bench.py --show RESULTS.json)."""
     s = results["setup"]
-    return "\n".join([
-        f"{s['machine']}; torch {s['torch']}, diffusers {s.get('diffusers')}, peft {s.get('peft')}",
-        f"config {s['config']}, latent {s['latent']}x{s['latent']}, batch {s['batch']}, {s['precision']}, "
-        f"checkpointing {s['checkpointing']}, channels_last {s['channels_last']}, compile {s['compile']}",
-        table(results)])
+    return "\n".join(
+        [
+            f"{s['machine']}; torch {s['torch']}, diffusers {s.get('diffusers')}, peft {s.get('peft')}",
+            f"config {s['config']}, latent {s['latent']}x{s['latent']}, batch {s['batch']}, {s['precision']}, "
+            f"checkpointing {s['checkpointing']}, channels_last {s['channels_last']}, compile {s['compile']}",
+            table(results),
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ dispatches (2 FLOPs per multiply-add). Memory:
                  (kept for the recomputation) + the largest single block's saved tensors (alive while that block is
                  recomputed during backward)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,9 +50,13 @@ def meta_unet(config: str, dtype, lora_rank=4):
 def meta_inputs(cfg, batch, latent, dtype):
     pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
     with torch.device("meta"):
-        return (torch.randn(batch, cfg.in_channels, latent, latent, dtype=dtype), torch.full((batch,), 500),
-                torch.randn(batch, 77, cfg.cross_attention_dim, dtype=dtype), torch.randn(batch, pooled, dtype=dtype),
-                torch.randn(batch, 6, dtype=dtype))
+        return (
+            torch.randn(batch, cfg.in_channels, latent, latent, dtype=dtype),
+            torch.full((batch,), 500),
+            torch.randn(batch, 77, cfg.cross_attention_dim, dtype=dtype),
+            torch.randn(batch, pooled, dtype=dtype),
+            torch.randn(batch, 6, dtype=dtype),
+        )
 
 
 def forward_flops(config="sdxl", latent=128, batch=1) -> dict:
@@ -66,9 +71,28 @@ def forward_flops(config="sdxl", latent=128, batch=1) -> dict:
 
 
 # Ops that only reinterpret a tensor's shape or strides: no kernel runs for them on a GPU.
-VIEW_OPS = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "reshape", "unsqueeze", "squeeze", "slice",
-            "select", "alias", "detach", "as_strided", "split", "chunk", "unbind", "split_with_sizes", "lift_fresh",
-            "_reshape_alias"}
+VIEW_OPS = {
+    "view",
+    "_unsafe_view",
+    "t",
+    "transpose",
+    "permute",
+    "expand",
+    "reshape",
+    "unsqueeze",
+    "squeeze",
+    "slice",
+    "select",
+    "alias",
+    "detach",
+    "as_strided",
+    "split",
+    "chunk",
+    "unbind",
+    "split_with_sizes",
+    "lift_fresh",
+    "_reshape_alias",
+}
 
 
 class OpCounter(TorchDispatchMode):
@@ -136,8 +160,9 @@ def _fused_sdpa(q, k, v, *args, **kwargs):
     return _SavesLikeAFusedKernel.apply(q, k, v)
 
 
-def activation_bytes(config="sdxl", latent=128, batch=1, dtype=torch.float16, checkpointing=True, lora_rank=4,
-                     fused_attention=True):
+def activation_bytes(
+    config="sdxl", latent=128, batch=1, dtype=torch.float16, checkpointing=True, lora_rank=4, fused_attention=True
+):
     """Bytes autograd keeps for backward (module docstring). fused_attention: count attention as the GPU's
     memory-efficient kernel stores it (what runs on a P100 / T4), else as the math path does."""
     if fused_attention:
@@ -177,7 +202,9 @@ def activation_bytes(config="sdxl", latent=128, batch=1, dtype=torch.float16, ch
                     y = orig(*args, **kw)
                 sizes[id(module)] = max(sizes.get(id(module), 0), s.total)
                 return y
+
             module.forward = fwd
+
         for m in blocks:
             wrap(m)
         unet(x, t, context=ctx, text_embeds=pooled, time_ids=ids)
@@ -196,16 +223,26 @@ def budget(config="sdxl", latent=128, batch=1, dtype="fp16", lora_rank=4) -> dic
     n_all = sum(p.numel() for p in unet.parameters())
     n_frozen = n_all - n_lora
     return {
-        "config": config, "latent": latent, "batch": batch, "dtype": dtype,
-        "params_frozen": n_frozen, "params_lora": n_lora,
+        "config": config,
+        "latent": latent,
+        "batch": batch,
+        "dtype": dtype,
+        "params_frozen": n_frozen,
+        "params_lora": n_lora,
         "weights_gb": n_frozen * d.itemsize / GB,
         "lora_train_state_gb": n_lora * 16 / GB,  # fp32 param + grad + AdamW m, v
-        "activations_ckpt_gb": {k: v / GB for k, v in activation_bytes(config, latent, batch, d, True, lora_rank).items()},
+        "activations_ckpt_gb": {
+            k: v / GB for k, v in activation_bytes(config, latent, batch, d, True, lora_rank).items()
+        },
         "activations_no_ckpt_gb": activation_bytes(config, latent, batch, d, False, lora_rank)["total"] / GB,
-        "activations_ckpt_math_attention_gb": activation_bytes(config, latent, batch, d, True, lora_rank,
-                                                               fused_attention=False)["total"] / GB,
-        "activations_no_ckpt_math_attention_gb": activation_bytes(config, latent, batch, d, False, lora_rank,
-                                                                  fused_attention=False)["total"] / GB,
+        "activations_ckpt_math_attention_gb": activation_bytes(
+            config, latent, batch, d, True, lora_rank, fused_attention=False
+        )["total"]
+        / GB,
+        "activations_no_ckpt_math_attention_gb": activation_bytes(
+            config, latent, batch, d, False, lora_rank, fused_attention=False
+        )["total"]
+        / GB,
         "forward_tflop": forward_flops(config, latent, batch)["total"] / 1e12,
     }
 

@@ -30,6 +30,7 @@ deviation over the seeds. Each sample is judged independently by the character c
 Writes OUT/results.json, OUT/table.md and OUT/dreambooth-table.png (rows (a)-(d), seed 0; columns: sks climbing,
 sks walking, a <class>). Fine-tunes are skipped when their manifest.json exists (delete to redo).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,9 +67,14 @@ RUNS = {  # name -> extra finetune.py flags
     "ti-prior": ["--train", "ti", *TI],
     "pivotal-prior": ["--train-ti", *TI],
 }
-LABELS = {"base": "(a) base model", "lora": "(b) LoRA", "lora-prior": "(c) LoRA + prior preservation",
-          "full-prior": "(d) full fine-tune + prior preservation", "ti-prior": "(e) textual inversion + prior",
-          "pivotal-prior": "(f) pivotal tuning (LoRA + new token) + prior"}
+LABELS = {
+    "base": "(a) base model",
+    "lora": "(b) LoRA",
+    "lora-prior": "(c) LoRA + prior preservation",
+    "full-prior": "(d) full fine-tune + prior preservation",
+    "ti-prior": "(e) textual inversion + prior",
+    "pivotal-prior": "(f) pivotal tuning (LoRA + new token) + prior",
+}
 HELD_OUT_ACTIONS = ("climbing", "walking")  # families of data.HELD_OUT_POSES (climb1, walk1, walk2, walk4..7)
 METRICS = ("identity", "pose_accuracy", "drift", "class_kept", "background", "class_diversity")
 CLASS_BODY = {"girl": "female_person", "man": "male_person"}  # the world body each class word names
@@ -95,11 +101,30 @@ def finetune(name, seed, args, out: Path):
     if (run_dir / "manifest.json").is_file():
         return None
     word = world.CLASS_WORD[args.character]
-    cmd = [sys.executable, str(ROOT / "finetune.py"), "--model", str(args.model), "--out", str(run_dir),
-           "--instance-dir", str(instance_dir(args.character, out)),
-           "--instance-prompt", f"a picture of {tiny.IDENTIFIER} {word}", "--class-prompt", f"a picture of a {word}",
-           "--class-dir", str(out / "class-images"), "--validation-images", "0", "--seed", str(seed),
-           "--device", "cpu", *RUNS[name], *args.finetune_args]
+    cmd = [
+        sys.executable,
+        str(ROOT / "finetune.py"),
+        "--model",
+        str(args.model),
+        "--out",
+        str(run_dir),
+        "--instance-dir",
+        str(instance_dir(args.character, out)),
+        "--instance-prompt",
+        f"a picture of {tiny.IDENTIFIER} {word}",
+        "--class-prompt",
+        f"a picture of a {word}",
+        "--class-dir",
+        str(out / "class-images"),
+        "--validation-images",
+        "0",
+        "--seed",
+        str(seed),
+        "--device",
+        "cpu",
+        *RUNS[name],
+        *args.finetune_args,
+    ]
     print("$ " + " ".join(cmd), flush=True)
     log = open(out / f"{name}-seed{seed}.log", "w")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}  # one thread each: see minidiff/tiny.py --threads
@@ -111,7 +136,7 @@ def finetune_all(args, out: Path) -> dict:
     jobs = [(n, s) for n in args.rows for s in args.seeds]
     jobs.sort(key=lambda j: (j != ("lora-prior", args.seeds[0]), j))
     first, rest = jobs[:1], jobs[1:]
-    for group in [first] + [rest[i:i + 2] for i in range(0, len(rest), 2)]:
+    for group in [first] + [rest[i : i + 2] for i in range(0, len(rest), 2)]:
         for (name, seed), proc in [(j, finetune(*j, args, out)) for j in group]:
             if proc is not None and proc.wait() != 0:
                 raise SystemExit(f"finetune.py failed for {name} seed {seed}: see {out / f'{name}-seed{seed}.log'}")
@@ -139,9 +164,20 @@ def sample_row(pipe, seed, args) -> dict:
     word = world.CLASS_WORD[args.character]
     prompts = [f"a picture of {tiny.IDENTIFIER} {word} {a}" for a in HELD_OUT_ACTIONS]
     prompts.append(f"a picture of a {word}")
-    return {p: generate(pipe, [p] * args.samples, steps=args.sample_steps, cfg=args.cfg, seed=1000 * seed,
-                        width=tiny.SIZE, height=tiny.SIZE, batch_size=args.samples, progress=False)
-            for p in prompts}
+    return {
+        p: generate(
+            pipe,
+            [p] * args.samples,
+            steps=args.sample_steps,
+            cfg=args.cfg,
+            seed=1000 * seed,
+            width=tiny.SIZE,
+            height=tiny.SIZE,
+            batch_size=args.samples,
+            progress=False,
+        )
+        for p in prompts
+    }
 
 
 def score(images: dict, judge, character, train) -> dict:
@@ -160,10 +196,18 @@ def score(images: dict, judge, character, train) -> dict:
             class_kept = class_chars[CLASS_BODY[world.CLASS_WORD[character]]] / len(chars)
             diversity = metrics.diversity(metrics.prepare(x))
     size = tiny.SIZE
-    background = metrics.background_distance(metrics.prepare(torch.cat(list(images.values())), size),
-                                             metrics.prepare(train, size))
-    return {"identity": identity / n, "pose_accuracy": pose / n, "drift": drift, "class_kept": class_kept, "background": background,
-            "class_diversity": diversity, "class_sample_characters": class_chars}
+    background = metrics.background_distance(
+        metrics.prepare(torch.cat(list(images.values())), size), metrics.prepare(train, size)
+    )
+    return {
+        "identity": identity / n,
+        "pose_accuracy": pose / n,
+        "drift": drift,
+        "class_kept": class_kept,
+        "background": background,
+        "class_diversity": diversity,
+        "class_sample_characters": class_chars,
+    }
 
 
 def summary(per_seed: list) -> dict:
@@ -180,8 +224,10 @@ def figure(rows: dict, path: Path, per_prompt=8):
     """Rows (a)-(d) side by side: per_prompt samples of each prompt, a label above each row."""
     from PIL import Image, ImageDraw
 
-    grids = {name: make_grid(torch.cat([x[:per_prompt] for x in imgs.values()]), nrow=per_prompt * len(imgs))
-             for name, imgs in rows.items()}
+    grids = {
+        name: make_grid(torch.cat([x[:per_prompt] for x in imgs.values()]), nrow=per_prompt * len(imgs))
+        for name, imgs in rows.items()
+    }
     w, h = next(iter(grids.values())).size
     scale, label_h = 3, 18
     sheet = Image.new("RGB", (w * scale, len(grids) * (h * scale + label_h) + label_h), "white")
@@ -198,11 +244,17 @@ def figure(rows: dict, path: Path, per_prompt=8):
 
 def markdown(results: dict) -> str:
     word = world.CLASS_WORD[results["settings"]["character"]]
-    lines = [f"| model | identity (held-out poses) | pose accuracy | drift ('a {word}' -> target) | 'a {word}' "
-             f"still a {word} | background | class diversity | fine-tune wall s |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| model | identity (held-out poses) | pose accuracy | drift ('a {word}' -> target) | 'a {word}' "
+        f"still a {word} | background | class diversity | fine-tune wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in results["rows"].items():
-        cells = [f"{r[k]:.{3 if k in ('background', 'class_diversity') else 2}f} ± "
-                 f"{r[k + '_std']:.{3 if k in ('background', 'class_diversity') else 2}f}" for k in METRICS]
+        cells = [
+            f"{r[k]:.{3 if k in ('background', 'class_diversity') else 2}f} ± "
+            f"{r[k + '_std']:.{3 if k in ('background', 'class_diversity') else 2}f}"
+            for k in METRICS
+        ]
         wall = f"{r['finetune_seconds']:.0f}" if "finetune_seconds" in r else "-"
         lines.append(f"| {LABELS[name]} | " + " | ".join(cells) + f" | {wall} |")
     return "\n".join(lines) + "\n"
@@ -219,8 +271,12 @@ def main(argv=None):
     p.add_argument("--sample-steps", type=int, default=30, help="sampler steps of the scored samples")
     p.add_argument("--cfg", type=float, default=None, help="default: the model's (tiny.default_cfg)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each process")
-    p.add_argument("--finetune-args", nargs=argparse.REMAINDER, default=[],
-                   help="extra finetune.py flags for every run (last on the command line)")
+    p.add_argument(
+        "--finetune-args",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="extra finetune.py flags for every run (last on the command line)",
+    )
     args = p.parse_args(argv)
     args.cfg = tiny.default_cfg(args.model) if args.cfg is None else args.cfg
     torch.set_num_threads(args.threads)
@@ -230,8 +286,12 @@ def main(argv=None):
     manifests = finetune_all(args, out)
     judge = classifier.load_classifier()
     train = data.load_tensor_set(data.instance_images(args.character), tiny.SIZE)
-    results = {"settings": vars(args), "command": "python bench/dreambooth_table.py " + " ".join(
-        sys.argv[1:] if argv is None else argv), "rows": {}, "per_seed": {}}
+    results = {
+        "settings": vars(args),
+        "command": "python bench/dreambooth_table.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "rows": {},
+        "per_seed": {},
+    }
     figure_rows = {}
     for name in ("base", *args.rows):
         per_seed = []
@@ -249,9 +309,11 @@ def main(argv=None):
     if {"lora", "lora-prior"} <= set(args.rows):
         b, c = results["rows"]["lora"], results["rows"]["lora-prior"]
         results["acceptance"] = {
-            "c_identity_ge_0.8": c["identity"] >= 0.8, "c_pose_ge_0.7": c["pose_accuracy"] >= 0.7,
+            "c_identity_ge_0.8": c["identity"] >= 0.8,
+            "c_pose_ge_0.7": c["pose_accuracy"] >= 0.7,
             "prior_halves_drift": c["drift"] <= b["drift"] / 2,
-            "prior_identity_drop_le_0.1": b["identity"] - c["identity"] <= 0.1}
+            "prior_identity_drop_le_0.1": b["identity"] - c["identity"] <= 0.1,
+        }
     results["minutes"] = round((time.time() - t0) / 60, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "table.md").write_text(markdown(results))

@@ -11,6 +11,7 @@
 
 Writes OUT/result.json with the commands, wall times and the verdicts; the 16 samples are in OUT/samples/.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,28 +50,58 @@ def main(argv=None):
     p.add_argument("--character", default=data.TARGET_CHARACTER, choices=data.CHARACTERS)
     p.add_argument("--out", default=None, help="default: runs/finetune-default-CHARACTER")
     p.add_argument("--num", type=int, default=16)
-    p.add_argument("--lora", default=None, help="judge this finetune.py output instead of running finetune.py "
-                   "(e.g. the dreambooth table's lora-prior-seed0, which is the same command)")
+    p.add_argument(
+        "--lora",
+        default=None,
+        help="judge this finetune.py output instead of running finetune.py "
+        "(e.g. the dreambooth table's lora-prior-seed0, which is the same command)",
+    )
     args = p.parse_args(argv)
     out = Path(args.out or f"runs/finetune-default-{args.character}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     word = world.CLASS_WORD[args.character]
     ft = [sys.executable, "finetune.py", "--out", str(out / "finetune")]
     if args.character != data.TARGET_CHARACTER:
-        ft += ["--instance-dir", str(instance_dir(args.character, out)), "--instance-prompt",
-               f"a picture of sks {word}", "--class-prompt", f"a picture of a {word}"]
+        ft += [
+            "--instance-dir",
+            str(instance_dir(args.character, out)),
+            "--instance-prompt",
+            f"a picture of sks {word}",
+            "--class-prompt",
+            f"a picture of a {word}",
+        ]
     prompt = f"a picture of sks {word} climbing"
     lora = Path(args.lora).resolve() if args.lora else out / "finetune" / "lora.safetensors"
-    sp = [sys.executable, "sample.py", "--lora", str(lora), "--prompt", prompt, "--num", str(args.num),
-          "--out", str(out / "samples")]
-    walls = {"finetune_s": None if args.lora else run(ft, out / "finetune.log"), "sample_s": run(sp, out / "sample.log")}
+    sp = [
+        sys.executable,
+        "sample.py",
+        "--lora",
+        str(lora),
+        "--prompt",
+        prompt,
+        "--num",
+        str(args.num),
+        "--out",
+        str(out / "samples"),
+    ]
+    walls = {
+        "finetune_s": None if args.lora else run(ft, out / "finetune.log"),
+        "sample_s": run(sp, out / "sample.log"),
+    }
     files = sorted((out / "samples").glob("0*-seed*.png"))[: args.num]
     x = torch.stack([from_pil(load_image(f)) for f in files])
     chars, poses, _ = classifier.predict(x)
     recognised = sum(c == args.character for c in chars) / len(chars)
-    result = {"commands": ([] if args.lora else [" ".join(ft[1:])]) + [" ".join(sp[1:])], "prompt": prompt, "character": args.character,
-              "recognised": recognised, "bar_0.8": recognised >= 0.8, "verdicts": chars, "poses": poses,
-              **walls}
+    result = {
+        "commands": ([] if args.lora else [" ".join(ft[1:])]) + [" ".join(sp[1:])],
+        "prompt": prompt,
+        "character": args.character,
+        "recognised": recognised,
+        "bar_0.8": recognised >= 0.8,
+        "verdicts": chars,
+        "poses": poses,
+        **walls,
+    }
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k not in ("verdicts", "poses")}, indent=1))
 

@@ -20,6 +20,7 @@ tiles: vae.decode_tiled(z, tile, tile // 4) (pipeline.decode's default above 64 
 max |difference|, PSNR, and the RMS error inside the blending bands where tiles overlap (the seams) against the
 rest. Images in [-1, 1] are compared as [0, 1]: PSNR = 10 log10(1 / MSE).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,9 +66,15 @@ def fp8_error(model: torch.nn.Module, unet_calls, sample) -> dict:
     eps16, image16 = unet_calls(), sample()
     store(model, "fp8", torch.float32)
     eps8, image8 = unet_calls(), sample()
-    return {"unet_relative_error": {str(t): round(relative(eps8[t], eps16[t]), 5) for t in eps16},
+    return (
+        {
+            "unet_relative_error": {str(t): round(relative(eps8[t], eps16[t]), 5) for t in eps16},
             "image_psnr_db": round(psnr(image8, image16), 2),
-            "image_max_abs": round((image8 - image16).abs().max().item(), 4)}, image16, image8
+            "image_max_abs": round((image8 - image16).abs().max().item(), 4),
+        },
+        image16,
+        image8,
+    )
 
 
 def fp8_pipeline(path=None, prompts=None, steps=30, sampler="euler_a", size=None, device="cpu"):
@@ -81,8 +88,15 @@ def fp8_pipeline(path=None, prompts=None, steps=30, sampler="euler_a", size=None
     pipe = load_pipeline(path or assets_dir() / "tiny-sdxl", torch.float32, device)
     prompts = prompts or tiny.preview_prompts()
     size = size or tiny.SIZE
-    settings = {"steps": steps, "cfg": 5.0, "sampler": sampler, "seed": 0, "width": size, "height": size,
-                "guidance_rescale": 0.7 if path is None else 0.0}
+    settings = {
+        "steps": steps,
+        "cfg": 5.0,
+        "sampler": sampler,
+        "seed": 0,
+        "width": size,
+        "height": size,
+        "guidance_rescale": 0.7 if path is None else 0.0,
+    }
     context, pooled = pipe.text.encode(prompts)
     n, side = len(prompts), size // pipe.scale
     x = torch.randn(n, pipe.unet.config.in_channels, side, side, generator=torch.Generator().manual_seed(1))
@@ -90,11 +104,14 @@ def fp8_pipeline(path=None, prompts=None, steps=30, sampler="euler_a", size=None
     x, ids = x.to(pipe.device), ids.to(pipe.device)
 
     def unet_calls():
-        return {t: pipe.unet(x, torch.full((n,), t, device=pipe.device), context=context, text_embeds=pooled,
-                             time_ids=ids) for t in TIMESTEPS}
+        return {
+            t: pipe.unet(x, torch.full((n,), t, device=pipe.device), context=context, text_embeds=pooled, time_ids=ids)
+            for t in TIMESTEPS
+        }
 
     def sample():
         return generate(pipe, prompts, progress=False, **settings)
+
     res, a, b = fp8_error(pipe.unet, unet_calls, sample)
     name = "miniature (minidiff/assets/tiny-sdxl, trained)" if path is None else str(path)
     return {"model": name, "prompts": n, **settings, **res}, a, b
@@ -121,17 +138,34 @@ def fp8_sdxl(args):
         def denoise(xt, t):
             eps = call(torch.cat([xt, xt]), t.expand(2), ctx, pooled, ids)
             return guide(*eps.chunk(2), 5.0)
+
         return run_sampler(denoise, schedule, noise, steps=args.steps, sampler="euler", progress=True)
+
     res, z16, z8 = fp8_error(unet, unet_calls, lambda: sample())
     del unet
     vae = build_vae("ours", "sdxl", torch.float32, "cpu", seed=0).eval()
     with torch.no_grad():
         a, b = (vae.decode(z / vae.scaling_factor).clamp(-1, 1) for z in (z16, z8))
     res.pop("image_max_abs")
-    res.update({"latent_relative_error": round(relative(z8, z16), 5), "image_psnr_db": round(psnr(b, a), 2),
-                "image_max_abs": round((b - a).abs().max().item(), 4)})
-    return {"model": "SDXL shapes, random weights (bench/weights.py), random text states", "latent": args.latent,
-            "steps": args.steps, "sampler": "euler", "cfg": 5.0, **res}, a, b
+    res.update(
+        {
+            "latent_relative_error": round(relative(z8, z16), 5),
+            "image_psnr_db": round(psnr(b, a), 2),
+            "image_max_abs": round((b - a).abs().max().item(), 4),
+        }
+    )
+    return (
+        {
+            "model": "SDXL shapes, random weights (bench/weights.py), random text states",
+            "latent": args.latent,
+            "steps": args.steps,
+            "sampler": "euler",
+            "cfg": 5.0,
+            **res,
+        },
+        a,
+        b,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ tiles
@@ -140,7 +174,7 @@ def seam_bands(n: int, tile: int, overlap: int, f: int) -> torch.Tensor:
     starts = [0] if n <= tile else sorted(set(range(0, n - tile, tile - overlap)) | {n - tile})
     band = torch.zeros(n * f, dtype=torch.bool)
     for a, b in zip(starts, starts[1:]):
-        band[b * f:(a + tile) * f] = True
+        band[b * f : (a + tile) * f] = True
     return band
 
 
@@ -152,10 +186,13 @@ def tile_error(vae, z: torch.Tensor, tile: int, overlap: int) -> dict:
     rows, cols = seam_bands(z.shape[-2], tile, overlap, f), seam_bands(z.shape[-1], tile, overlap, f)
     seam = rows[:, None] | cols[None, :]
     err = ((tiled - whole) / 2).square().mean(dim=(0, 1))  # per pixel, in [0, 1] units
-    return {"max_abs": round((tiled - whole).abs().max().item(), 5), "psnr_db": round(psnr(tiled, whole), 2),
-            "rms_in_seams": round(err[seam].mean().sqrt().item(), 6),
-            "rms_elsewhere": round(err[~seam].mean().sqrt().item(), 6), "seam_fraction": round(seam.float().mean()
-                                                                                                .item(), 3)}
+    return {
+        "max_abs": round((tiled - whole).abs().max().item(), 5),
+        "psnr_db": round(psnr(tiled, whole), 2),
+        "rms_in_seams": round(err[seam].mean().sqrt().item(), 6),
+        "rms_elsewhere": round(err[~seam].mean().sqrt().item(), 6),
+        "seam_fraction": round(seam.float().mean().item(), 3),
+    }
 
 
 def tiles(args):
@@ -165,20 +202,30 @@ def tiles(args):
     vae = build_vae("ours", name, torch.float32, "cpu", seed=0).eval()
     g = torch.Generator().manual_seed(0)
     z = torch.randn(1, vae.config.latent_channels, args.latent, args.latent, generator=g)
-    smooth = torch.nn.functional.interpolate(torch.randn(1, vae.config.latent_channels, args.latent // 8,
-                                                         args.latent // 8, generator=g), size=z.shape[-2:],
-                                             mode="bicubic")
+    smooth = torch.nn.functional.interpolate(
+        torch.randn(1, vae.config.latent_channels, args.latent // 8, args.latent // 8, generator=g),
+        size=z.shape[-2:],
+        mode="bicubic",
+    )
     tile = args.tile
-    return {"model": f"{name} VAE, random weights (bench/weights.py)", "latent": args.latent, "tile": tile,
-            "overlap": tile // 4, "white_noise_latent": tile_error(vae, z, tile, tile // 4),
-            "smooth_latent": tile_error(vae, smooth, tile, tile // 4)}
+    return {
+        "model": f"{name} VAE, random weights (bench/weights.py)",
+        "latent": args.latent,
+        "tile": tile,
+        "overlap": tile // 4,
+        "white_noise_latent": tile_error(vae, z, tile, tile // 4),
+        "smooth_latent": tile_error(vae, smooth, tile, tile // 4),
+    }
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("what", choices=["fp8", "tiles"])
-    p.add_argument("--model", default="miniature",
-                   help="fp8: miniature | sdxl (random weights) | a model folder; tiles: tiny | sdxl")
+    p.add_argument(
+        "--model",
+        default="miniature",
+        help="fp8: miniature | sdxl (random weights) | a model folder; tiles: tiny | sdxl",
+    )
     p.add_argument("--prompt", help="fp8 with a model folder: the prompt")
     p.add_argument("--size", type=int, help="fp8 with a model folder: image side in pixels")
     p.add_argument("--device", default="cpu")
@@ -191,19 +238,29 @@ def main(argv=None):
     torch.manual_seed(0)
     t0 = time.perf_counter()
     if a.what == "fp8":
-        res, img16, img8 = fp8_sdxl(a) if a.model == "sdxl" else fp8_pipeline(
-            None if a.model == "miniature" else a.model, a.prompt and [a.prompt], size=a.size, device=a.device)
+        res, img16, img8 = (
+            fp8_sdxl(a)
+            if a.model == "sdxl"
+            else fp8_pipeline(
+                None if a.model == "miniature" else a.model, a.prompt and [a.prompt], size=a.size, device=a.device
+            )
+        )
         if a.png:
             from minidiff.images import make_grid, save_png
+
             grid = make_grid(torch.cat([img16, img8]).cpu(), nrow=len(img16))
-            save_png(grid.resize((grid.width * 4, grid.height * 4), 0) if a.model != "sdxl" else grid, a.png,
-                     {"rows": ["fp16 storage", "fp8 storage"], **res})
+            save_png(
+                grid.resize((grid.width * 4, grid.height * 4), 0) if a.model != "sdxl" else grid,
+                a.png,
+                {"rows": ["fp16 storage", "fp8 storage"], **res},
+            )
     else:
         res = tiles(a)
     res["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(res, indent=1))
     if a.json:
         from minidiff import io
+
         io.write_json(res, a.json)
     return res
 

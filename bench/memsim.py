@@ -16,6 +16,7 @@ LoRA on q/k/v/out_proj. Sampling: StableDiffusionXLPipeline.__call__'s memory-re
 [uncond; cond] of the batch, then `vae.decode` of the whole batch in fp32 (force_upcast; VAE tiling is off by
 default). Each row runs in its own subprocess (fake tensors hold no data, but patches and caches stay per row).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,10 @@ def configs(name):
 
     from minidiff.bundled import tiny
     from minidiff.vae import VAEConfig
+
     if name == "sdxl":
         from transformers import CLIPTextConfig
+
         theirs, ours = unet_config(name)
         return ours, theirs, VAEConfig.sdxl(), SDXL_VAE, (CLIPTextConfig(**SDXL_CLIP_L), CLIPTextConfig(**SDXL_CLIP_G))
     ours, vae = UNetConfig.tiny_sdxl(cross_attention_dim=192, pooled_dim=128), VAEConfig.tiny()
@@ -83,15 +86,25 @@ def simulate_diffusers(job: Job, unet_cfg: dict, vae_cfg: dict, text_configs) ->
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_cfg).to(torch.float32 if full else dtype)
         unet.requires_grad_(full)
-        texts = [CLIPTextModel(text_configs[0]).to(dtype), CLIPTextModelWithProjection(text_configs[1]).to(dtype)] \
-            if job.train_text_encoder else []
+        texts = (
+            [CLIPTextModel(text_configs[0]).to(dtype), CLIPTextModelWithProjection(text_configs[1]).to(dtype)]
+            if job.train_text_encoder
+            else []
+        )
         if job.kind == "lora":
-            unet.add_adapter(LoraConfig(r=job.rank, lora_alpha=job.rank, init_lora_weights="gaussian",
-                                        target_modules=LORA_TARGETS))
+            unet.add_adapter(
+                LoraConfig(r=job.rank, lora_alpha=job.rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+            )
             for te in texts:
                 te.requires_grad_(False)
-                te.add_adapter(LoraConfig(r=job.rank, lora_alpha=job.rank, init_lora_weights="gaussian",
-                                          target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+                te.add_adapter(
+                    LoraConfig(
+                        r=job.rank,
+                        lora_alpha=job.rank,
+                        init_lora_weights="gaussian",
+                        target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
+                    )
+                )
         vae = AutoencoderKL.from_config(vae_cfg).float().requires_grad_(False) if job.kind == "sample" else None
         if job.checkpointing and job.kind != "sample":
             unet.enable_gradient_checkpointing()
@@ -109,10 +122,10 @@ def simulate_diffusers(job: Job, unet_cfg: dict, vae_cfg: dict, text_configs) ->
 
     def decode(latents):  # the pipeline's: the whole batch at once, fp32 (force_upcast)
         return vae.decode(latents.float() / vae.config.scaling_factor).sample
+
     calls = Calls(cfg, call, text if texts else None, decode if vae is not None else None, latent_dtype=dtype)
     with memsim.meta_cuda():
-        return track(job, World(None, False, dtype), [unet, *texts, *([vae] if vae is not None else [])], params,
-                     calls)
+        return track(job, World(None, False, dtype), [unet, *texts, *([vae] if vae is not None else [])], params, calls)
 
 
 # ------------------------------------------------------------------------------------------------ rows and table
@@ -132,24 +145,32 @@ def validate(config, latent, rows=("lora-b1",)) -> list:
     ours, _, vae, _, texts = configs(config)
     out = []
     for name in rows:
-        job = Job(**{**ROWS[name][1].__dict__, "latent": latent, "precision": "fp32",
-                      "base_precision": "fp32"})
+        job = Job(**{**ROWS[name][1].__dict__, "latent": latent, "precision": "fp32", "base_precision": "fp32"})
         fake = simulate(job, ours, vae, texts)
         real = simulate(job, ours, vae, texts, cpu=True)
-        out.append({"row": name, "fake_cuda_gib": fake["peak"], "real_cpu_gib": real["peak"],
-                    "diff_mib": round((fake["peak"] - real["peak"]) * 1024, 3)})
+        out.append(
+            {
+                "row": name,
+                "fake_cuda_gib": fake["peak"],
+                "real_cpu_gib": real["peak"],
+                "diff_mib": round((fake["peak"] - real["peak"]) * 1024, 3),
+            }
+        )
     return out
 
 
 def table(results) -> str:
     by = {(r["row"], r["impl"]): r for r in results}
-    lines = ["| row | minidiff peak (GiB) | diffusers + peft peak (GiB) | ours / theirs | minidiff phases (GiB) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| row | minidiff peak (GiB) | diffusers + peft peak (GiB) | ours / theirs | minidiff phases (GiB) |",
+        "|---|---|---|---|---|",
+    ]
     for name in dict.fromkeys(r["row"] for r in results):
         o, d = by.get((name, "ours"), {}), by.get((name, "diffusers"), {})
         ratio = f"{o['peak'] / d['peak']:.2f}x" if "peak" in o and "peak" in d else ""
-        phases = ", ".join(f"{k} {v:.2f}" for k, v in o.items() if k not in ("row", "impl", "seconds", "peak",
-                                                                               "start", "error"))
+        phases = ", ".join(
+            f"{k} {v:.2f}" for k, v in o.items() if k not in ("row", "impl", "seconds", "peak", "start", "error")
+        )
         lines.append(f"| {ROWS[name][0]} | {_fmt(o)} | {_fmt(d)} | {ratio} | {phases} |")
     return "\n".join(lines)
 
@@ -180,8 +201,18 @@ def main(argv=None):
     results = []
     for name in a.rows.split(","):
         for impl in a.impls.split(","):
-            cmd = [sys.executable, __file__, "--row", name, "--impl", impl, "--config", a.config,
-                   "--latent", str(a.latent)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--row",
+                name,
+                "--impl",
+                impl,
+                "--config",
+                a.config,
+                "--latent",
+                str(a.latent),
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             try:
                 r = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -10,6 +10,7 @@ peak is one copy of the model). bench.py measures both implementations on these 
 downloaded (the GPU session in bench/gpu_session.sh). The text encoders are transformers' CLIPs at SDXL's sizes with
 a small BPE tokenizer (minidiff.bundled.tiny.build_tokenizer): the token ids differ from CLIP's, the shapes and costs do not.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,26 +28,74 @@ if str(ROOT) not in sys.path:
 # diffusers' unet/config.json and vae/config.json of stabilityai/stable-diffusion-xl-base-1.0 (https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/blob/main/unet/config.json,
 # .../vae/config.json), written out here rather than derived from minidiff's config so that the oracle does not depend on our code.
 SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[320, 640, 1280],
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=[320, 640, 1280],
     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    mid_block_type="UNetMidBlock2DCrossAttn", transformer_layers_per_block=[1, 2, 10], attention_head_dim=[5, 10, 20],
-    cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
-    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, norm_num_groups=32, norm_eps=1e-5,
-    flip_sin_to_cos=True, freq_shift=0, act_fn="silu")
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    transformer_layers_per_block=[1, 2, 10],
+    attention_head_dim=[5, 10, 20],
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    act_fn="silu",
+)
 SDXL_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=[128, 256, 512, 512],
-    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=32,
-    act_fn="silu", sample_size=1024, scaling_factor=0.13025, force_upcast=True)
-SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                      prediction_type="epsilon", timestep_spacing="leading", steps_offset=1,
-                      interpolation_type="linear", use_karras_sigmas=False)
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=2,
+    block_out_channels=[128, 256, 512, 512],
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    norm_num_groups=32,
+    act_fn="silu",
+    sample_size=1024,
+    scaling_factor=0.13025,
+    force_upcast=True,
+)
+SDXL_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    timestep_spacing="leading",
+    steps_offset=1,
+    interpolation_type="linear",
+    use_karras_sigmas=False,
+)
 # text_encoder/config.json and text_encoder_2/config.json of the same repo (https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/tree/main/text_encoder_2): CLIP ViT-L/14 and
 # OpenCLIP ViT-bigG/14, 123,060,480 and 694,659,840 parameters.
-SDXL_CLIP_L = dict(vocab_size=49408, max_position_embeddings=77, hidden_size=768, intermediate_size=3072,
-                   num_hidden_layers=12, num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768)
-SDXL_CLIP_G = dict(vocab_size=49408, max_position_embeddings=77, hidden_size=1280, intermediate_size=5120,
-                   num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu", projection_dim=1280)
+SDXL_CLIP_L = dict(
+    vocab_size=49408,
+    max_position_embeddings=77,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+)
+SDXL_CLIP_G = dict(
+    vocab_size=49408,
+    max_position_embeddings=77,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    hidden_act="gelu",
+    projection_dim=1280,
+)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -59,7 +108,7 @@ def init_value(key: str, shape, dtype, device, seed=0) -> torch.Tensor:
         fan_in = 1
         for s in shape[1:]:
             fan_in *= s
-        t = torch.randn(shape, generator=g, device=device).mul_(fan_in ** -0.5)
+        t = torch.randn(shape, generator=g, device=device).mul_(fan_in**-0.5)
     elif key.endswith("weight"):
         t = torch.ones(shape, device=device)
     else:
@@ -88,8 +137,9 @@ def unet_config(name: str) -> tuple[dict, object]:
     from minidiff.unet import UNetConfig
 
     ours = getattr(UNetConfig, name)()
-    theirs = dict(SDXL_UNET) if name == "sdxl" else {
-        k: v for k, v in ours.to_diffusers().items() if not k.startswith("_")}
+    theirs = (
+        dict(SDXL_UNET) if name == "sdxl" else {k: v for k, v in ours.to_diffusers().items() if not k.startswith("_")}
+    )
     return theirs, ours
 
 
@@ -99,18 +149,24 @@ def build_unet(impl, name, dtype, device, seed):
     with torch.device("meta"):
         if impl == "ours":
             from minidiff.unet import UNet
+
             model = UNet(ours)
         else:
             from diffusers import UNet2DConditionModel
+
             model = UNet2DConditionModel.from_config(theirs)
     materialize(model, dtype, device, seed)
     if impl == "ours":
+
         def call(x, t, ctx, pooled, ids):
             return model(x, t, context=ctx, text_embeds=pooled, time_ids=ids)
     else:
+
         def call(x, t, ctx, pooled, ids):
-            return model(x, t, encoder_hidden_states=ctx, added_cond_kwargs={"text_embeds": pooled,
-                                                                              "time_ids": ids}).sample
+            return model(
+                x, t, encoder_hidden_states=ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}
+            ).sample
+
     return model, call, ours
 
 
@@ -118,12 +174,17 @@ def build_vae(impl, name, dtype, device, seed):
     with torch.device("meta"):
         if impl == "ours":
             from minidiff.vae import AutoencoderKL, VAEConfig
+
             vae = AutoencoderKL(VAEConfig.sdxl() if name == "sdxl" else VAEConfig.tiny())
         else:
             from diffusers import AutoencoderKL
             from minidiff.vae import VAEConfig
-            cfg = SDXL_VAE if name == "sdxl" else {
-                k: v for k, v in VAEConfig.tiny().to_diffusers().items() if not k.startswith("_")}
+
+            cfg = (
+                SDXL_VAE
+                if name == "sdxl"
+                else {k: v for k, v in VAEConfig.tiny().to_diffusers().items() if not k.startswith("_")}
+            )
             vae = AutoencoderKL.from_config(cfg)
     return materialize(vae, dtype, device, seed + 1)
 
@@ -164,14 +225,23 @@ def random_pipeline(tok_dir, name="sdxl", dtype=torch.float16, device="cpu", see
     for i, (te, c) in enumerate(zip(encoders, (c1, c2))):
         for module in te.modules():  # CLIP's position_ids: a buffer that is not saved, so not materialized
             if "position_ids" in module._buffers:
-                module.register_buffer("position_ids", torch.arange(c.max_position_embeddings, device=device)
-                                       .expand(1, -1), persistent=False)
+                module.register_buffer(
+                    "position_ids",
+                    torch.arange(c.max_position_embeddings, device=device).expand(1, -1),
+                    persistent=False,
+                )
         materialize(te, dtype, device, seed + 2 + i).eval()
     unet, _, _ = build_unet("ours", name, dtype, device, seed)
     vae = build_vae("ours", name, torch.float32, device, seed)  # SDXL's VAE runs in fp32 (force_upcast)
     text = TextConditioner(tok, encoders[0], tok2, encoders[1])
-    return Pipeline(unet=unet.eval(), vae=vae.eval(), text=text, schedule=schedule_from_config(SDXL_SCHEDULER),
-                    name=f"random-{name}", scheduler_config=dict(SDXL_SCHEDULER, _class_name="EulerDiscreteScheduler"))
+    return Pipeline(
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text=text,
+        schedule=schedule_from_config(SDXL_SCHEDULER),
+        name=f"random-{name}",
+        scheduler_config=dict(SDXL_SCHEDULER, _class_name="EulerDiscreteScheduler"),
+    )
 
 
 def write_random_sdxl(out_dir, name="sdxl", dtype=torch.float16, device="cpu", seed=0) -> Path:

@@ -47,8 +47,11 @@ from minidiff.vae import AutoencoderKL, VAEConfig  # noqa: E402
 from minidiff.unet import Downsample2D, ResnetBlock2D, Transformer2DModel, UNet, UNetConfig, Upsample2D  # noqa: E402
 
 MADE_BY = {"made_by": "docs/make_figures.py"}
-SCHEDULES = {"linear (DDPM)": Schedule.linear, "cosine (iDDPM)": Schedule.cosine,
-             "scaled_linear (SD, SDXL)": Schedule.scaled_linear}
+SCHEDULES = {
+    "linear (DDPM)": Schedule.linear,
+    "cosine (iDDPM)": Schedule.cosine,
+    "scaled_linear (SD, SDXL)": Schedule.scaled_linear,
+}
 
 
 # ------------------------------------------------------------------------------------------------ markdown blocks
@@ -71,8 +74,16 @@ def md_table(header, rows) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ file sizes
-DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-               torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+DTYPE_NAMES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 DTYPE_ORDER = ["BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"]
 
 
@@ -86,8 +97,11 @@ def safetensors_size(tensors: dict, metadata: dict | None = None) -> int:
         header["__metadata__"] = metadata
     for k in order:
         n = tensors[k].numel() * tensors[k].element_size()
-        header[k] = {"dtype": DTYPE_NAMES[tensors[k].dtype], "shape": list(tensors[k].shape),
-                     "data_offsets": [offset, offset + n]}
+        header[k] = {
+            "dtype": DTYPE_NAMES[tensors[k].dtype],
+            "shape": list(tensors[k].shape),
+            "data_offsets": [offset, offset + n],
+        }
         offset += n
     head = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode())
     return 8 + head + (-head) % 8 + offset
@@ -127,10 +141,24 @@ def sdxl_text_encoders_on_meta():
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     common = dict(vocab_size=49408, max_position_embeddings=77)
-    c1 = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                        projection_dim=768, hidden_act="quick_gelu", **common)
-    c2 = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                        projection_dim=1280, hidden_act="gelu", **common)
+    c1 = CLIPTextConfig(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+        **common,
+    )
+    c2 = CLIPTextConfig(
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_hidden_layers=32,
+        num_attention_heads=20,
+        projection_dim=1280,
+        hidden_act="gelu",
+        **common,
+    )
     with torch.device("meta"):
         return CLIPTextModel(c1), CLIPTextModelWithProjection(c2)
 
@@ -144,8 +172,9 @@ def schedule_figures():
         alpha_bar[name] = [(t, s.alpha_bar[t].item()) for t in ts]
         log_snr[name] = [(t, math.log10(s.snr(torch.tensor([t])).item())) for t in ts]
     for stem, series, title, ylabel in [
-            ("schedules-alpha-bar", alpha_bar, "alpha_bar_t (signal kept in x_t)", "alpha_bar"),
-            ("schedules-log-snr", log_snr, "log10 SNR(t) = log10(alpha_bar / (1 - alpha_bar))", "log10 SNR")]:
+        ("schedules-alpha-bar", alpha_bar, "alpha_bar_t (signal kept in x_t)", "alpha_bar"),
+        ("schedules-log-snr", log_snr, "log10 SNR(t) = log10(alpha_bar / (1 - alpha_bar))", "log10 SNR"),
+    ]:
         path = FIGURES / f"{stem}.png"
         plot_curves(series, path, title=title, log_y=False, xlabel="t", ylabel=ylabel, smooth=0)
         save_png(Image.open(path).copy(), path, dict(MADE_BY, figure=stem, schedules=list(SCHEDULES)))
@@ -177,8 +206,11 @@ def forward_process_figure():
         s = make()
         rows[name] = torch.cat([s.q_sample(x0, torch.tensor([t]), eps) for t in ts])
     img = labelled_grid(rows, [f"t = {t}" for t in ts])
-    save_png(img, FIGURES / "forward-process.png",
-             dict(MADE_BY, image=str(path.relative_to(ROOT)), size=64, t=ts, eps_seed=0, schedules=list(SCHEDULES)))
+    save_png(
+        img,
+        FIGURES / "forward-process.png",
+        dict(MADE_BY, image=str(path.relative_to(ROOT)), size=64, t=ts, eps_seed=0, schedules=list(SCHEDULES)),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ 3. DiffAugment
@@ -187,8 +219,11 @@ def diffaugment_figure():
     g = torch.Generator().manual_seed(0)
     draws = gan.diff_augment(x.repeat(8, 1, 1, 1), "color,translation,cutout", generator=g)
     img = make_grid(torch.cat([x, draws]), nrow=9)
-    save_png(img, FIGURES / "diffaugment.png", dict(MADE_BY, policy="color,translation,cutout", seed=0,
-                                                    note="first cell: the drawing; then 8 draws of T(x)"))
+    save_png(
+        img,
+        FIGURES / "diffaugment.png",
+        dict(MADE_BY, policy="color,translation,cutout", seed=0, note="first cell: the drawing; then 8 draws of T(x)"),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ 4. UNet shapes
@@ -202,6 +237,7 @@ def unet_shape_diagram(latent=128) -> str:
     def hook(name):
         def record(module, args, out):
             seen.append((name, module, tuple(args[0].shape), tuple(out.shape)))
+
         return record
 
     kinds = (ResnetBlock2D, Transformer2DModel, Downsample2D, Upsample2D)
@@ -213,15 +249,19 @@ def unet_shape_diagram(latent=128) -> str:
     context = torch.empty(1, 77, c.cross_attention_dim, **meta)
     pooled = torch.empty(1, c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim, **meta)
     with torch.no_grad():
-        eps = unet(x, torch.tensor([999.0], **meta), context=context, text_embeds=pooled,
-                   time_ids=torch.empty(1, 6, **meta))
+        eps = unet(
+            x, torch.tensor([999.0], **meta), context=context, text_embeds=pooled, time_ids=torch.empty(1, 6, **meta)
+        )
 
     shape = lambda s: "[" + ", ".join(map(str, s)) + "]"  # noqa: E731
     n_params = sum(p.numel() for p in unet.parameters())
-    lines = [f"UNet(UNetConfig.sdxl()) at {8 * latent}x{8 * latent} px: latent x_t {shape(x.shape)}, "
-             f"{n_params:,} parameters",
-             f"inputs: t [1], context {shape(context.shape)} (CLIP-L 768 || bigG 1280), text_embeds "
-             f"{shape(pooled.shape)} (pooled bigG), time_ids [1, 6]", ""]
+    lines = [
+        f"UNet(UNetConfig.sdxl()) at {8 * latent}x{8 * latent} px: latent x_t {shape(x.shape)}, "
+        f"{n_params:,} parameters",
+        f"inputs: t [1], context {shape(context.shape)} (CLIP-L 768 || bigG 1280), text_embeds "
+        f"{shape(pooled.shape)} (pooled bigG), time_ids [1, 6]",
+        "",
+    ]
     skips, block = [], None
     for name, m, s_in, s_out in seen:
         top = ".".join(name.split(".")[:2]) if name.startswith(("down_blocks", "up_blocks")) else name.split(".")[0]
@@ -232,7 +272,7 @@ def unet_shape_diagram(latent=128) -> str:
                 kind = ("CrossAttn" if sub.attentions is not None else "") + kind
             lines.append(f"{top} ({kind}, {sum(p.numel() for p in sub.parameters()) / 1e6:.1f} M params)")
         block = top
-        short = name[len(top) + 1:] if name != top else name
+        short = name[len(top) + 1 :] if name != top else name
         note = ""
         if isinstance(m, Transformer2DModel):
             depth, tokens = len(m.transformer_blocks), s_in[2] * s_in[3]
@@ -241,9 +281,14 @@ def unet_shape_diagram(latent=128) -> str:
             note = "MLP(sinusoid(t))"
         if name == "add_embedding":
             note = "MLP([text_embeds || sinusoid(time_ids)]); temb = sum of the two"
-        if name.startswith("down_blocks") and (isinstance(m, (Transformer2DModel, Downsample2D)) or
-                                               (isinstance(m, ResnetBlock2D) and
-                                                unet.get_submodule(top).attentions is None)) or name == "conv_in":
+        if (
+            name.startswith("down_blocks")
+            and (
+                isinstance(m, (Transformer2DModel, Downsample2D))
+                or (isinstance(m, ResnetBlock2D) and unet.get_submodule(top).attentions is None)
+            )
+            or name == "conv_in"
+        ):
             skips.append(s_out)
             note = (note + "; " if note else "") + f"push skip {len(skips) - 1}"
         if name.startswith("up_blocks") and isinstance(m, ResnetBlock2D):
@@ -264,9 +309,17 @@ def lora_size_table(presets=("attn", "attn-ff", "all-linear"), ranks=(4, 16, 32)
             names = lora.inject_lora(unet, preset, rank=r)
             params = sum(p.numel() for p in lora.lora_parameters(unet))
             fmt = "kohya" if preset != "all-linear" else "peft"  # kohya names exist for the original UNet's modules
-            rows.append([f"`{preset}`", r, len(names), f"{params:,}",
-                         fmt_bytes(lora_file_bytes(unet, torch.float16, fmt)),
-                         fmt_bytes(lora_file_bytes(unet, torch.float32, fmt)), fmt])
+            rows.append(
+                [
+                    f"`{preset}`",
+                    r,
+                    len(names),
+                    f"{params:,}",
+                    fmt_bytes(lora_file_bytes(unet, torch.float16, fmt)),
+                    fmt_bytes(lora_file_bytes(unet, torch.float32, fmt)),
+                    fmt,
+                ]
+            )
     return md_table(["targets", "rank r", "modules", "LoRA parameters", "file, fp16", "file, fp32", "naming"], rows)
 
 
@@ -298,17 +351,31 @@ def what_trains_table(components, rank=4) -> tuple[str, str]:
     from minidiff.eval import audit
 
     rows, attn_table = [], ""
-    for mode, flags in [("`--train lora` (default)", dict(train="lora", train_text_encoder=False)),
-                        ("`--train lora --train-text-encoder`", dict(train="lora", train_text_encoder=True)),
-                        ("`--train full`", dict(train="full", train_text_encoder=False))]:
+    for mode, flags in [
+        ("`--train lora` (default)", dict(train="lora", train_text_encoder=False)),
+        ("`--train lora --train-text-encoder`", dict(train="lora", train_text_encoder=True)),
+        ("`--train full`", dict(train="full", train_text_encoder=False)),
+    ]:
         parts = components()
         for module in parts.values():  # dreambooth.run freezes every component before make_trainable
             module.requires_grad_(False)
-        pipe = argparse.Namespace(unet=parts["unet"], text=argparse.Namespace(
-            text_encoder=parts["text_encoder"], text_encoder_2=parts["text_encoder_2"]),
-            modules=lambda: {k: m for k, m in parts.items() if k != "vae"})
-        args = argparse.Namespace(targets="attn", rank=rank, alpha=None, gradient_checkpointing=False, lora_dropout=0.0,
-                                  rank_dropout=0.0, module_dropout=0.0, text_encoder_lr=None, train_ti=False, **flags)
+        pipe = argparse.Namespace(
+            unet=parts["unet"],
+            text=argparse.Namespace(text_encoder=parts["text_encoder"], text_encoder_2=parts["text_encoder_2"]),
+            modules=lambda: {k: m for k, m in parts.items() if k != "vae"},
+        )
+        args = argparse.Namespace(
+            targets="attn",
+            rank=rank,
+            alpha=None,
+            gradient_checkpointing=False,
+            lora_dropout=0.0,
+            rank_dropout=0.0,
+            module_dropout=0.0,
+            text_encoder_lr=None,
+            train_ti=False,
+            **flags,
+        )
         models, params, _ = make_trainable(args, pipe, 1e-4)
         table = audit.trainable_table(parts)  # what finetune.py prints before training: every component
         total = table[-1]
@@ -322,13 +389,23 @@ def what_trains_table(components, rank=4) -> tuple[str, str]:
         else:
             size = lora_file_bytes(models if len(models) > 1 else pipe.unet, torch.float32)
             n_unet = len(lora.lora_layers(pipe.unet))
-            what = (f"A, B of the UNet's {n_unet} `to_q/to_k/to_v/to_out.0`" +
-                    (" + CLIP `q_proj/k_proj/v_proj/out_proj` of both encoders" if flags["train_text_encoder"] else ""))
+            what = f"A, B of the UNet's {n_unet} `to_q/to_k/to_v/to_out.0`" + (
+                " + CLIP `q_proj/k_proj/v_proj/out_proj` of both encoders" if flags["train_text_encoder"] else ""
+            )
             out = "`lora.safetensors` (kohya names, fp32)"
             if not flags["train_text_encoder"]:
                 attn_table = audit.format_table(table)
-        rows.append([mode, what, f"{total['tensors']:,}", f"{total['params']:,}",
-                     f"{100 * total['share']:.3f} %", out, fmt_bytes(size)])
+        rows.append(
+            [
+                mode,
+                what,
+                f"{total['tensors']:,}",
+                f"{total['params']:,}",
+                f"{100 * total['share']:.3f} %",
+                out,
+                fmt_bytes(size),
+            ]
+        )
     header = ["mode", "what trains", "tensors", "parameters", "share of all parameters", "file", "bytes"]
     return md_table(header, rows), attn_table
 

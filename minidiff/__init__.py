@@ -13,5 +13,13 @@ from .pipeline import generate
 from .weights.pretrained import load_pipeline, load_unet, load_vae, save_pipeline
 
 __version__ = "0.1.0"
-__all__ = ["load_pipeline", "save_pipeline", "load_unet", "load_vae", "generate", "inject_lora", "load_lora",
-           "save_lora"]
+__all__ = [
+    "load_pipeline",
+    "save_pipeline",
+    "load_unet",
+    "load_vae",
+    "generate",
+    "inject_lora",
+    "load_lora",
+    "save_lora",
+]

@@ -13,6 +13,7 @@ Every parser also takes the spellings of diffusers' and kohya's training scripts
 their READMEs runs: `--snake_case` is read as `--snake-case` wherever this script has that flag, and the flags we
 name differently are translated by DIFFUSERS_FLAGS (flag -> the tokens it stands for; [] = our default already).
 """
+
 import argparse
 import errno
 import math
@@ -27,8 +28,17 @@ from .errors import MinidiffError
 
 INTERRUPTED = 130  # exit status after CTRL-C (128 + SIGINT), as shells report it
 # OS errors a user causes (full disk, read-only or missing folder, permissions): one line, never a traceback
-USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
-               errno.EISDIR, errno.ENOENT}
+USER_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EFBIG,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.ENOENT,
+}
 # a value such as -1e-4, -.5 or -inf after a flag is a value, not a flag (argparse alone knows only -1 and -0.5)
 NEGATIVE_NUMBER = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^-(?:inf|infinity|nan)$", re.IGNORECASE)
 
@@ -109,9 +119,14 @@ class ArgumentParser(argparse.ArgumentParser):
         a = self.add_argument
         a("--seed", type=int, default=0)
         a("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-        a("--threads", type=int, default=1, help="CPU threads for torch (default 1: the same result whatever the "
-          "load; more are faster on an idle machine and change the last bits, and a thread that must wait for a "
-          "busy core makes every step 4-10x slower when other jobs share the machine)")
+        a(
+            "--threads",
+            type=int,
+            default=1,
+            help="CPU threads for torch (default 1: the same result whatever the "
+            "load; more are faster on an idle machine and change the last bits, and a thread that must wait for a "
+            "busy core makes every step 4-10x slower when other jobs share the machine)",
+        )
         a("--out", default=out)
         a("--resume", default=None, help="a checkpoint file, an output folder, or 'latest' (in --out)")
         a("--save-every", type=int, default=None, help="checkpoint every N steps (and at the end)")

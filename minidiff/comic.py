@@ -49,8 +49,27 @@ from .errors import MinidiffError
 from .lettering import INK, PAPER, draw_text, fit, letter, load_font
 
 SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "dpmpp_2m")
-PANEL_KEYS = {"width", "prompt", "prompt_2", "negative", "seed", "size", "steps", "cfg", "sampler", "loras", "init",
-              "strength", "mask", "mask_blur", "only_masked", "outpaint", "control", "controlnet", "texts"}
+PANEL_KEYS = {
+    "width",
+    "prompt",
+    "prompt_2",
+    "negative",
+    "seed",
+    "size",
+    "steps",
+    "cfg",
+    "sampler",
+    "loras",
+    "init",
+    "strength",
+    "mask",
+    "mask_blur",
+    "only_masked",
+    "outpaint",
+    "control",
+    "controlnet",
+    "texts",
+}
 PAGE_KEYS = {"size", "margin", "gutter", "border", "title", "font", "resample", "defaults", "rows"}
 TEXT_KINDS = ("caption", "narration", "speech", "thought")
 
@@ -125,13 +144,16 @@ def _number(d, key, where, kind=float, lo=None, hi=None, lo_open=False, default=
 
 def _loras(value, base, where, notes):
     if not isinstance(value, list):
-        _fail(where, f"'loras' must be a list of {{\"file\": PATH, \"scale\": S}} or \"PATH:SCALE\", got {value!r}")
+        _fail(where, f'\'loras\' must be a list of {{"file": PATH, "scale": S}} or "PATH:SCALE", got {value!r}')
     out = []
     for item in value:
         if isinstance(item, str):
             path, sep, scale = item.rpartition(":")
-            item = {"file": path, "scale": float(scale)} if sep and path and scale.replace(".", "", 1).isdigit() \
+            item = (
+                {"file": path, "scale": float(scale)}
+                if sep and path and scale.replace(".", "", 1).isdigit()
                 else {"file": item}
+            )
         if not isinstance(item, dict) or "file" not in item:
             _fail(where, f"each of 'loras' needs a 'file', got {item!r}")
         scale = _number(item, "scale", where + " lora", default=1.0)
@@ -155,15 +177,18 @@ def _texts(value, where):
             _fail(w, f"'kind' must be one of {', '.join(TEXT_KINDS)}, got {got!r}")
         if not isinstance(t.get("text"), str) or not t["text"].strip():
             _fail(w, f"'text' must be a non-empty string, got {t.get('text')!r}")
-        places = {"caption": ("top-left", "top-right", "bottom-left", "bottom-right", "top", "bottom"),
-                  "narration": ("top", "bottom")}.get(t["kind"])
+        places = {
+            "caption": ("top-left", "top-right", "bottom-left", "bottom-right", "top", "bottom"),
+            "narration": ("top", "bottom"),
+        }.get(t["kind"])
         if places and t.get("at", places[0]) not in places:
             _fail(w, f"'at' of a {t['kind']} must be one of {', '.join(places)}, got {t['at']!r}")
         for key in ("at", "tail"):
             if key in t and t["kind"] in ("speech", "thought"):
                 v = t[key]
-                if not (isinstance(v, list) and len(v) == 2 and all(isinstance(c, (int, float)) and 0 <= c <= 1
-                                                                     for c in v)):
+                if not (
+                    isinstance(v, list) and len(v) == 2 and all(isinstance(c, (int, float)) and 0 <= c <= 1 for c in v)
+                ):
                     _fail(w, f"'{key}' must be [x, y] with fractions of the panel in [0, 1], got {v!r}")
     return value
 
@@ -182,12 +207,20 @@ def _panel(d: dict, defaults: dict, number: int, base: Path, notes: set) -> Pane
     for key in ("negative", "prompt_2"):
         if key in d and not isinstance(d[key], str):
             _fail(where, f"'{key}' must be a string, got {d[key]!r}")
-    p = Panel(number=number, prompt=d["prompt"], negative=d.get("negative", ""), prompt_2=d.get("prompt_2"),
-              seed=_number(d, "seed", where, int) if own_seed else _number(defaults, "seed", "defaults", int,
-                                                                              default=0) + number - 1,
-              steps=_number(d, "steps", where, int, lo=1, default=30), cfg=_number(d, "cfg", where, lo=0, default=5.0),
-              width=_number(d, "width", where, lo=0, lo_open=True, default=1.0),
-              mask_blur=_number(d, "mask_blur", where, lo=0, default=4.0), only_masked=bool(d.get("only_masked")))
+    p = Panel(
+        number=number,
+        prompt=d["prompt"],
+        negative=d.get("negative", ""),
+        prompt_2=d.get("prompt_2"),
+        seed=_number(d, "seed", where, int)
+        if own_seed
+        else _number(defaults, "seed", "defaults", int, default=0) + number - 1,
+        steps=_number(d, "steps", where, int, lo=1, default=30),
+        cfg=_number(d, "cfg", where, lo=0, default=5.0),
+        width=_number(d, "width", where, lo=0, lo_open=True, default=1.0),
+        mask_blur=_number(d, "mask_blur", where, lo=0, default=4.0),
+        only_masked=bool(d.get("only_masked")),
+    )
     if d.get("sampler") is not None:
         if d["sampler"] not in SAMPLERS:
             _fail(where, f"'sampler' must be one of {', '.join(SAMPLERS)}, got {d['sampler']!r}")
@@ -216,8 +249,11 @@ def _panel(d: dict, defaults: dict, number: int, base: Path, notes: set) -> Pane
         if not (isinstance(g, list) and len(g) == 4 and all(isinstance(v, int) and v >= 0 for v in g) and any(g)):
             _fail(where, f"'outpaint' must be [left, top, right, bottom] pixels >= 0 to grow by, got {g!r}")
         if p.init is None or "mask" in d:
-            _fail(where, "'outpaint' needs an 'init' image (or {\"panel\": k}) and no 'mask' (the grown border is "
-                         "the mask; the grown image sets the size)")
+            _fail(
+                where,
+                "'outpaint' needs an 'init' image (or {\"panel\": k}) and no 'mask' (the grown border is "
+                "the mask; the grown image sets the size)",
+            )
         p.outpaint = tuple(g)
     if "mask" in d:
         if p.init is None:
@@ -242,17 +278,16 @@ def _controls(d: dict, base: Path, where) -> tuple[list, list]:
     """([(image, type, scale)], [ControlNet path]) of a panel's "control" and "controlnet" fields."""
     from .control_images import KINDS, parse_control
 
-    specs = _strings(d, "control", where, f"\"IMAGE[:TYPE[:SCALE]]\" (TYPE one of {', '.join(KINDS)}) or a list "
-                                          "of them")
+    specs = _strings(d, "control", where, f'"IMAGE[:TYPE[:SCALE]]" (TYPE one of {", ".join(KINDS)}) or a list of them')
     controls = []
     for spec in specs:
         try:
             path, kind, scale = parse_control(spec)
         except MinidiffError as e:
             _fail(where, str(e))
-        found = _path(path, base, where, "control") or _fail(where, f"'control' image {path} not found (expected "
-                                                                    f"IMAGE[:TYPE[:SCALE]], TYPE one of "
-                                                                    f"{', '.join(KINDS)})")
+        found = _path(path, base, where, "control") or _fail(
+            where, f"'control' image {path} not found (expected IMAGE[:TYPE[:SCALE]], TYPE one of {', '.join(KINDS)})"
+        )
         controls.append((found, kind, scale))
     nets = _strings(d, "controlnet", where, "a ControlNet folder or file path (or a list of them)")
     found_nets = []
@@ -260,8 +295,11 @@ def _controls(d: dict, base: Path, where) -> tuple[list, list]:
         hit = next((c for c in (base / n, Path(n)) if c.exists()), None)
         found_nets.append(hit or _fail(where, f"'controlnet' {n} not found"))
     if found_nets and len(found_nets) not in (1, len(controls)):
-        _fail(where, f"{len(controls)} 'control' images but {len(found_nets)} 'controlnet': give one ControlNet for "
-                     "all, or one per control image")
+        _fail(
+            where,
+            f"{len(controls)} 'control' images but {len(found_nets)} 'controlnet': give one ControlNet for "
+            "all, or one per control image",
+        )
     return controls, found_nets
 
 
@@ -301,10 +339,17 @@ def read_page(path) -> tuple[Page, list]:
     if d.get("font") is not None:
         font = _path(d["font"], base, where, "font") or _fail(where, f"font file {d['font']} not found")
         load_font(font, 12)  # readable?
-    page = Page(rows=rows, size=tuple(s), margin=_number(d, "margin", where, int, lo=0, default=32),
-                gutter=_number(d, "gutter", where, int, lo=0, default=18),
-                border=_number(d, "border", where, int, lo=0, default=3), title=d.get("title"), font=font,
-                resample=d.get("resample", "auto"), source=path)
+    page = Page(
+        rows=rows,
+        size=tuple(s),
+        margin=_number(d, "margin", where, int, lo=0, default=32),
+        gutter=_number(d, "gutter", where, int, lo=0, default=18),
+        border=_number(d, "border", where, int, lo=0, default=3),
+        title=d.get("title"),
+        font=font,
+        resample=d.get("resample", "auto"),
+        source=path,
+    )
     return page, sorted(notes)
 
 
@@ -371,8 +416,9 @@ def compose_strip(page: Page, images: list) -> Image.Image:
     width = page.size[0] - 2 * page.margin
     heights = [round(width * (y1 - y0) / (x1 - x0)) for x0, y0, x1, y1 in layout(page)]
     top = page.margin + (title_height(page) + page.gutter if page.title else 0)
-    canvas = Image.new("RGB", (page.size[0], top + sum(heights) + page.gutter * (len(heights) - 1) + page.margin),
-                       PAPER)
+    canvas = Image.new(
+        "RGB", (page.size[0], top + sum(heights) + page.gutter * (len(heights) - 1) + page.margin), PAPER
+    )
     draw_title(canvas, page, page.margin)
     y = top
     for h, image, panel in zip(heights, images, page.panels):
@@ -400,19 +446,35 @@ def render_page(pipe, page: Page, out, only=None, model="", progress=True) -> di
     todo = [p for p in page.panels if only is None or p.number in only or not panel_file(out, p.number).is_file()]
     written, switch, controlnets = [], LoRASwitch(pipe), {}
     for p in todo:
-        image, meta = generate_panel(pipe, p, lambda k: Image.open(panel_file(out, k)).convert("RGB"), progress,
-                                     switch, controlnets)
-        written.append(save_png(image, panel_file(out, p.number), {**meta, "model": model,
-                                                                   "page": page.source.name if page.source else None}))
+        image, meta = generate_panel(
+            pipe, p, lambda k: Image.open(panel_file(out, k)).convert("RGB"), progress, switch, controlnets
+        )
+        written.append(
+            save_png(
+                image,
+                panel_file(out, p.number),
+                {**meta, "model": model, "page": page.source.name if page.source else None},
+            )
+        )
         if progress:
             print(written[-1])
     redone = {p.number for p in todo}
     for p in page.panels:
         if isinstance(p.init, int) and p.init in redone and p.number not in redone:
-            print(f"note: panel {p.number} is an edit of panel {p.init}, which changed: re-render it with "
-                  f"--panel {p.number}", file=sys.stderr)
+            print(
+                f"note: panel {p.number} is an edit of panel {p.init}, which changed: re-render it with "
+                f"--panel {p.number}",
+                file=sys.stderr,
+            )
     images = [Image.open(panel_file(out, p.number)).convert("RGB") for p in page.panels]
-    meta = {"page": page.source.name if page.source else None, "panels": [p.prompt for p in page.panels],
-            "seeds": [p.seed for p in page.panels], "model": model}
-    return {"panels": written, "page": save_png(compose_page(page, images), out / "page.png", meta),
-            "strip": save_png(compose_strip(page, images), out / "strip.png", meta)}
+    meta = {
+        "page": page.source.name if page.source else None,
+        "panels": [p.prompt for p in page.panels],
+        "seeds": [p.seed for p in page.panels],
+        "model": model,
+    }
+    return {
+        "panels": written,
+        "page": save_png(compose_page(page, images), out / "page.png", meta),
+        "strip": save_png(compose_strip(page, images), out / "strip.png", meta),
+    }

@@ -11,6 +11,7 @@ minidiff has none, so it accepts a pose or depth image someone made elsewhere, a
 
 Tensors here are [H, W] or [3, H, W] floats in [0, 1] (a ControlNet's input range), not the [-1, 1] of images.py.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,7 +47,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     if sigma <= 0:
         return x
     r = max(1, math.ceil(3 * sigma))
-    k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * sigma**2))
+    k = torch.exp(-(torch.arange(-r, r + 1, dtype=torch.float32) ** 2) / (2 * sigma**2))
     k = k / k.sum()
     return _conv(_conv(x, k[None, :]), k[:, None])
 
@@ -69,7 +70,7 @@ def non_max_suppression(mag: torch.Tensor, gx: torch.Tensor, gy: torch.Tensor) -
     H, W = mag.shape
 
     def at(dy, dx):
-        return p[1 + dy:1 + dy + H, 1 + dx:1 + dx + W]
+        return p[1 + dy : 1 + dy + H, 1 + dx : 1 + dx + W]
 
     ahead = torch.stack([at(0, 1), at(1, 1), at(1, 0), at(1, -1)])
     behind = torch.stack([at(0, -1), at(-1, -1), at(-1, 0), at(-1, 1)])
@@ -135,8 +136,12 @@ def scribble(image: torch.Tensor, threshold: float = 0.5, width: int = 1) -> tor
         ink = ~ink
     lines = torch.from_numpy(thin(ink.numpy()))
     if width > 1:
-        lines = F.max_pool2d(lines[None, None].float(), width, stride=1, padding=width // 2)[0, 0, :g.shape[0],
-                                                                                             :g.shape[1]] > 0
+        lines = (
+            F.max_pool2d(lines[None, None].float(), width, stride=1, padding=width // 2)[
+                0, 0, : g.shape[0], : g.shape[1]
+            ]
+            > 0
+        )
     return lines
 
 
@@ -154,8 +159,10 @@ def make_control(image: torch.Tensor, kind: str = "canny", **kw) -> torch.Tensor
         return to_control(scribble(image, **kw))
     if kind == "image":
         return image.float()[:3] if image.ndim == 3 else image.float()[None].expand(3, -1, -1)
-    raise DataError(f"unknown control type {kind!r}: expected one of {', '.join(KINDS)} (pose and depth images made "
-                    "elsewhere are used as 'image': their estimators need downloaded weights)")
+    raise DataError(
+        f"unknown control type {kind!r}: expected one of {', '.join(KINDS)} (pose and depth images made "
+        "elsewhere are used as 'image': their estimators need downloaded weights)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------- to a ControlNet
@@ -191,11 +198,11 @@ def control_tensor(image, height: int, width: int) -> torch.Tensor:
         image = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1) / 255.0
     if not isinstance(image, torch.Tensor) or image.ndim not in (3, 4) or image.shape[-3] != 3:
         got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise DataError(f"control image: expected a PIL image or a [3, H, W] / [N, 3, H, W] tensor in [0, 1], "
-                        f"got {got}")
+        raise DataError(
+            f"control image: expected a PIL image or a [3, H, W] / [N, 3, H, W] tensor in [0, 1], got {got}"
+        )
     image = image.float()[None] if image.ndim == 3 else image.float()
     if tuple(image.shape[-2:]) != (height, width):
-        print(f"notice: control image {image.shape[-1]}x{image.shape[-2]} resized to {width}x{height}",
-              file=sys.stderr)
+        print(f"notice: control image {image.shape[-1]}x{image.shape[-2]} resized to {width}x{height}", file=sys.stderr)
         image = F.interpolate(image, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
     return image.clamp(0, 1)

@@ -16,6 +16,7 @@ Attribute names are diffusers' ControlNetModel state-dict keys (`controlnet_cond
 `controlnet_down_blocks.3.weight`, `down_blocks.1.attentions.0...`), so a diffusers ControlNet folder loads by name
 (weights/controlnet_files.py; the original `control_model.*` layout through rules as for the UNet).
 """
+
 from __future__ import annotations
 
 import math
@@ -66,8 +67,13 @@ class ControlNetModel(nn.Module):
     [B, conditioning_channels, H * f, W * f] with f = 2^(len(conditioning_embedding_out_channels) - 1).
     (diffusers `models/controlnets/controlnet.py` ControlNetModel; ldm `cldm/cldm.py` ControlNet.)"""
 
-    def __init__(self, config: UNetConfig, conditioning_channels: int = 3,
-                 conditioning_embedding_out_channels=(16, 32, 96, 256), global_pool_conditions: bool = False):
+    def __init__(
+        self,
+        config: UNetConfig,
+        conditioning_channels: int = 3,
+        conditioning_embedding_out_channels=(16, 32, 96, 256),
+        global_pool_conditions: bool = False,
+    ):
         super().__init__()
         self.config = c = config
         self.conditioning_channels = conditioning_channels
@@ -75,8 +81,9 @@ class ControlNetModel(nn.Module):
         self.global_pool_conditions = global_pool_conditions
         ch = c.block_out_channels
         temb = add_stem(self, c)  # the UNet's conv_in, time_proj, time_embedding, add_time_proj, add_embedding
-        self.controlnet_cond_embedding = ControlNetConditioningEmbedding(ch[0], conditioning_channels,
-                                                                         self.conditioning_embedding_out_channels)
+        self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
+            ch[0], conditioning_channels, self.conditioning_embedding_out_channels
+        )
         self.down_blocks = down_path(c, temb)
         self.controlnet_down_blocks = nn.ModuleList(zero(nn.Conv2d(k, k, 1)) for k in skip_channels(c))
         self.mid_block = mid_path(c, temb)
@@ -102,20 +109,25 @@ class ControlNetModel(nn.Module):
         d = self.config.to_diffusers()
         for k in ("up_block_types", "out_channels", "conv_out_kernel", "sample_size", "dropout"):
             d.pop(k, None)
-        d.update(_class_name="ControlNetModel", conditioning_channels=self.conditioning_channels,
-                 conditioning_embedding_out_channels=list(self.conditioning_embedding_out_channels),
-                 controlnet_conditioning_channel_order="rgb", global_pool_conditions=self.global_pool_conditions)
+        d.update(
+            _class_name="ControlNetModel",
+            conditioning_channels=self.conditioning_channels,
+            conditioning_embedding_out_channels=list(self.conditioning_embedding_out_channels),
+            controlnet_conditioning_channel_order="rgb",
+            global_pool_conditions=self.global_pool_conditions,
+        )
         return d
 
-    def forward(self, x, t, context=None, text_embeds=None, time_ids=None, cond=None, scale=1.0,
-                guess_mode=False):
+    def forward(self, x, t, context=None, text_embeds=None, time_ids=None, cond=None, scale=1.0, guess_mode=False):
         """x [B, C, H, W], t, context, text_embeds, time_ids as the UNet's; cond [B, 3, H * f, W * f] in [0, 1]
         -> (down_residuals [one per UNet skip, as pushed], mid_residual [B, ch_mid, h, w]), each times `scale`."""
         check_inputs(self, x, context, text_embeds, time_ids, "ControlNet")
         want = (x.shape[0], self.conditioning_channels, x.shape[2] * self.factor, x.shape[3] * self.factor)
         if cond is None or tuple(cond.shape) != want:
-            raise MinidiffError(f"ControlNet: expected a control image of shape {list(want)}, got "
-                                f"{None if cond is None else list(cond.shape)}")
+            raise MinidiffError(
+                f"ControlNet: expected a control image of shape {list(want)}, got "
+                f"{None if cond is None else list(cond.shape)}"
+            )
         temb = embed_time(self, x, t, text_embeds, time_ids)
         h = self.conv_in(x) + self.controlnet_cond_embedding(cond.to(x.dtype))
         h, skips = encode(self, h, temb, context)
@@ -143,6 +155,7 @@ class Control:
     """One ControlNet at sampling time: its control image [1 or N, 3, H, W] in [0, 1] (already the size of the
     images), its conditioning scale, the fraction [start, end) of the steps it acts on, and guess mode (the ControlNet
     sees only the conditional half of a guided batch, the unconditional half gets no residuals)."""
+
     net: nn.Module
     image: torch.Tensor
     scale: float = 1.0
@@ -178,12 +191,28 @@ class ControlledDenoiser:
             image = (c.image if len(c.image) == 1 else c.image[rows]).to(x_in.device, x_in.dtype)
             if c.guess_mode and self.guided:  # the conditional half only; the unconditional half gets zeros
                 half = slice(len(x_in) // 2, None)
-                d, m = c.net(x_in[half], t, context[half], pooled[half], ids[half],
-                             image.repeat(len(x_in) // 2 // len(image), 1, 1, 1), c.scale, guess_mode=True)
+                d, m = c.net(
+                    x_in[half],
+                    t,
+                    context[half],
+                    pooled[half],
+                    ids[half],
+                    image.repeat(len(x_in) // 2 // len(image), 1, 1, 1),
+                    c.scale,
+                    guess_mode=True,
+                )
                 d, m = [torch.cat([torch.zeros_like(r), r]) for r in d], torch.cat([torch.zeros_like(m), m])
             else:  # under guidance [uncond ; cond] both see the image
-                d, m = c.net(x_in, t, context, pooled, ids, image.repeat(len(x_in) // len(image), 1, 1, 1), c.scale,
-                             guess_mode=c.guess_mode)
+                d, m = c.net(
+                    x_in,
+                    t,
+                    context,
+                    pooled,
+                    ids,
+                    image.repeat(len(x_in) // len(image), 1, 1, 1),
+                    c.scale,
+                    guess_mode=c.guess_mode,
+                )
             down = d if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
         return {} if down is None else {"down_residuals": down, "mid_residual": mid}
@@ -195,16 +224,23 @@ def check_fits(net: nn.Module, unet: nn.Module, pixels_per_cell: int):
     if not isinstance(net, ControlNetModel):
         raise MinidiffError(f"control: expected a ControlNetModel (minidiff.controlnet), got {type(net).__name__}")
     mine = {k: tuple(v.shape) for k, v in net.state_dict().items() if not k.startswith("controlnet_")}
-    theirs = {k: tuple(v.shape) for k, v in unet.state_dict().items()
-              if not k.startswith(("up_blocks.", "conv_out", "conv_norm_out")) and ".lora_" not in k}
+    theirs = {
+        k: tuple(v.shape)
+        for k, v in unet.state_dict().items()
+        if not k.startswith(("up_blocks.", "conv_out", "conv_norm_out")) and ".lora_" not in k
+    }
     for k in sorted(set(mine) | set(theirs), key=lambda k: (k not in mine, k)):
         if mine.get(k) != theirs.get(k):
-            raise MinidiffError(f"control: this ControlNet is for another base model: first mismatched key {k} is "
-                                f"{list(mine[k]) if k in mine else 'missing'} in the ControlNet, "
-                                f"{list(theirs[k]) if k in theirs else 'missing'} in the UNet")
+            raise MinidiffError(
+                f"control: this ControlNet is for another base model: first mismatched key {k} is "
+                f"{list(mine[k]) if k in mine else 'missing'} in the ControlNet, "
+                f"{list(theirs[k]) if k in theirs else 'missing'} in the UNet"
+            )
     if net.factor != pixels_per_cell:
-        raise MinidiffError(f"control: this ControlNet reads control images at {net.factor} px per UNet cell, but the "
-                            f"model's images have {pixels_per_cell} (a ControlNet for another base)")
+        raise MinidiffError(
+            f"control: this ControlNet reads control images at {net.factor} px per UNet cell, but the "
+            f"model's images have {pixels_per_cell} (a ControlNet for another base)"
+        )
 
 
 def prepare_controls(controls, unet: nn.Module, height: int, width: int, pixels_per_cell: int) -> list[Control]:

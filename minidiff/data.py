@@ -243,8 +243,12 @@ class ImageFolder(torch.utils.data.Dataset):
         if not self.images:
             raise DataError(f"no usable images in {where}: all {len(entries)} files were unreadable")
         if tiny:
-            warnings.warn(f"{len(tiny)} image(s) are much smaller than the training size {self.size}px and will be "
-                          f"upscaled more than {TINY_FACTOR}x (blurry): {', '.join(tiny)}", DataWarning, stacklevel=2)
+            warnings.warn(
+                f"{len(tiny)} image(s) are much smaller than the training size {self.size}px and will be "
+                f"upscaled more than {TINY_FACTOR}x (blurry): {', '.join(tiny)}",
+                DataWarning,
+                stacklevel=2,
+            )
 
     def __len__(self):
         return len(self.index)

@@ -6,6 +6,7 @@
 (diffusers `embeddings.py` Timesteps / TimestepEmbedding and `unet_2d_condition.py` get_aug_embed; sgm
 `openaimodel.py` `time_embed` / `label_emb`.)
 """
+
 from __future__ import annotations
 
 import math
@@ -29,7 +30,7 @@ class Timesteps(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.dim // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        arg = t.float()[:, None] * freqs[None]                 # [B, half]
+        arg = t.float()[:, None] * freqs[None]  # [B, half]
         return torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)  # [B, dim]
 
 
@@ -41,7 +42,7 @@ class TimestepEmbedding(nn.Module):
         self.linear_1, self.linear_2 = nn.Linear(in_dim, dim), nn.Linear(dim, dim)
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(emb)))      # [B, in_dim] -> [B, dim]
+        return self.linear_2(F.silu(self.linear_1(emb)))  # [B, in_dim] -> [B, dim]
 
 
 def add_time_embedding(net: nn.Module, c) -> int:
@@ -63,8 +64,8 @@ def embed_time(net: nn.Module, x, t, text_embeds=None, time_ids=None) -> torch.T
     t = torch.as_tensor(t, device=x.device).reshape(-1)
     if t.numel() not in (1, B):
         raise MinidiffError(f"expected t as a scalar or [{B}] tensor, got {t.numel()} values")
-    temb = net.time_embedding(net.time_proj(t.expand(B)).to(x.dtype))       # [B, 1280]
+    temb = net.time_embedding(net.time_proj(t.expand(B)).to(x.dtype))  # [B, 1280]
     if net.add_embedding is not None:
-        ids = net.add_time_proj(time_ids.reshape(-1)).reshape(B, -1)         # [B, 6] -> [B, 6 * 256]
+        ids = net.add_time_proj(time_ids.reshape(-1)).reshape(B, -1)  # [B, 6] -> [B, 6 * 256]
         temb = temb + net.add_embedding(torch.cat([text_embeds, ids], dim=-1).to(temb.dtype))  # [B, 1280 + 1536]
     return temb

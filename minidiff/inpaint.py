@@ -79,9 +79,18 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x[None].float(), size=size, mode="bicubic", antialias=True, align_corners=False)[0]
 
 
-def inpaint(pipe, prompt: str, image: torch.Tensor, mask: torch.Tensor, blur_radius: float = 4.0,
-            only_masked: bool = False, padding: int = 32, width: int | None = None, height: int | None = None,
-            **generate_kw) -> torch.Tensor:
+def inpaint(
+    pipe,
+    prompt: str,
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    blur_radius: float = 4.0,
+    only_masked: bool = False,
+    padding: int = 32,
+    width: int | None = None,
+    height: int | None = None,
+    **generate_kw,
+) -> torch.Tensor:
     """Repaint the masked part of `image` [3, H, W] (mask [1, H, W], 1 = repaint) and paste it back feathered.
 
     only_masked=False: the whole image is generated at its own size (H, W multiples of 8).
@@ -91,8 +100,10 @@ def inpaint(pipe, prompt: str, image: torch.Tensor, mask: torch.Tensor, blur_rad
     from .pipeline import generate
 
     if image.dim() != 3 or image.shape[0] != 3 or mask.shape[-2:] != image.shape[-2:]:
-        raise MinidiffError(f"inpaint: expected an image [3, H, W] and a mask [1, H, W] of the same size, got "
-                            f"{tuple(image.shape)} and {tuple(mask.shape)}")
+        raise MinidiffError(
+            f"inpaint: expected an image [3, H, W] and a mask [1, H, W] of the same size, got "
+            f"{tuple(image.shape)} and {tuple(mask.shape)}"
+        )
     mask = mask.reshape(1, *image.shape[-2:]).float()
     soft, generate_kw = blur(mask, blur_radius), {"progress": False, **generate_kw}
     if not only_masked:
@@ -100,39 +111,63 @@ def inpaint(pipe, prompt: str, image: torch.Tensor, mask: torch.Tensor, blur_rad
         return paste(image, out, soft)
     native = pipe.unet.config.sample_size * pipe.scale
     multiple = max(8, pipe.scale)
-    top, left, bottom, right = mask_box(mask, padding + math.ceil(blur_radius), (width or native) / (height or native),
-                                        multiple)
+    top, left, bottom, right = mask_box(
+        mask, padding + math.ceil(blur_radius), (width or native) / (height or native), multiple
+    )
     h, w = bottom - top, right - left
     if width is None or height is None:  # the model's native area, in the box's shape
         scale = native / math.sqrt(h * w)
         height, width = (max(multiple, round(v * scale / multiple) * multiple) for v in (h, w))
     crop, crop_mask = image[:, top:bottom, left:right], soft[:, top:bottom, left:right]
-    gen = generate(pipe, [prompt], init_images=_resize(crop, (height, width)).clamp(-1, 1)[None],
-                   masks=_resize(crop_mask, (height, width)).clamp(0, 1)[None], width=width, height=height,
-                   **generate_kw)[0]
+    gen = generate(
+        pipe,
+        [prompt],
+        init_images=_resize(crop, (height, width)).clamp(-1, 1)[None],
+        masks=_resize(crop_mask, (height, width)).clamp(0, 1)[None],
+        width=width,
+        height=height,
+        **generate_kw,
+    )[0]
     out = image.clone()
     out[:, top:bottom, left:right] = paste(crop, _resize(gen, (h, w)).clamp(-1, 1), crop_mask)
     return out
 
 
-def grow_canvas(image: torch.Tensor, left: int = 0, top: int = 0, right: int = 0, bottom: int = 0,
-                overlap: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def grow_canvas(
+    image: torch.Tensor, left: int = 0, top: int = 0, right: int = 0, bottom: int = 0, overlap: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(canvas [3, H + top + bottom, W + left + right], mask [1, ...]): the image in the middle, the new border
     filled by stretching its edge pixels outwards, and a mask of 1 on the border plus `overlap` pixels inwards."""
     if min(left, top, right, bottom) < 0 or not any((left, top, right, bottom)):
-        raise MinidiffError(f"outpaint: grow by non-negative amounts, at least one > 0; got left={left}, top={top}, "
-                            f"right={right}, bottom={bottom}")
+        raise MinidiffError(
+            f"outpaint: grow by non-negative amounts, at least one > 0; got left={left}, top={top}, "
+            f"right={right}, bottom={bottom}"
+        )
     canvas = F.pad(image[None].float(), (left, right, top, bottom), mode="replicate")[0]
     H, W = canvas.shape[-2:]
     mask = torch.ones(1, H, W)
-    keep = [top + (overlap if top else 0), H - bottom - (overlap if bottom else 0),
-            left + (overlap if left else 0), W - right - (overlap if right else 0)]
-    mask[:, keep[0]:max(keep[1], keep[0]), keep[2]:max(keep[3], keep[2])] = 0
+    keep = [
+        top + (overlap if top else 0),
+        H - bottom - (overlap if bottom else 0),
+        left + (overlap if left else 0),
+        W - right - (overlap if right else 0),
+    ]
+    mask[:, keep[0] : max(keep[1], keep[0]), keep[2] : max(keep[3], keep[2])] = 0
     return canvas, mask
 
 
-def outpaint(pipe, prompt: str, image: torch.Tensor, left: int = 0, top: int = 0, right: int = 0, bottom: int = 0,
-             overlap: int = 8, blur_radius: float = 4.0, **generate_kw) -> torch.Tensor:
+def outpaint(
+    pipe,
+    prompt: str,
+    image: torch.Tensor,
+    left: int = 0,
+    top: int = 0,
+    right: int = 0,
+    bottom: int = 0,
+    overlap: int = 8,
+    blur_radius: float = 4.0,
+    **generate_kw,
+) -> torch.Tensor:
     """Grow `image` [3, H, W] by the given pixels (the new size must be a multiple of 8) and paint the new border
     (`grow_canvas`, then `inpaint` at strength 1 over the whole canvas)."""
     canvas, mask = grow_canvas(image, left, top, right, bottom, overlap)

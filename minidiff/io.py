@@ -8,6 +8,7 @@ writing is an OutputError naming the file, one line for the user. Nothing is eve
 only. A safetensors file gets the mode of any file the user makes (0666 less the umask; safetensors alone makes
 0600) and its metadata stored sorted, so the same tensors and metadata give the same bytes in every process.
 """
+
 import json
 import os
 import shutil

@@ -66,6 +66,7 @@ class Fitted:
 
 def fit(draw, text: str, width: int, height: int, font_path=None, max_size=40, min_size=8) -> Fitted:
     """The largest font size whose wrapped text fits width x height (the smallest size if none does)."""
+
     def attempt(size):
         font, spacing = load_font(font_path, size), max(1, size // 5)
         lines = wrap(draw, text, font, width)
@@ -84,8 +85,7 @@ def fit(draw, text: str, width: int, height: int, font_path=None, max_size=40, m
 
 def draw_text(draw, f: Fitted, center: tuple[float, float]):
     """The fitted lines centred on `center`."""
-    x0, y0, x1, y1 = draw.multiline_textbbox((0, 0), "\n".join(f.lines), font=f.font, spacing=f.spacing,
-                                             align="center")
+    x0, y0, x1, y1 = draw.multiline_textbbox((0, 0), "\n".join(f.lines), font=f.font, spacing=f.spacing, align="center")
     xy = (center[0] - (x0 + x1) / 2, center[1] - (y0 + y1) / 2)
     draw.multiline_text(xy, "\n".join(f.lines), fill=INK, font=f.font, spacing=f.spacing, align="center")
 
@@ -119,8 +119,7 @@ def _ellipse_point(cx, cy, rx, ry, angle):
     return cx + rx * math.cos(angle), cy + ry * math.sin(angle)
 
 
-def bubble(draw, box, text, at=(0.5, 0.25), tail=None, width=0.55, thought=False, font_path=None, line=2,
-           max_size=28):
+def bubble(draw, box, text, at=(0.5, 0.25), tail=None, width=0.55, thought=False, font_path=None, line=2, max_size=28):
     """A speech bubble (ellipse + a wedge tail ending at `tail`) or a thought bubble (ellipse + three shrinking
     circles towards `tail`), centred at `at` (moved inside the panel if it would cross it); positions are
     fractions of the panel box, `width` the bubble's largest width as a fraction of the panel's. The text is
@@ -153,11 +152,18 @@ def bubble(draw, box, text, at=(0.5, 0.25), tail=None, width=0.55, thought=False
             px, py = _ellipse_point(cx, cy, rx, ry, 2 * math.pi * k / 12)
             rr = 0.28 * min(rx, ry) + 3
             draw.ellipse((px - rr, py - rr, px + rr, py + rr), fill=PAPER, outline=INK, width=line)
-    draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=PAPER, outline=None if thought else INK,
-                 width=0 if thought else line)
+    draw.ellipse(
+        (cx - rx, cy - ry, cx + rx, cy + ry), fill=PAPER, outline=None if thought else INK, width=0 if thought else line
+    )
     if not thought and tail is not None:  # cover the tail's base inside the ellipse
-        draw.polygon([_ellipse_point(cx, cy, rx - line, ry - line, angle - 0.22),
-                      _ellipse_point(cx, cy, rx - line, ry - line, angle + 0.22), (cx, cy)], fill=PAPER)
+        draw.polygon(
+            [
+                _ellipse_point(cx, cy, rx - line, ry - line, angle - 0.22),
+                _ellipse_point(cx, cy, rx - line, ry - line, angle + 0.22),
+                (cx, cy),
+            ],
+            fill=PAPER,
+        )
     draw_text(draw, f, (cx, cy))
 
 
@@ -170,5 +176,14 @@ def letter(draw, box, texts, font_path=None, line=2):
         elif kind == "narration":
             narration(draw, box, t["text"], t.get("at", "bottom"), font_path, line)
         else:
-            bubble(draw, box, t["text"], tuple(t.get("at", (0.5, 0.2))), t.get("tail"), t.get("width", 0.55),
-                   kind == "thought", font_path, line)
+            bubble(
+                draw,
+                box,
+                t["text"],
+                tuple(t.get("at", (0.5, 0.2))),
+                t.get("tail"),
+                t.get("width", 0.55),
+                kind == "thought",
+                font_path,
+                line,
+            )

@@ -65,8 +65,9 @@ def panel_controls(pipe, panel, width, height, nets: dict) -> tuple[list, list]:
     return out, meta
 
 
-def generate_panel(pipe, panel, panel_image, progress=True, switch: LoRASwitch | None = None,
-                   controlnets: dict | None = None):
+def generate_panel(
+    pipe, panel, panel_image, progress=True, switch: LoRASwitch | None = None, controlnets: dict | None = None
+):
     """(PIL image, settings for its PNG metadata) of one panel. `panel_image(k)` gives panel k's image (for an
     edit of an earlier panel); `controlnets` caches ControlNets across panels (panel_controls)."""
     import torch
@@ -79,31 +80,50 @@ def generate_panel(pipe, panel, panel_image, progress=True, switch: LoRASwitch |
     width, height = panel.size or (native, native)
     loras = (switch or LoRASwitch(pipe)).use(panel.loras)
     sampler = panel.sampler or model_sampler(pipe)
-    kw = dict(steps=panel.steps, cfg=panel.cfg, sampler=sampler, seed=panel.seed, negative=panel.negative,
-              prompt_2=panel.prompt_2, progress=progress)
+    kw = dict(
+        steps=panel.steps,
+        cfg=panel.cfg,
+        sampler=sampler,
+        seed=panel.seed,
+        negative=panel.negative,
+        prompt_2=panel.prompt_2,
+        progress=progress,
+    )
     controls, control_meta = panel_controls(pipe, panel, width, height, {} if controlnets is None else controlnets)
     where = f"panel {panel.number}"
-    meta = {"panel": panel.number, "prompt": panel.prompt, "prompt_2": panel.prompt_2, "negative": panel.negative,
-            "seed": panel.seed, "steps": panel.steps, "cfg": panel.cfg, "sampler": sampler, "width": width,
-            "height": height, "loras": loras}
+    meta = {
+        "panel": panel.number,
+        "prompt": panel.prompt,
+        "prompt_2": panel.prompt_2,
+        "negative": panel.negative,
+        "seed": panel.seed,
+        "steps": panel.steps,
+        "cfg": panel.cfg,
+        "sampler": sampler,
+        "width": width,
+        "height": height,
+        "loras": loras,
+    }
     if controls:  # text to image or img2img (comic.read_page refuses control on inpainting / outpainting panels)
         kw["controls"], meta["controls"] = controls, control_meta
     if panel.init is None:
         x = generate(pipe, [panel.prompt], width=width, height=height, **kw)[0]
         return to_pil(x), meta
     source = panel_image(panel.init) if isinstance(panel.init, int) else panel.init
-    meta.update(init=f"panel {panel.init}" if isinstance(panel.init, int) else str(panel.init),
-                strength=panel.strength)
+    meta.update(init=f"panel {panel.init}" if isinstance(panel.init, int) else str(panel.init), strength=panel.strength)
     if panel.outpaint is not None:
         init = from_pil(_image(source, None, f"{where}: 'init'").convert("RGB"))
         left, top, right, bottom = panel.outpaint
         w, h = init.shape[2] + left + right, init.shape[1] + top + bottom
         if w % 8 or h % 8:
-            raise MinidiffError(f"{where}: 'outpaint' grows {init.shape[2]}x{init.shape[1]} to {w}x{h}: the new "
-                                f"size must be multiples of 8")
+            raise MinidiffError(
+                f"{where}: 'outpaint' grows {init.shape[2]}x{init.shape[1]} to {w}x{h}: the new "
+                f"size must be multiples of 8"
+            )
         kw.pop("progress")
-        x = outpaint(pipe, panel.prompt, init, left, top, right, bottom, blur_radius=panel.mask_blur,
-                     progress=progress, **kw)
+        x = outpaint(
+            pipe, panel.prompt, init, left, top, right, bottom, blur_radius=panel.mask_blur, progress=progress, **kw
+        )
         meta.update(outpaint=list(panel.outpaint), width=w, height=h)
         return to_pil(x), meta
     init = from_pil(_image(source, (width, height), f"{where}: 'init'").convert("RGB"))
@@ -116,6 +136,15 @@ def generate_panel(pipe, panel, panel_image, progress=True, switch: LoRASwitch |
         raise MinidiffError(f"{where}: 'mask' {panel.mask} is all black: nothing to repaint (white = repaint)")
     meta.update(mask=str(panel.mask), mask_blur=panel.mask_blur, only_masked=panel.only_masked)
     kw.pop("progress")
-    x = inpaint(pipe, panel.prompt, init, mask, blur_radius=panel.mask_blur, only_masked=panel.only_masked,
-                strength=panel.strength, progress=progress, **kw)
+    x = inpaint(
+        pipe,
+        panel.prompt,
+        init,
+        mask,
+        blur_radius=panel.mask_blur,
+        only_masked=panel.only_masked,
+        strength=panel.strength,
+        progress=progress,
+        **kw,
+    )
     return to_pil(x), meta

@@ -27,12 +27,24 @@ from tqdm.auto import tqdm
 from .errors import MinidiffError
 from .schedule import Schedule
 
-SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
-                  "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
-                  "timestep_spacing": "leading", "steps_offset": 1}
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+}
 # The sampler a model folder asks for, as diffusers reads it: scheduler/scheduler_config.json's class name.
-SAMPLER_OF_SCHEDULER = {"EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_a",
-                        "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "DPMSolverMultistepScheduler": "dpmpp_2m"}
+SAMPLER_OF_SCHEDULER = {
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "DDIMScheduler": "ddim",
+    "DDPMScheduler": "ddpm",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+}
 
 
 @dataclass
@@ -99,8 +111,13 @@ def _check_edit(images, masks, n, height, width):
     for name, x, c, lo in (("init_images", images, 3, -1), ("masks", masks, 1, 0)):
         if x is None:
             continue
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] not in (1, n) or x.shape[1] != c \
-                or tuple(x.shape[2:]) != (height, width):
+        if (
+            not isinstance(x, torch.Tensor)
+            or x.dim() != 4
+            or x.shape[0] not in (1, n)
+            or x.shape[1] != c
+            or tuple(x.shape[2:]) != (height, width)
+        ):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise MinidiffError(f"generate: {name} must be a tensor [{n} or 1, {c}, {height}, {width}], got {shape}")
         if x.min() < lo - 1e-3 or x.max() > 1 + 1e-3:
@@ -121,6 +138,7 @@ def decode(pipe: Pipeline, x0: torch.Tensor) -> torch.Tensor:
 
     def one(z):
         return pipe.vae.decode_tiled(z, tile, tile // 4) if tile else pipe.vae.decode(z)
+
     out = [one((z[None] / pipe.vae.scaling_factor).to(dtype)).float() for z in x0]
     return torch.cat(out).clamp(-1, 1)
 
@@ -136,10 +154,30 @@ def default_guidance_rescale(pipe: Pipeline) -> float:
 
 
 @torch.no_grad()
-def generate(pipe: Pipeline, prompts, negative="", steps=30, cfg=5.0, sampler=None, seed=0, width=None,
-             height=None, guidance_rescale=None, batch_size=4, progress=True, spacing=None, karras=False, eta=0.0,
-             noise=None, init_images=None, strength=1.0, masks=None, prompt_2=None, negative_2=None,
-             controls=()) -> torch.Tensor:
+def generate(
+    pipe: Pipeline,
+    prompts,
+    negative="",
+    steps=30,
+    cfg=5.0,
+    sampler=None,
+    seed=0,
+    width=None,
+    height=None,
+    guidance_rescale=None,
+    batch_size=4,
+    progress=True,
+    spacing=None,
+    karras=False,
+    eta=0.0,
+    noise=None,
+    init_images=None,
+    strength=1.0,
+    masks=None,
+    prompt_2=None,
+    negative_2=None,
+    controls=(),
+) -> torch.Tensor:
     """Images [N, 3, height, width] in [-1, 1] for N prompts; image i uses seed + i (or row i of `noise`, unit
     Gaussian x_T). Guidance (cfg > 1) batches [uncond ; cond] into one UNet call per step. `spacing` defaults to
     the model's scheduler config ("leading" for SDXL), `sampler` to the one its config names (Euler for SDXL),
@@ -168,8 +206,10 @@ def generate(pipe: Pipeline, prompts, negative="", steps=30, cfg=5.0, sampler=No
     width, height = width or 1024, height or 1024
     multiple = max(8, pipe.scale)
     if not prompts or width % multiple or height % multiple or min(width, height) <= 0:
-        raise MinidiffError(f"generate: need prompts and a width and height that are positive multiples of "
-                            f"{multiple}, got {len(prompts)} prompts, {width}x{height}")
+        raise MinidiffError(
+            f"generate: need prompts and a width and height that are positive multiples of "
+            f"{multiple}, got {len(prompts)} prompts, {width}x{height}"
+        )
     n = len(prompts)
     _check_edit(init_images, masks, n, height, width)
     spacing = spacing or pipe.scheduler_config.get("timestep_spacing", "leading")
@@ -208,8 +248,9 @@ def generate(pipe: Pipeline, prompts, negative="", steps=30, cfg=5.0, sampler=No
                 cond = (torch.cat([cond, cond]) if guided else cond).to(dtype)
                 mask = None  # no blending: the UNet sees the known region through `cond`
         second = None if prompt_2 is None else _rows(prompt_2, n)[rows]
-        context, pooled = pipe.text.encode(chunk, negative if guided else None, prompts_2=second,
-                                           negative_2=negative_2, emphasis=True)
+        context, pooled = pipe.text.encode(
+            chunk, negative if guided else None, prompts_2=second, negative_2=negative_2, emphasis=True
+        )
         context, pooled = context.to(pipe.device, dtype), pooled.to(pipe.device, dtype)
         ids = pipe.text.time_ids((height, width), (0, 0), (height, width), batch=len(context)).to(pipe.device, dtype)
         control = ControlledDenoiser(controls, steps - start, guided)  # the steps the sampler runs
@@ -221,9 +262,22 @@ def generate(pipe: Pipeline, prompts, negative="", steps=30, cfg=5.0, sampler=No
             eps = unet(x_in, t, context=context, text_embeds=pooled, time_ids=ids, **residuals).float()
             return guide(*eps.chunk(2), cfg, guidance_rescale) if guided else eps
 
-        x0 = sample(denoise, pipe.schedule, x_T.to(pipe.device), steps=steps, sampler=sampler, spacing=spacing,
-                    eta=eta, karras=karras, generator=gens, progress=progress,
-                    steps_offset=steps_offset, init=x0_init, start=start, mask=mask,
-                    prediction=pipe.scheduler_config.get("prediction_type", "epsilon"))
+        x0 = sample(
+            denoise,
+            pipe.schedule,
+            x_T.to(pipe.device),
+            steps=steps,
+            sampler=sampler,
+            spacing=spacing,
+            eta=eta,
+            karras=karras,
+            generator=gens,
+            progress=progress,
+            steps_offset=steps_offset,
+            init=x0_init,
+            start=start,
+            mask=mask,
+            prediction=pipe.scheduler_config.get("prediction_type", "epsilon"),
+        )
         out.append(decode(pipe, x0))
     return torch.cat(out)

@@ -87,8 +87,10 @@ class FolderLock:
         except OSError:
             holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
             self.release()
-            raise OutputError(f"{flag} {folder} is in use by another minidiff run (pid {holder}): wait for it to "
-                              f"finish or pass another {flag}") from None
+            raise OutputError(
+                f"{flag} {folder} is in use by another minidiff run (pid {holder}): wait for it to "
+                f"finish or pass another {flag}"
+            ) from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
 
@@ -112,6 +114,9 @@ def claim(folder, flag="--out", also=()) -> FolderLock:
     lock = FolderLock(folder, flag)
     removed = sweep_tmp(folder, *(folder / s for s in SUBFOLDERS), *also)
     if removed:
-        print(f"removed {len(removed)} unfinished file(s) a stopped run left in {folder}: "
-              + ", ".join(p.name for p in removed[:3]) + (" ..." if len(removed) > 3 else ""))
+        print(
+            f"removed {len(removed)} unfinished file(s) a stopped run left in {folder}: "
+            + ", ".join(p.name for p in removed[:3])
+            + (" ..." if len(removed) > 3 else "")
+        )
     return lock

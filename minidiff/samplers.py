@@ -63,8 +63,15 @@ def cfg(eps_uncond: Tensor, eps_cond: Tensor, scale: float, rescale: float = 0.0
 # ---- one step of each sampler ---------------------------------------------------------------------------------------
 
 
-def ddpm_step(x_t: Tensor, eps: Tensor, alpha_bar_t: float, alpha_bar_prev: float, z: Optional[Tensor] = None,
-              clip_x0: Optional[float] = None, x0: Optional[Tensor] = None) -> Tensor:
+def ddpm_step(
+    x_t: Tensor,
+    eps: Tensor,
+    alpha_bar_t: float,
+    alpha_bar_prev: float,
+    z: Optional[Tensor] = None,
+    clip_x0: Optional[float] = None,
+    x0: Optional[Tensor] = None,
+) -> Tensor:
     """Ancestral DDPM step t -> t_prev (Ho et al. 2020 eq. 6-7 and Alg. 2, generalised to skipped steps):
 
         alpha'_t = alpha_bar_t / alpha_bar_prev,  beta'_t = 1 - alpha'_t
@@ -81,16 +88,25 @@ def ddpm_step(x_t: Tensor, eps: Tensor, alpha_bar_t: float, alpha_bar_prev: floa
         x0 = (x_t - math.sqrt(1 - alpha_bar_t) * eps) / math.sqrt(alpha_bar_t)
     if clip_x0 is not None:
         x0 = x0.clamp(-clip_x0, clip_x0)
-    mean = (math.sqrt(alpha_bar_prev) * b_t / (1 - alpha_bar_t)) * x0 \
-        + (math.sqrt(a_t) * (1 - alpha_bar_prev) / (1 - alpha_bar_t)) * x_t
+    mean = (math.sqrt(alpha_bar_prev) * b_t / (1 - alpha_bar_t)) * x0 + (
+        math.sqrt(a_t) * (1 - alpha_bar_prev) / (1 - alpha_bar_t)
+    ) * x_t
     if z is None:
         return mean
     var = max((1 - alpha_bar_prev) / (1 - alpha_bar_t) * b_t, 1e-20)
     return mean + math.sqrt(var) * z
 
 
-def ddim_step(x_t: Tensor, eps: Tensor, alpha_bar_t: float, alpha_bar_prev: float, eta: float = 0.0,
-              z: Optional[Tensor] = None, clip_x0: Optional[float] = None, x0: Optional[Tensor] = None) -> Tensor:
+def ddim_step(
+    x_t: Tensor,
+    eps: Tensor,
+    alpha_bar_t: float,
+    alpha_bar_prev: float,
+    eta: float = 0.0,
+    z: Optional[Tensor] = None,
+    clip_x0: Optional[float] = None,
+    x0: Optional[Tensor] = None,
+) -> Tensor:
     """DDIM step t -> t_prev (Song et al. 2021, eq. 12 and 16):
 
         x_0     = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)                     (clipped to +-clip_x0)
@@ -140,8 +156,14 @@ def euler_ancestral_step(x: Tensor, eps: Tensor, sigma: float, sigma_next: float
     return x + d * (sigma_down - sigma) + sigma_up * z
 
 
-def dpmpp_2m_step(x: Tensor, x0: Tensor, sigma: float, sigma_next: float, x0_prev: Optional[Tensor] = None,
-                  sigma_prev: Optional[float] = None) -> Tensor:
+def dpmpp_2m_step(
+    x: Tensor,
+    x0: Tensor,
+    sigma: float,
+    sigma_next: float,
+    x0_prev: Optional[Tensor] = None,
+    sigma_prev: Optional[float] = None,
+) -> Tensor:
     """DPM-Solver++(2M) step in alpha space (Lu et al. 2022, arXiv 2211.01095, Alg. 2, "midpoint" form as in
     diffusers). With sigma in sigma space, the VP quantities are
 
@@ -170,8 +192,14 @@ def dpmpp_2m_step(x: Tensor, x0: Tensor, sigma: float, sigma_next: float, x0_pre
 # ---- the timesteps and sigmas of a sampling run ---------------------------------------------------------------------
 
 
-def plan(schedule: Schedule, steps: int, sampler: str = "euler", spacing: str = "leading", karras: bool = False,
-         steps_offset: int = 1) -> tuple[Tensor, Tensor]:
+def plan(
+    schedule: Schedule,
+    steps: int,
+    sampler: str = "euler",
+    spacing: str = "leading",
+    karras: bool = False,
+    steps_offset: int = 1,
+) -> tuple[Tensor, Tensor]:
     """The timesteps (float64 [steps], descending) and sigmas (float64 [steps + 1], ending in 0) a sampler visits,
     exactly as the matching diffusers scheduler's `set_timesteps` makes them:
 
@@ -240,9 +268,9 @@ def start_index(steps: int, strength: float) -> int:
 def noised(x0: Tensor, noise: Tensor, sigma: float, sampler: str) -> Tensor:
     """q(x_t | x_0) at noise level sigma, in the space the sampler works in (diffusers' `add_noise`):
 
-        sigma space (euler, euler_a):  x   = x_0 + sigma eps
-        alpha space (the others):      x_t = (x_0 + sigma eps) / sqrt(sigma^2 + 1) = sqrt(alpha_bar) x_0
-                                                                                  + sqrt(1 - alpha_bar) eps
+    sigma space (euler, euler_a):  x   = x_0 + sigma eps
+    alpha space (the others):      x_t = (x_0 + sigma eps) / sqrt(sigma^2 + 1) = sqrt(alpha_bar) x_0
+                                                                              + sqrt(1 - alpha_bar) eps
     """
     x = x0.float() + sigma * noise.float()
     return x if sampler in ("euler", "euler_a") else x / math.sqrt(sigma**2 + 1)
@@ -262,11 +290,24 @@ def _randn(x: Tensor, generator) -> Tensor:
 
 
 @torch.no_grad()
-def sample(denoise: Denoiser, schedule: Schedule, noise: Tensor, steps: int = 30, sampler: str = "euler",
-           spacing: str = "leading", eta: float = 0.0, karras: bool = False,
-           generator: Optional[torch.Generator] = None, progress: bool = True, steps_offset: int = 1,
-           clip_x0: Optional[float] = None, init: Optional[Tensor] = None, start: int = 0,
-           mask: Optional[Tensor] = None, prediction: str = "epsilon") -> Tensor:
+def sample(
+    denoise: Denoiser,
+    schedule: Schedule,
+    noise: Tensor,
+    steps: int = 30,
+    sampler: str = "euler",
+    spacing: str = "leading",
+    eta: float = 0.0,
+    karras: bool = False,
+    generator: Optional[torch.Generator] = None,
+    progress: bool = True,
+    steps_offset: int = 1,
+    clip_x0: Optional[float] = None,
+    init: Optional[Tensor] = None,
+    start: int = 0,
+    mask: Optional[Tensor] = None,
+    prediction: str = "epsilon",
+) -> Tensor:
     """Run `sampler` for `steps` steps from unit Gaussian `noise` [B, C, H, W] and return x_0 (float32).
     `prediction`: what the denoiser outputs, "epsilon" or "v_prediction".
 
@@ -289,8 +330,9 @@ def sample(denoise: Denoiser, schedule: Schedule, noise: Tensor, steps: int = 30
     else:
         x = noised(init, noise, sigmas[start].item(), sampler)
     x0_prev = None
-    bar = tqdm(range(start, len(ts)), desc=f"sampling ({sampler}, {len(ts) - start} steps)", disable=not progress,
-               leave=False)
+    bar = tqdm(
+        range(start, len(ts)), desc=f"sampling ({sampler}, {len(ts) - start} steps)", disable=not progress, leave=False
+    )
     for i in bar:
         if i > start and mask is not None:  # the known region, re-noised to this step's level
             x = mask * x + (1 - mask) * noised(init, noise, sigmas[i].item(), sampler)
@@ -322,7 +364,13 @@ def sample(denoise: Denoiser, schedule: Schedule, noise: Tensor, steps: int = 30
         else:  # dpmpp_2m
             x0, _ = split_at(out, x, 1 / (sigma**2 + 1), prediction)  # alpha_bar = a^2 = 1 / (sigma^2 + 1)
             second_order = x0_prev is not None and i < len(ts) - 1  # lower_order_final: last step is first order
-            x = dpmpp_2m_step(x, x0, sigma, sigma_next, x0_prev if second_order else None,
-                              sigmas[i - 1].item() if second_order else None)
+            x = dpmpp_2m_step(
+                x,
+                x0,
+                sigma,
+                sigma_next,
+                x0_prev if second_order else None,
+                sigmas[i - 1].item() if second_order else None,
+            )
             x0_prev = x0
     return x if mask is None else mask * x + (1 - mask) * init.float()

@@ -24,7 +24,9 @@ from torch import Tensor
 
 from .errors import MinidiffError
 
-ALPHA_BAR_FLOOR = 2.0**-24  # diffusers' sigma-space schedulers under rescale_betas_zero_snr: alphas_cumprod[-1] = 2**-24
+ALPHA_BAR_FLOOR = (
+    2.0**-24
+)  # diffusers' sigma-space schedulers under rescale_betas_zero_snr: alphas_cumprod[-1] = 2**-24
 PREDICTIONS = ("epsilon", "v_prediction")
 
 
@@ -161,7 +163,7 @@ class Schedule:
     def v_target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """v-prediction target (Salimans & Ho 2022, appendix D):
 
-            v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0
+        v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0
         """
         ab = self.alpha_bar
         return self._at(ab.sqrt(), t, x0) * eps - self._at((1 - ab).sqrt(), t, x0) * x0

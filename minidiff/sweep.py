@@ -72,8 +72,12 @@ def from_run(folder) -> list[str]:
     if not folder.is_dir():
         raise MinidiffError(f"--from {folder}: no such folder (expected a finetune.py --out folder)")
     steps = sorted(folder.glob("*-step-*.safetensors"), key=lambda p: (int(re.findall(r"\d+", p.stem)[-1]), p.name))
-    final = [p for p in sorted(folder.glob("*.safetensors")) if "-step-" not in p.name  # lora / sks.safetensors
-             and p.name != "pytorch_lora_weights.safetensors"] + [p for p in [folder / "unet"] if p.is_dir()]
+    final = [
+        p
+        for p in sorted(folder.glob("*.safetensors"))
+        if "-step-" not in p.name  # lora / sks.safetensors
+        and p.name != "pytorch_lora_weights.safetensors"
+    ] + [p for p in [folder / "unet"] if p.is_dir()]
     try:  # the final files repeat the last step file when --save-every divides --steps
         last = int(json.loads((folder / "manifest.json").read_text())["settings"]["steps"])
         final = [p for p in final if p.is_dir() or not any(f"-step-{last:06d}" in q.name for q in steps)]
@@ -91,8 +95,7 @@ class Swapper:
     def __init__(self, model, device, dtype, tokenizers=None):
         from .weights.pretrained import load_pipeline
 
-        self.load = lambda unet=None: load_pipeline(model, dtype=dtype, device=device, tokenizers=tokenizers,
-                                                    unet=unet)
+        self.load = lambda unet=None: load_pipeline(model, dtype=dtype, device=device, tokenizers=tokenizers, unet=unet)
         self.base = self.pipe = self.load()
         self.adapter, self.token, self.count = None, None, 0
 
@@ -141,8 +144,12 @@ def render(args) -> Path:
         variants = [(f"scale {s:g}", ("scale", s)) for s in args.lora_scales]
     elif args.steps_list:
         variants = [(f"{n} steps", ("steps", n)) for n in args.steps_list]
-    swap = Swapper(args.model, args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                   torch.float16 if torch.cuda.is_available() else torch.float32, args.tokenizers)
+    swap = Swapper(
+        args.model,
+        args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        torch.float16 if torch.cuda.is_available() else torch.float32,
+        args.tokenizers,
+    )
     native = swap.base.unet.config.sample_size * swap.base.scale
     size = args.size or native
     rows, sheet = [], []
@@ -158,11 +165,30 @@ def render(args) -> Path:
                 for seed, img in zip(args.seeds, x):
                     label = f"{ck.label}" + (f" ({name})" if name else "")
                     file = out / "images" / f"{len(sheet):05d}.png"
-                    save_png(img, file, {"checkpoint": ck.label, "checkpoint_path": ck.path, "variant": name,
-                                         "prompt": prompt, "seed": seed, "steps": steps, "cfg": args.cfg,
-                                         "model": str(args.model)})
-                    sheet.append({"checkpoint": ck.label, "variant": name, "prompt": prompt, "seed": seed,
-                                  "file": str(file.relative_to(out)), "score": ""})
+                    save_png(
+                        img,
+                        file,
+                        {
+                            "checkpoint": ck.label,
+                            "checkpoint_path": ck.path,
+                            "variant": name,
+                            "prompt": prompt,
+                            "seed": seed,
+                            "steps": steps,
+                            "cfg": args.cfg,
+                            "model": str(args.model),
+                        },
+                    )
+                    sheet.append(
+                        {
+                            "checkpoint": ck.label,
+                            "variant": name,
+                            "prompt": prompt,
+                            "seed": seed,
+                            "file": str(file.relative_to(out)),
+                            "score": "",
+                        }
+                    )
                     images.append(img)
             rows.append((label, torch.stack(images)))
             bar.update()
@@ -170,11 +196,23 @@ def render(args) -> Path:
     if args.auto_score:
         auto_score(sheet, out)
     write_sheet(sheet, out / "sheet.csv")
-    grouped_grid(rows, [(p, [f"seed {s}" for s in args.seeds]) for p in prompts], out / "grid.png",
-                  {"prompts": prompts, "seeds": args.seeds, "steps": args.steps, "cfg": args.cfg,
-                   "model": str(args.model), "checkpoints": [c.path or "base" for c in checkpoints]})
-    print(f"{len(sheet)} images; wrote {out / 'grid.png'} and {out / 'sheet.csv'} (fill its score column, then: "
-          f"python -m minidiff.sweep --score {out / 'sheet.csv'})")
+    grouped_grid(
+        rows,
+        [(p, [f"seed {s}" for s in args.seeds]) for p in prompts],
+        out / "grid.png",
+        {
+            "prompts": prompts,
+            "seeds": args.seeds,
+            "steps": args.steps,
+            "cfg": args.cfg,
+            "model": str(args.model),
+            "checkpoints": [c.path or "base" for c in checkpoints],
+        },
+    )
+    print(
+        f"{len(sheet)} images; wrote {out / 'grid.png'} and {out / 'sheet.csv'} (fill its score column, then: "
+        f"python -m minidiff.sweep --score {out / 'sheet.csv'})"
+    )
     if args.auto_score:
         score(out / "sheet.csv")
     return out
@@ -184,8 +222,9 @@ def generate_seeds(pipe, prompt, seeds, steps, cfg, size) -> torch.Tensor:
     """One image per seed (image i of seed s is the same whatever else is drawn): [len(seeds), 3, size, size]."""
     from .pipeline import generate
 
-    return torch.cat([generate(pipe, [prompt], steps=steps, cfg=cfg, seed=s, width=size, height=size, progress=False)
-                      for s in seeds])
+    return torch.cat(
+        [generate(pipe, [prompt], steps=steps, cfg=cfg, seed=s, width=size, height=size, progress=False) for s in seeds]
+    )
 
 
 def read_prompts(args) -> list[str]:
@@ -250,8 +289,10 @@ def score(sheet_path, good=1.0) -> dict:
     rated = {k: v[0] for k, v in ratios.items() if v[1]}
     if not rated:
         raise MinidiffError(f"{sheet_path}: no score filled in yet (1 = good, 0 = bad, blank = not rated)")
-    steps = {k: 0 if k.startswith("base") else int(n[-1]) if (n := re.findall(r"\d+", k.partition(" (")[0])) else None
-             for k in rated}
+    steps = {
+        k: 0 if k.startswith("base") else int(n[-1]) if (n := re.findall(r"\d+", k.partition(" (")[0])) else None
+        for k in rated
+    }
     numbered = any(v for v in steps.values())  # step files: names without a step (lora.safetensors) stay off the plot
     series = {}
     for i, (k, r) in enumerate(rated.items()):
@@ -259,8 +300,15 @@ def score(sheet_path, good=1.0) -> dict:
             continue
         variant = k.partition(" (")[2].rstrip(")") or "quality ratio"
         series.setdefault(variant, []).append((steps[k] if numbered else i, r))
-    plot_curves(series, sheet_path.parent / "quality.png", title="quality ratio per checkpoint", log_y=False,
-                xlabel="training step of the checkpoint (base = 0)", ylabel="share of images rated good", smooth=0)
+    plot_curves(
+        series,
+        sheet_path.parent / "quality.png",
+        title="quality ratio per checkpoint",
+        log_y=False,
+        xlabel="training step of the checkpoint (base = 0)",
+        ylabel="share of images rated good",
+        smooth=0,
+    )
     for k, (r, m, n) in ratios.items():
         print(f"{k:40s} quality ratio {r:.2f} ({m} of {n} rated)")
     print(f"wrote {sheet_path.parent / 'quality.csv'} and {sheet_path.parent / 'quality.png'}")

@@ -52,8 +52,9 @@ def time_ids(original_size, crop_top_left=(0, 0), target_size=None, batch=1) -> 
     target_size = original_size if target_size is None else target_size
     ids = [*original_size, *crop_top_left, *target_size]
     if len(ids) != 6:
-        raise ValueError(f"time_ids wants (h, w), (top, left), (h, w); got {original_size}, {crop_top_left}, "
-                         f"{target_size}")
+        raise ValueError(
+            f"time_ids wants (h, w), (top, left), (h, w); got {original_size}, {crop_top_left}, {target_size}"
+        )
     return torch.tensor([float(v) for v in ids]).repeat(batch, 1)
 
 
@@ -144,7 +145,7 @@ def _chunks(ids: list[int], weights: list[float], tokenizer, length: int, n: int
     body = length - 2
     out_ids, out_w = [], []
     for k in range(n):
-        part, w = ids[k * body:(k + 1) * body], weights[k * body:(k + 1) * body]
+        part, w = ids[k * body : (k + 1) * body], weights[k * body : (k + 1) * body]
         fill = body - len(part)
         out_ids.append([bos, *part, eos] + [pad] * fill)
         out_w.append([1.0, *w, 1.0] + [1.0] * fill)
@@ -158,9 +159,11 @@ def _notice_long(prompt: str, n_tokens: int, body: int):
     """One line on stderr the first time a prompt needs more than one chunk: it is split, never cut."""
     if prompt not in _NOTICED:
         _NOTICED.add(prompt)
-        print(f"note: prompt of {n_tokens} tokens > {body}: encoded as {math.ceil(n_tokens / body)} chunks of {body} "
-              f"(each with BOS/EOS) concatenated along the sequence; pooled from the first: {prompt[:60]!r}...",
-              file=sys.stderr)
+        print(
+            f"note: prompt of {n_tokens} tokens > {body}: encoded as {math.ceil(n_tokens / body)} chunks of {body} "
+            f"(each with BOS/EOS) concatenated along the sequence; pooled from the first: {prompt[:60]!r}...",
+            file=sys.stderr,
+        )
 
 
 class TextConditioner(nn.Module):
@@ -198,8 +201,10 @@ class TextConditioner(nn.Module):
         counted = tokenizer(prompts, max_length=length + 1, truncation=True).input_ids  # L + 1: "too long"
         for prompt, ids in zip(prompts, counted):
             if len(ids) > length:
-                raise MinidiffError(f"prompt too long for training: the text encoder reads {length - 2} tokens and "
-                                    f"would silently drop the rest of {prompt[:60]!r}...; shorten it")
+                raise MinidiffError(
+                    f"prompt too long for training: the text encoder reads {length - 2} tokens and "
+                    f"would silently drop the rest of {prompt[:60]!r}...; shorten it"
+                )
         ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
         return ids.input_ids.to(encoder.device)
 
@@ -212,8 +217,11 @@ class TextConditioner(nn.Module):
     def _tokens(self, prompts, prompts_2):
         """Per encoder: [(ids, weights)] for each prompt (prompts_2, when given, for the second encoder)."""
         pairs = ((self.tokenizer, self.text_encoder, prompts), (self.tokenizer_2, self.text_encoder_2, prompts_2))
-        return [(tok, enc, [weighted_tokens(tok, expand_prompt(p, tok)) for p in ps]) for tok, enc, ps in pairs
-                if enc is not None]  # (SD 1.x / 2.x: one encoder, text_sd.py)
+        return [
+            (tok, enc, [weighted_tokens(tok, expand_prompt(p, tok)) for p in ps])
+            for tok, enc, ps in pairs
+            if enc is not None
+        ]  # (SD 1.x / 2.x: one encoder, text_sd.py)
 
     def hidden_states(self, encoder, ids):
         """(the states the context takes from `encoder` for token ids [N, L], its output): SDXL's penultimate
@@ -225,8 +233,11 @@ class TextConditioner(nn.Module):
         """Chunks of 75 tokens the longest prompt needs (on either encoder)."""
         prompts = _as_list(prompts)
         prompts_2 = prompts if prompts_2 is None else _as_list(prompts_2, len(prompts))
-        return max(max(1, math.ceil(len(ids) / (self._length(tok, enc) - 2)))
-                   for tok, enc, rows in self._tokens(prompts, prompts_2) for ids, _ in rows)
+        return max(
+            max(1, math.ceil(len(ids) / (self._length(tok, enc) - 2)))
+            for tok, enc, rows in self._tokens(prompts, prompts_2)
+            for ids, _ in rows
+        )
 
     def encode_weighted(self, prompts, prompts_2=None, chunks=1) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts in A1111 syntax: context [B, K * 77, C1 + C2], pooled [B, P] with emphasis (`parse_emphasis`,
@@ -265,8 +276,9 @@ class TextConditioner(nn.Module):
         context = torch.cat([h_l, h_g.to(h_l.dtype)], dim=-1)
         return context, out_g.text_embeds
 
-    def encode(self, prompts, negative=None, prompts_2=None, negative_2=None,
-               emphasis=False) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, prompts, negative=None, prompts_2=None, negative_2=None, emphasis=False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode prompts for the UNet.
 
         negative=None: (context [B, L, C1+C2], pooled [B, P]) of `prompts`.

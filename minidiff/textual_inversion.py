@@ -30,8 +30,10 @@ class NewTokenEmbedding(nn.Module):
     def __init__(self, base: nn.Embedding, first: int):
         super().__init__()
         self.base, self.first = base, first
-        self.new = nn.Parameter(torch.zeros(0, base.embedding_dim, device=base.weight.device),  # fp32
-                                requires_grad=False)
+        self.new = nn.Parameter(
+            torch.zeros(0, base.embedding_dim, device=base.weight.device),  # fp32
+            requires_grad=False,
+        )
 
     @property
     def weight(self):  # what transformers reads for dtype and device
@@ -82,8 +84,10 @@ def add_token(tokenizer, encoder, token: str, vectors: torch.Tensor) -> list[int
     emb = _embeddings(encoder)
     width = emb.token_embedding.weight.shape[1]
     if vectors.shape[1] != width:
-        raise MinidiffError(f"embedding for {token!r} has vectors of width {vectors.shape[1]}, but this text encoder's "
-                            f"tokens are {width} wide (an embedding made for another model)")
+        raise MinidiffError(
+            f"embedding for {token!r} has vectors of width {vectors.shape[1]}, but this text encoder's "
+            f"tokens are {width} wide (an embedding made for another model)"
+        )
     names = token_names(token, vectors.shape[0])
     taken = [t for t in names if t in tokenizer.get_vocab()]
     if taken:
@@ -92,8 +96,10 @@ def add_token(tokenizer, encoder, token: str, vectors: torch.Tensor) -> list[int
         emb.token_embedding = NewTokenEmbedding(emb.token_embedding, first=len(tokenizer))
     table = emb.token_embedding
     if len(tokenizer) != table.first + table.new.shape[0]:
-        raise MinidiffError("the tokenizer and text encoder disagree on the added tokens (load embeddings through "
-                            "minidiff.textual_inversion only)")
+        raise MinidiffError(
+            "the tokenizer and text encoder disagree on the added tokens (load embeddings through "
+            "minidiff.textual_inversion only)"
+        )
     tokenizer.add_tokens(names)
     table.append(vectors)
     return tokenizer.convert_tokens_to_ids(names)
@@ -122,7 +128,6 @@ def encoders(text) -> dict:
     if text.text_encoder_2 is None:
         return {"emb_params": (text.tokenizer, text.text_encoder)}
     return {"clip_l": (text.tokenizer, text.text_encoder), "clip_g": (text.tokenizer_2, text.text_encoder_2)}
-
 
 
 def learn_token(text, token: str, n: int, init_word: str) -> dict:

@@ -33,6 +33,7 @@ so `from minidiff.unet import UNet, UNetConfig` is the whole model.
 A level with transformer depth 0 has no attention (diffusers' DownBlock2D/UpBlock2D, otherwise CrossAttn*Block2D).
 Without a context (`cross_attention_dim=None`, the pixel DDPM) each transformer block is self-attention + FF only.
 """
+
 from __future__ import annotations
 
 import torch
@@ -94,11 +95,11 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])  # a list only so the key reads `to_out.0`
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context                   # [B, M, C_ctx]; self-attention: M = N
+        context = x if context is None else context  # [B, M, C_ctx]; self-attention: M = N
         q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)  # views, no copy
         k = rearrange(self.to_k(context), "b m (h d) -> b h m d", h=self.heads)
         v = rearrange(self.to_v(context), "b m (h d) -> b h m d", h=self.heads)
-        out = F.scaled_dot_product_attention(q, k, v)                  # [B, heads, N, d]
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, d]
         return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))  # [B, N, C]
 
 
@@ -156,22 +157,23 @@ class Transformer2DModel(nn.Module):
         self.norm = nn.GroupNorm(groups, dim, eps=1e-6)
         self.proj_in = nn.Linear(dim, dim) if linear else nn.Conv2d(dim, dim, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(dim, heads, dim // heads, context_dim) for _ in range(depth))
+            BasicTransformerBlock(dim, heads, dim // heads, context_dim) for _ in range(depth)
+        )
         self.proj_out = nn.Linear(dim, dim) if linear else nn.Conv2d(dim, dim, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        H, W = x.shape[2:]                                      # x [B, C, H, W]
+        H, W = x.shape[2:]  # x [B, C, H, W]
         h = self.norm(x)
         if not self.linear:
             h = self.proj_in(h)
-        h = rearrange(h, "b c h w -> b (h w) c")                # tokens [B, HW, C]
+        h = rearrange(h, "b c h w -> b (h w) c")  # tokens [B, HW, C]
         if self.linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
-            h = maybe_checkpoint(block, h, context)             # [B, HW, C]
+            h = maybe_checkpoint(block, h, context)  # [B, HW, C]
         if self.linear:
             h = self.proj_out(h)
-        h = rearrange(h, "b (h w) c -> b c h w", h=H, w=W)      # [B, C, H, W], a channels-last view
+        h = rearrange(h, "b (h w) c -> b c h w", h=H, w=W)  # [B, C, H, W], a channels-last view
         if not self.linear:
             return x + self.proj_out(h.contiguous())
         return x + h  # x first: the sum comes out contiguous NCHW, no extra .contiguous() copy
@@ -212,10 +214,18 @@ class DownBlock2D(nn.Module):
         super().__init__()
         self.resnets = nn.ModuleList(
             ResnetBlock2D(cin if i == 0 else cout, cout, temb_dim, cfg.norm_num_groups, cfg.norm_eps, cfg.dropout)
-            for i in range(n))
-        self.attentions = nn.ModuleList(
-            Transformer2DModel(cout, heads, depth, cfg.cross_attention_dim, cfg.use_linear_projection,
-                               cfg.norm_num_groups) for _ in range(n)) if depth else None
+            for i in range(n)
+        )
+        self.attentions = (
+            nn.ModuleList(
+                Transformer2DModel(
+                    cout, heads, depth, cfg.cross_attention_dim, cfg.use_linear_projection, cfg.norm_num_groups
+                )
+                for _ in range(n)
+            )
+            if depth
+            else None
+        )
         self.downsamplers = nn.ModuleList([Downsample2D(cout)]) if downsample else None
 
     def forward(self, h, temb, context=None):
@@ -239,11 +249,26 @@ class UpBlock2D(nn.Module):
     def __init__(self, cin_skips, cprev, cout, temb_dim, n, depth, heads, cfg: UNetConfig, upsample: bool):
         super().__init__()
         self.resnets = nn.ModuleList(
-            ResnetBlock2D((cprev if i == 0 else cout) + cin_skips[i], cout, temb_dim, cfg.norm_num_groups,
-                          cfg.norm_eps, cfg.dropout) for i in range(n))
-        self.attentions = nn.ModuleList(
-            Transformer2DModel(cout, heads, depth, cfg.cross_attention_dim, cfg.use_linear_projection,
-                               cfg.norm_num_groups) for _ in range(n)) if depth else None
+            ResnetBlock2D(
+                (cprev if i == 0 else cout) + cin_skips[i],
+                cout,
+                temb_dim,
+                cfg.norm_num_groups,
+                cfg.norm_eps,
+                cfg.dropout,
+            )
+            for i in range(n)
+        )
+        self.attentions = (
+            nn.ModuleList(
+                Transformer2DModel(
+                    cout, heads, depth, cfg.cross_attention_dim, cfg.use_linear_projection, cfg.norm_num_groups
+                )
+                for _ in range(n)
+            )
+            if depth
+            else None
+        )
         self.upsamplers = nn.ModuleList([Upsample2D(cout)]) if upsample else None
 
     def forward(self, h, skips: list, temb, context=None, size=None):
@@ -262,9 +287,15 @@ class UNetMidBlock2DCrossAttn(nn.Module):
     def __init__(self, ch, temb_dim, depth, heads, cfg: UNetConfig):
         super().__init__()
         self.resnets = nn.ModuleList(
-            ResnetBlock2D(ch, ch, temb_dim, cfg.norm_num_groups, cfg.norm_eps, cfg.dropout) for _ in range(2))
-        self.attentions = nn.ModuleList([Transformer2DModel(ch, heads, depth, cfg.cross_attention_dim,
-                                                            cfg.use_linear_projection, cfg.norm_num_groups)])
+            ResnetBlock2D(ch, ch, temb_dim, cfg.norm_num_groups, cfg.norm_eps, cfg.dropout) for _ in range(2)
+        )
+        self.attentions = nn.ModuleList(
+            [
+                Transformer2DModel(
+                    ch, heads, depth, cfg.cross_attention_dim, cfg.use_linear_projection, cfg.norm_num_groups
+                )
+            ]
+        )
 
     def forward(self, h, temb, context=None):
         h = maybe_checkpoint(self.resnets[0], h, temb)
@@ -280,11 +311,16 @@ def check_inputs(net: nn.Module, x, context, text_embeds, time_ids, what="UNet")
     if c.cross_attention_dim and (got is None or len(got) != 3 or got[-1] != c.cross_attention_dim):
         raise MinidiffError(f"{what}: expected context [B, tokens, {c.cross_attention_dim}] (text states), got {got}")
     if net.add_embedding is not None:
-        width = None if text_embeds is None or time_ids is None else (
-            text_embeds.shape[-1] + time_ids.shape[-1] * c.addition_time_embed_dim)
+        width = (
+            None
+            if text_embeds is None or time_ids is None
+            else (text_embeds.shape[-1] + time_ids.shape[-1] * c.addition_time_embed_dim)
+        )
         if width != c.projection_class_embeddings_input_dim:
-            raise MinidiffError(f"{what}: 'text_time' needs text_embeds [B, P] and time_ids [B, 6] with P + 6 * "
-                                f"{c.addition_time_embed_dim} = {c.projection_class_embeddings_input_dim}")
+            raise MinidiffError(
+                f"{what}: 'text_time' needs text_embeds [B, P] and time_ids [B, 6] with P + 6 * "
+                f"{c.addition_time_embed_dim} = {c.projection_class_embeddings_input_dim}"
+            )
 
 
 def add_stem(net: nn.Module, c: UNetConfig) -> int:
@@ -297,8 +333,12 @@ def add_stem(net: nn.Module, c: UNetConfig) -> int:
 def down_path(c: UNetConfig, temb: int) -> nn.ModuleList:
     """down_blocks: level i takes ch[i-1] (ch[0] at the first) to ch[i], then halves H, W (not after the last)."""
     ch, n = c.block_out_channels, len(c.block_out_channels)
-    return nn.ModuleList(DownBlock2D(ch[max(i - 1, 0)], ch[i], temb, c.layers_per_block, c.transformer_depth[i],
-                                     c.num_heads[i], c, i < n - 1) for i in range(n))
+    return nn.ModuleList(
+        DownBlock2D(
+            ch[max(i - 1, 0)], ch[i], temb, c.layers_per_block, c.transformer_depth[i], c.num_heads[i], c, i < n - 1
+        )
+        for i in range(n)
+    )
 
 
 def mid_path(c: UNetConfig, temb: int) -> UNetMidBlock2DCrossAttn:
@@ -314,9 +354,9 @@ def skip_channels(c: UNetConfig) -> list[int]:
 def encode(net: nn.Module, h, temb, context=None):
     """The down path and the middle block of a UNet or a ControlNet, from h = conv_in(x) (+ the control):
     (h_mid, skips s0, s1, ... as pushed). SDXL shapes, latent x [B, 4, H, W]:"""
-    skips = [h]                                # s0 [B, 320, H, W]
-    for block in net.down_blocks:              # -> [B, 320, H/2, W/2] -> [B, 640, H/4, W/4] -> [B, 1280, H/4, W/4]
-        h, s = block(h, temb, context)         # s1..s3, s4..s6, s7..s8 (module docstring)
+    skips = [h]  # s0 [B, 320, H, W]
+    for block in net.down_blocks:  # -> [B, 320, H/2, W/2] -> [B, 640, H/4, W/4] -> [B, 1280, H/4, W/4]
+        h, s = block(h, temb, context)  # s1..s3, s4..s6, s7..s8 (module docstring)
         skips += s
     return net.mid_block(h, temb, context), skips  # h_mid [B, 1280, H/4, W/4]
 
@@ -336,9 +376,19 @@ class UNet2DConditionModel(nn.Module):
         self.mid_block = mid_path(c, temb)
         skip_ch = skip_channels(c)  # popped from the end: each up block takes the last L + 1
         self.up_blocks = nn.ModuleList(
-            UpBlock2D([skip_ch.pop() for _ in range(L + 1)], ch[min(i + 1, n - 1)], ch[i], temb, L + 1,
-                      c.transformer_depth[i], c.num_heads[i], c, i > 0)
-            for i in reversed(range(n)))
+            UpBlock2D(
+                [skip_ch.pop() for _ in range(L + 1)],
+                ch[min(i + 1, n - 1)],
+                ch[i],
+                temb,
+                L + 1,
+                c.transformer_depth[i],
+                c.num_heads[i],
+                c,
+                i > 0,
+            )
+            for i in reversed(range(n))
+        )
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[0], eps=c.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
 
@@ -357,21 +407,22 @@ class UNet2DConditionModel(nn.Module):
                 m.gradient_checkpointing = on
         return self
 
-    def forward(self, x, t, context=None, text_embeds=None, time_ids=None, down_residuals=None,
-                mid_residual=None) -> torch.Tensor:
+    def forward(
+        self, x, t, context=None, text_embeds=None, time_ids=None, down_residuals=None, mid_residual=None
+    ) -> torch.Tensor:
         """x [B, C, H, W], t scalar or [B] (int or float), context [B, tokens, D], text_embeds [B, P], time_ids
         [B, 6] -> eps [B, C_out, H, W]. `down_residuals` (one per skip, as pushed) and `mid_residual` are a
         ControlNet's: added to the skips and to the middle block's output (diffusers' down_block_additional_residuals,
         mid_block_additional_residual)."""
         # SDXL shapes: x [B, 4, H, W] latents (H = image height / 8), context [B, 77, 2048], text_embeds [B, 1280]
         check_inputs(self, x, context, text_embeds, time_ids)
-        temb = embed_time(self, x, t, text_embeds, time_ids)    # [B, 1280]
-        h = self.conv_in(x)                                     # [B, 320, H, W]
-        h, skips = encode(self, h, temb, context)               # h [B, 1280, H/4, W/4]; skips s0..s8 (docstring)
-        if down_residuals is not None:                          # a ControlNet's r_k, each the shape of its s_k
+        temb = embed_time(self, x, t, text_embeds, time_ids)  # [B, 1280]
+        h = self.conv_in(x)  # [B, 320, H, W]
+        h, skips = encode(self, h, temb, context)  # h [B, 1280, H/4, W/4]; skips s0..s8 (docstring)
+        if down_residuals is not None:  # a ControlNet's r_k, each the shape of its s_k
             skips = [s + r for s, r in zip(skips, down_residuals, strict=True)]
         if mid_residual is not None:
-            h = h + mid_residual                                # [B, 1280, H/4, W/4]
+            h = h + mid_residual  # [B, 1280, H/4, W/4]
         # up_blocks, each popping L + 1 skips: -> [B, 1280, H/2, W/2] (s8 s7 s6) -> [B, 640, H, W] (s5 s4 s3)
         #                                      -> [B, 320, H, W] (s2 s1 s0)
         for block in self.up_blocks:

@@ -12,6 +12,7 @@ Attribute names are diffusers' AutoencoderKL keys (`encoder.down_blocks.0.resnet
 https://github.com/huggingface/diffusers/blob/58eb52c0803e/src/diffusers/models/autoencoders/autoencoder_kl.py.
 The SDXL VAE overflows in fp16 (madebyollin/sdxl-vae-fp16-fix): with `force_upcast` it runs in fp32 instead.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -43,7 +44,7 @@ class DiagonalGaussian:
         return self.mean
 
     def kl(self) -> torch.Tensor:
-        return 0.5 * torch.sum(self.mean ** 2 + self.std ** 2 - 1.0 - self.logvar, dim=[1, 2, 3])
+        return 0.5 * torch.sum(self.mean**2 + self.std**2 - 1.0 - self.logvar, dim=[1, 2, 3])
 
 
 class Attention(nn.Module):
@@ -59,10 +60,10 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        H, W = x.shape[2:]                                                     # x [B, C, H, W]
-        h = rearrange(self.group_norm(x), "b c h w -> b (h w) c")              # [B, HW, C]
+        H, W = x.shape[2:]  # x [B, C, H, W]
+        h = rearrange(self.group_norm(x), "b c h w -> b (h w) c")  # [B, HW, C]
         q, k, v = (f(h)[:, None] for f in (self.to_q, self.to_k, self.to_v))  # one head: [B, 1, HW, C]
-        h = self.to_out[0](F.scaled_dot_product_attention(q, k, v)[:, 0])      # [B, HW, C]
+        h = self.to_out[0](F.scaled_dot_product_attention(q, k, v)[:, 0])  # [B, HW, C]
         return x + rearrange(h, "b (h w) c -> b c h w", h=H, w=W)
 
 
@@ -114,7 +115,8 @@ class Encoder(nn.Module):
         ch, n, g = c.block_out_channels, len(c.block_out_channels), c.norm_num_groups
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
-            EncoderBlock(ch[max(i - 1, 0)], ch[i], c.layers_per_block, g, i < n - 1) for i in range(n))
+            EncoderBlock(ch[max(i - 1, 0)], ch[i], c.layers_per_block, g, i < n - 1) for i in range(n)
+        )
         self.mid_block = MidBlock(ch[-1], g)
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(ch[-1], 2 * c.latent_channels, 3, padding=1)
@@ -135,7 +137,8 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(c.latent_channels, ch[0], 3, padding=1)
         self.mid_block = MidBlock(ch[0], g)
         self.up_blocks = nn.ModuleList(
-            DecoderBlock(ch[max(i - 1, 0)], ch[i], c.layers_per_block + 1, g, i < n - 1) for i in range(n))
+            DecoderBlock(ch[max(i - 1, 0)], ch[i], c.layers_per_block + 1, g, i < n - 1) for i in range(n)
+        )
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(ch[-1], c.out_channels, 3, padding=1)
 
@@ -147,13 +150,21 @@ class Decoder(nn.Module):
 
 
 # diffusers vae/config.json settings this family does not vary.
-_DIFFUSERS_FIXED = dict(act_fn="silu", shift_factor=None, latents_mean=None, latents_std=None, use_quant_conv=True,
-                        use_post_quant_conv=True, mid_block_add_attention=True)
+_DIFFUSERS_FIXED = dict(
+    act_fn="silu",
+    shift_factor=None,
+    latents_mean=None,
+    latents_std=None,
+    use_quant_conv=True,
+    use_post_quant_conv=True,
+    mid_block_add_attention=True,
+)
 
 
 @dataclass
 class VAEConfig:
     """AutoencoderKL shape; defaults = SDXL's VAE (https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/blob/main/vae/config.json): 4 levels, downsampling 2^(levels-1) = 8."""
+
     in_channels: int = 3
     out_channels: int = 3
     block_out_channels: tuple = (128, 256, 512, 512)
@@ -167,8 +178,9 @@ class VAEConfig:
     def __post_init__(self):
         self.block_out_channels = tuple(self.block_out_channels)
         if any(c % self.norm_num_groups for c in self.block_out_channels):
-            raise MinidiffError(f"VAEConfig: widths {self.block_out_channels} must divide by norm_num_groups "
-                                f"{self.norm_num_groups}")
+            raise MinidiffError(
+                f"VAEConfig: widths {self.block_out_channels} must divide by norm_num_groups {self.norm_num_groups}"
+            )
 
     @property
     def downscale(self) -> int:
@@ -183,20 +195,34 @@ class VAEConfig:
         return cls(sample_size=512, scaling_factor=0.18215)
 
     @classmethod
-    def tiny(cls, block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32,
-             scaling_factor=0.13025, sample_size=64) -> VAEConfig:
+    def tiny(
+        cls,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        scaling_factor=0.13025,
+        sample_size=64,
+    ) -> VAEConfig:
         """The same family at toy width (still 8x down) for tests and the bundled miniature."""
-        return cls(block_out_channels=block_out_channels, layers_per_block=layers_per_block,
-                   latent_channels=latent_channels, norm_num_groups=norm_num_groups, scaling_factor=scaling_factor,
-                   sample_size=sample_size)
+        return cls(
+            block_out_channels=block_out_channels,
+            layers_per_block=layers_per_block,
+            latent_channels=latent_channels,
+            norm_num_groups=norm_num_groups,
+            scaling_factor=scaling_factor,
+            sample_size=sample_size,
+        )
 
     @classmethod
     def from_diffusers(cls, d: dict) -> VAEConfig:
         """Read a diffusers `vae/config.json` dict (AutoencoderKL)."""
         odd = {k: d[k] for k, v in _DIFFUSERS_FIXED.items() if k in d and d[k] != v}
         n = len(d.get("block_out_channels", (64,)))
-        if list(d.get("down_block_types", ["DownEncoderBlock2D"] * n)) != ["DownEncoderBlock2D"] * n or \
-                list(d.get("up_block_types", ["UpDecoderBlock2D"] * n)) != ["UpDecoderBlock2D"] * n:
+        if (
+            list(d.get("down_block_types", ["DownEncoderBlock2D"] * n)) != ["DownEncoderBlock2D"] * n
+            or list(d.get("up_block_types", ["UpDecoderBlock2D"] * n)) != ["UpDecoderBlock2D"] * n
+        ):
             odd["block_types"] = (d.get("down_block_types"), d.get("up_block_types"))
         if d.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
             odd["_class_name"] = d["_class_name"]
@@ -204,20 +230,30 @@ class VAEConfig:
             raise CheckpointError(f"vae config.json: settings outside AutoencoderKL as used by SD/SDXL: {odd}")
         sample = d.get("sample_size", 32)
         try:  # diffusers' own defaults where a key is missing
-            return cls(in_channels=d.get("in_channels", 3), out_channels=d.get("out_channels", 3),
-                       block_out_channels=tuple(d.get("block_out_channels", (64,))),
-                       layers_per_block=d.get("layers_per_block", 1), latent_channels=d.get("latent_channels", 4),
-                       norm_num_groups=d.get("norm_num_groups", 32),
-                       sample_size=sample[0] if isinstance(sample, (list, tuple)) else sample,
-                       scaling_factor=d.get("scaling_factor", 0.18215), force_upcast=d.get("force_upcast", True))
+            return cls(
+                in_channels=d.get("in_channels", 3),
+                out_channels=d.get("out_channels", 3),
+                block_out_channels=tuple(d.get("block_out_channels", (64,))),
+                layers_per_block=d.get("layers_per_block", 1),
+                latent_channels=d.get("latent_channels", 4),
+                norm_num_groups=d.get("norm_num_groups", 32),
+                sample_size=sample[0] if isinstance(sample, (list, tuple)) else sample,
+                scaling_factor=d.get("scaling_factor", 0.18215),
+                force_upcast=d.get("force_upcast", True),
+            )
         except MinidiffError as e:
             raise CheckpointError(f"vae config.json: {e}") from None
 
     def to_diffusers(self) -> dict:
         n = len(self.block_out_channels)
         d = asdict(self)
-        d.update(_DIFFUSERS_FIXED, _class_name="AutoencoderKL", block_out_channels=list(self.block_out_channels),
-                 down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n)
+        d.update(
+            _DIFFUSERS_FIXED,
+            _class_name="AutoencoderKL",
+            block_out_channels=list(self.block_out_channels),
+            down_block_types=["DownEncoderBlock2D"] * n,
+            up_block_types=["UpDecoderBlock2D"] * n,
+        )
         return d
 
 
@@ -249,16 +285,18 @@ class AutoencoderKL(nn.Module):
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """x [B, 3, H, W] in [-1, 1] -> q(z|x); z = posterior.sample(generator) * scaling_factor for the UNet."""
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
-            raise MinidiffError(f"VAE.encode: expected images [B, {self.config.in_channels}, H, W], "
-                                f"got {tuple(x.shape)}")
+            raise MinidiffError(
+                f"VAE.encode: expected images [B, {self.config.in_channels}, H, W], got {tuple(x.shape)}"
+            )
         return DiagonalGaussian(self.quant_conv(self.encoder(self._prepare(x))))
 
     def decode(self, z: torch.Tensor, batch_slice: int | None = None) -> torch.Tensor:
         """z [B, latent, h, w] (unscaled: divide UNet latents by scaling_factor first) -> x [B, 3, 8h, 8w].
         batch_slice=k decodes k images at a time (same result, less peak memory)."""
         if z.ndim != 4 or z.shape[1] != self.config.latent_channels:
-            raise MinidiffError(f"VAE.decode: expected latents [B, {self.config.latent_channels}, h, w], "
-                                f"got {tuple(z.shape)}")
+            raise MinidiffError(
+                f"VAE.decode: expected latents [B, {self.config.latent_channels}, h, w], got {tuple(z.shape)}"
+            )
         dtype, z = z.dtype, self._prepare(z)
         chunks = z.split(batch_slice) if batch_slice else (z,)
         return torch.cat([self.decoder(self.post_quant_conv(c)) for c in chunks]).to(dtype)
@@ -293,11 +331,11 @@ class AutoencoderKL(nn.Module):
         ys, xs = starts(h), starts(w)
         for i in ys:
             for j in xs:
-                part = self.decoder(self.post_quant_conv(z[:, :, i:i + tile, j:j + tile]))
+                part = self.decoder(self.post_quant_conv(z[:, :, i : i + tile, j : j + tile]))
                 th, tw = part.shape[-2:]
                 wgt = ramp(th, i == ys[0], i == ys[-1])[:, None] * ramp(tw, j == xs[0], j == xs[-1])[None, :]
-                out[:, :, i * f:i * f + th, j * f:j * f + tw] += part * wgt
-                weight[i * f:i * f + th, j * f:j * f + tw] += wgt
+                out[:, :, i * f : i * f + th, j * f : j * f + tw] += part * wgt
+                weight[i * f : i * f + th, j * f : j * f + tw] += wgt
         return (out / weight).to(dtype)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

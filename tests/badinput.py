@@ -86,8 +86,15 @@ print(json.dumps(results))
 def run_cases(cases, prefix=(), preexec_fn=None, timeout=600):
     """[(module, argv)] run through their main() in ONE child python (started under `prefix`): [(rc, out, err)]."""
     cases = [(m, [str(a) for a in argv]) for m, argv in cases]
-    r = subprocess.run([*prefix, sys.executable, "-c", _RUNNER, json.dumps(cases)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=timeout, preexec_fn=preexec_fn, env=_env())
+    r = subprocess.run(
+        [*prefix, sys.executable, "-c", _RUNNER, json.dumps(cases)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=preexec_fn,
+        env=_env(),
+    )
     assert r.returncode == 0 and r.stdout.strip(), r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -115,8 +122,13 @@ def small_disk(folder, size=1 << 20):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     may_mount = os.geteuid() == 0 and shutil.which("mount") and not os.environ.get("MINIDIFF_TEST_NO_TMPFS")
-    mounted = may_mount and subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True).returncode == 0
+    mounted = (
+        may_mount
+        and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
+        ).returncode
+        == 0
+    )
     if mounted:
         try:
             yield folder, None
@@ -133,8 +145,15 @@ def small_disk(folder, size=1 << 20):
 
 def interrupt_when(argv, ready, timeout=300):
     """Start `python argv...`, wait until ready() (or fail if it ends first), send SIGINT: (rc, stdout, stderr)."""
-    p = subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=_env(), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    p = subprocess.Popen(
+        [sys.executable, *map(str, argv)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + timeout
     try:
         while not ready():

@@ -11,10 +11,14 @@ torch.set_num_threads(int(os.environ.get("MINIDIFF_TEST_THREADS", "1")))
 def pytest_collection_modifyitems(config, items):
     """Full-size SDXL tests (~11 GB RAM, minutes) run only with MINIDIFF_FULLSIZE=1, GPU tests only where CUDA is;
     otherwise they are reported as skipped with the command that runs them (never dropped silently)."""
-    skips = {"gpu": None if torch.cuda.is_available() else pytest.mark.skip(
-                 reason="needs a CUDA GPU: bash bench/gpu_session.sh tests (docs/performance.md)"),
-             "fullsize": None if os.environ.get("MINIDIFF_FULLSIZE") == "1" else pytest.mark.skip(
-                 reason="full-size SDXL check: run with MINIDIFF_FULLSIZE=1 python -m pytest -m fullsize")}
+    skips = {
+        "gpu": None
+        if torch.cuda.is_available()
+        else pytest.mark.skip(reason="needs a CUDA GPU: bash bench/gpu_session.sh tests (docs/performance.md)"),
+        "fullsize": None
+        if os.environ.get("MINIDIFF_FULLSIZE") == "1"
+        else pytest.mark.skip(reason="full-size SDXL check: run with MINIDIFF_FULLSIZE=1 python -m pytest -m fullsize"),
+    }
     for item in items:
         for marker, skip in skips.items():
             if skip is not None and marker in item.keywords:
@@ -36,8 +40,24 @@ def trained(tmp_path_factory):
     try:
         outs = [tmp_path_factory.mktemp(name) for name in ("trained-a", "trained-b")]
         for out in outs:
-            assert finetune.main(["--steps", "2", "--save-every", "1", "--no-prior", "--validation-images", "0",
-                                  "--device", "cpu", "--out", str(out)]) == 0
+            assert (
+                finetune.main(
+                    [
+                        "--steps",
+                        "2",
+                        "--save-every",
+                        "1",
+                        "--no-prior",
+                        "--validation-images",
+                        "0",
+                        "--device",
+                        "cpu",
+                        "--out",
+                        str(out),
+                    ]
+                )
+                == 0
+            )
     finally:
         os.umask(old)
     return outs
@@ -67,7 +87,14 @@ def tiny_pipeline(tmp_path, seed=0, latent=False, size=16):
     torch.manual_seed(seed)
     text = TextConditioner(*tiny_text_parts(tmp_path, seed))
     vae = AutoencoderKL(VAEConfig.tiny(block_out_channels=(32, 32), sample_size=size)) if latent else None
-    cfg = UNetConfig.tiny_sdxl(block_out_channels=(32, 64), transformer_depth=(0, 1), mid_transformer_depth=1,
-                               cross_attention_dim=192, pooled_dim=96, in_channels=4 if latent else 3,
-                               sample_size=size // 2 if latent else size, layers_per_block=1)
+    cfg = UNetConfig.tiny_sdxl(
+        block_out_channels=(32, 64),
+        transformer_depth=(0, 1),
+        mid_transformer_depth=1,
+        cross_attention_dim=192,
+        pooled_dim=96,
+        in_channels=4 if latent else 3,
+        sample_size=size // 2 if latent else size,
+        layers_per_block=1,
+    )
     return Pipeline(UNet(cfg), vae, text, Schedule.scaled_linear(), name="tiny")

@@ -25,10 +25,12 @@ def test_delta_norm_matches_the_full_matrix(shape_A, shape_B):
 def fake_unet_lora(path):
     """A peft-named file with four modules in three blocks, random A and B, plus their ||dW|| by hand."""
     g = torch.Generator().manual_seed(0)
-    mods = {"down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": (8, 4),
-            "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": (12, 4),
-            "mid_block.attentions.0.transformer_blocks.0.ff.net.2": (32, 2),
-            "up_blocks.0.attentions.1.proj_out": (8, 4)}
+    mods = {
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": (8, 4),
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": (12, 4),
+        "mid_block.attentions.0.transformer_blocks.0.ff.net.2": (32, 2),
+        "up_blocks.0.attentions.1.proj_out": (8, 4),
+    }
     tensors, norms = {}, {}
     for name, (cin, r) in mods.items():
         A, B = torch.randn(r, cin, generator=g), torch.randn(8, r, generator=g) * (1 + len(norms))
@@ -61,7 +63,9 @@ def test_block_of_reads_both_namings():
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "minidiff.eval.audit", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "minidiff.eval.audit", *map(str, args)], capture_output=True, text=True
+    )
 
 
 def test_cli_lists_file_and_writes_png(tmp_path):
@@ -78,8 +82,11 @@ def test_cli_lists_file_and_writes_png(tmp_path):
 def test_cli_errors_are_one_line(tmp_path, capsys):
     save_file({"conv_in.weight": torch.zeros(4, 4)}, tmp_path / "model.safetensors")
     (tmp_path / "x.safetensors").write_text("hello")
-    for f, msg in ((tmp_path / "missing.safetensors", "not found"), (tmp_path / "model.safetensors", "no LoRA tensors"),
-                   (tmp_path / "x.safetensors", "not a readable safetensors")):
+    for f, msg in (
+        (tmp_path / "missing.safetensors", "not found"),
+        (tmp_path / "model.safetensors", "no LoRA tensors"),
+        (tmp_path / "x.safetensors", "not a readable safetensors"),
+    ):
         assert main([str(f)]) == 2
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1 and err.startswith("error: ")

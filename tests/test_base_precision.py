@@ -11,6 +11,7 @@ conv_out stored) crosses them:
   - full-size SDXL shapes, random weights (fullsize): UNet output < 35 % (measured 10.8-22.2 % at a 32 x 32
     latent, t = 500 / 999 / 50: with no trained structure the rounding compounds through the 70 transformer blocks).
 """
+
 import sys
 from pathlib import Path
 
@@ -77,6 +78,7 @@ def test_fp8_on_the_trained_miniature_stays_within_the_stated_bounds():
     """The bundled miniature is a trained model: its UNet outputs for real prompts, and images sampled from the same
     seed (one prompt per character, 12 Euler steps, CFG 5), fp8 storage against fp16 storage."""
     from minidiff.bundled import tiny
+
     res, a, b = lowmem_error.fp8_pipeline(None, tiny.preview_prompts()[::6], steps=12, sampler="euler")
     assert a.shape == b.shape == (4, 3, tiny.SIZE, tiny.SIZE)
     errors = res["unet_relative_error"].values()
@@ -100,5 +102,6 @@ def test_fp8_unet_output_error_at_full_size():
 
     def calls():
         return {t: call(x, torch.full((1,), t), ctx, pooled, ids) for t in lowmem_error.TIMESTEPS}
+
     res, _, _ = lowmem_error.fp8_error(unet.eval(), calls, lambda: torch.zeros(1, 3, 8, 8))
     assert all(0 < e < FULL_SIZE_BOUND for e in res["unet_relative_error"].values()), res

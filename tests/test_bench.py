@@ -1,6 +1,7 @@
 """bench/bench.py and bench/budget.py on a tiny config: the two implementations really get identical weights and
 compute the same numbers (else the timings would compare different work), and the analytic budget reproduces the
 published SDXL counts. diffusers / peft are oracles here (bench code only)."""
+
 import json
 import sys
 from pathlib import Path
@@ -58,8 +59,24 @@ def test_ours_and_diffusers_compute_the_same(task, tmp_path):
 
 def test_parent_runs_workers_and_writes_json(tmp_path, capsys):
     path = tmp_path / "r.json"
-    bench.main(["--config", "tiny_sdxl", "--latent", "8", "--tasks", "forward", "--impls", "ours", "--threads", "1",
-                "--reps", "2", "--json", str(path)])
+    bench.main(
+        [
+            "--config",
+            "tiny_sdxl",
+            "--latent",
+            "8",
+            "--tasks",
+            "forward",
+            "--impls",
+            "ours",
+            "--threads",
+            "1",
+            "--reps",
+            "2",
+            "--json",
+            str(path),
+        ]
+    )
     r = json.loads(path.read_text())
     (run,) = r["runs"]
     assert "error" not in run, run
@@ -81,6 +98,7 @@ def test_budget_reproduces_sdxl_counts():
 def test_flop_counter_counts_two_flops_per_multiply_add():
     """The convention budget.py relies on, by hand: a 3x3 conv, 4 -> 32 channels at 8x8 is 9 * 4 * 32 * 64 MACs."""
     from torch.utils.flop_counter import FlopCounterMode
+
     conv = torch.nn.Conv2d(4, 32, 3, padding=1, device="meta")
     with FlopCounterMode(display=False) as c:
         conv(torch.empty(1, 4, 8, 8, device="meta"))
@@ -112,7 +130,9 @@ def test_random_folder_reads_the_same_in_minidiff_and_diffusers(tmp_path):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     ctx, pooled = ours.text.encode(["a picture of sks girl"])
-    ctx_d, _, pooled_d, _ = theirs.encode_prompt("a picture of sks girl", device="cpu", do_classifier_free_guidance=False)
+    ctx_d, _, pooled_d, _ = theirs.encode_prompt(
+        "a picture of sks girl", device="cpu", do_classifier_free_guidance=False
+    )
     assert torch.allclose(ctx, ctx_d, atol=1e-5) and torch.allclose(pooled, pooled_d, atol=1e-5)
 
 

@@ -67,7 +67,12 @@ def test_does_not_call_everything_the_target(model):
 
 def test_pose_family():
     assert [classifier.pose_family(p) for p in ("climb1", "walk7", "idle", "fall", "jump")] == [
-        "climb", "walk", "idle", "fall", "jump"]
+        "climb",
+        "walk",
+        "idle",
+        "fall",
+        "jump",
+    ]
     assert {classifier.pose_family(p) for p in data.POSES} == set(classifier.FAMILIES)
 
 
@@ -111,9 +116,11 @@ def test_training_is_seeded():
 def test_noise_is_not_recognised_as_anyone():
     """A softmax always names someone: below MIN_CONFIDENCE the sample is 'unknown', so noise scores identity 0."""
     g = torch.Generator().manual_seed(0)
-    noise = (torch.rand(32, 3, 64, 64, generator=g) * 2 - 1)
+    noise = torch.rand(32, 3, 64, 64, generator=g) * 2 - 1
     characters, _, probs = classifier.predict(noise)
     assert data.TARGET_CHARACTER not in characters
     assert characters.count(classifier.UNKNOWN) >= 0.9 * len(characters), characters
-    assert all((p >= classifier.MIN_CONFIDENCE) == (c != classifier.UNKNOWN)
-               for p, c in zip(probs["character"].max(-1).values.tolist(), characters))
+    assert all(
+        (p >= classifier.MIN_CONFIDENCE) == (c != classifier.UNKNOWN)
+        for p, c in zip(probs["character"].max(-1).values.tolist(), characters)
+    )

@@ -1,5 +1,6 @@
 """Control-image preprocessors on synthetic shapes whose right answer is known by hand: a square's outline, a disc's
 circle, a step's single column, noise below the threshold, a thick stroke's one-pixel skeleton."""
+
 import numpy as np
 import pytest
 import torch
@@ -57,9 +58,9 @@ def test_canny_hysteresis_keeps_weak_edges_connected_to_strong_ones():
     """A step whose height falls along it: its strong half alone passes `high`, the weak half survives through the
     connection, and an isolated weak step is dropped."""
     x = torch.zeros(40, 40)
-    x[:20, 20:] = 1.0          # strong step, rows 0..19
-    x[20:30, 20:] = 0.3        # weak step (0.3 * 1020 ~ 306 > low, < high when high = 400), connected below
-    x[35:, :8] = 0.3           # an isolated weak corner
+    x[:20, 20:] = 1.0  # strong step, rows 0..19
+    x[20:30, 20:] = 0.3  # weak step (0.3 * 1020 ~ 306 > low, < high when high = 400), connected below
+    x[35:, :8] = 0.3  # an isolated weak corner
     e = canny(x, low=150, high=400, sigma=0.0)
     assert e[5:15, 19:21].any(dim=1).all() and e[22:28, 19:21].any(dim=1).all()
     assert not e[34:, :10].any()

@@ -1,6 +1,7 @@
 """minidiff.controlnet against diffusers' ControlNetModel and StableDiffusionXLControlNetPipeline (the oracles) on
 identical random weights: residuals, the UNet taking them, full sampling (one and two ControlNets, start / end,
 guess mode), files (diffusers folder, original `control_model.*` file), full-size SDXL keys on the meta device."""
+
 import pytest
 import torch
 from diffusers import ControlNetModel as DiffusersControlNet
@@ -39,8 +40,9 @@ def perturbed(module, seed, std=0.05):
 def controlnet_pair(ref_unet, seed=0, hint=HINT):
     """(diffusers ControlNetModel.from_unet(ref_unet) with perturbed weights, ours holding the same weights)."""
     ref = perturbed(DiffusersControlNet.from_unet(ref_unet, conditioning_embedding_out_channels=hint), seed)
-    ours = ControlNetModel(UNetConfig.from_diffusers(dict(ref_unet.config)),
-                           conditioning_embedding_out_channels=hint).eval()
+    ours = ControlNetModel(
+        UNetConfig.from_diffusers(dict(ref_unet.config)), conditioning_embedding_out_channels=hint
+    ).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ref, ours
 
@@ -61,10 +63,26 @@ def test_residuals_match_diffusers(small, guess_mode, scale):
     x, kw = inputs(cfg, B=2, H=8, W=8)
     cond = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
-        want_down, want_mid = ref(x, torch.tensor([10, 700]), kw["context"], cond, scale, added_cond_kwargs={
-            "text_embeds": kw["text_embeds"], "time_ids": kw["time_ids"]}, guess_mode=guess_mode, return_dict=False)
-        down, mid = ours(x, torch.tensor([10, 700]), kw["context"], kw["text_embeds"], kw["time_ids"], cond, scale,
-                         guess_mode=guess_mode)
+        want_down, want_mid = ref(
+            x,
+            torch.tensor([10, 700]),
+            kw["context"],
+            cond,
+            scale,
+            added_cond_kwargs={"text_embeds": kw["text_embeds"], "time_ids": kw["time_ids"]},
+            guess_mode=guess_mode,
+            return_dict=False,
+        )
+        down, mid = ours(
+            x,
+            torch.tensor([10, 700]),
+            kw["context"],
+            kw["text_embeds"],
+            kw["time_ids"],
+            cond,
+            scale,
+            guess_mode=guess_mode,
+        )
     assert len(down) == len(want_down) == 1 + 3 * 2 + 2  # conv_in + L per level + a downsampler per level but last
     assert min(r.abs().max() for r in want_down) > 1e-3  # perturbed zero convs: no all-zero comparison
     for a, b in zip(down, want_down):
@@ -77,9 +95,14 @@ def test_unet_takes_residuals_as_diffusers(small):
     x, kw = inputs(cfg, B=2, H=8, W=8)
     with torch.no_grad():
         down, mid = ours(x, 500, kw["context"], kw["text_embeds"], kw["time_ids"], torch.rand(2, 3, 64, 64))
-        want = ref_unet(x, 500, kw["context"], added_cond_kwargs={"text_embeds": kw["text_embeds"],
-                                                                  "time_ids": kw["time_ids"]},
-                        down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        want = ref_unet(
+            x,
+            500,
+            kw["context"],
+            added_cond_kwargs={"text_embeds": kw["text_embeds"], "time_ids": kw["time_ids"]},
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+        ).sample
         got = unet(x, 500, down_residuals=down, mid_residual=mid, **kw)
         plain = unet(x, 500, **kw)
     assert (got - plain).abs().max() > 1e-2  # the residuals matter
@@ -103,10 +126,10 @@ def diffusers_controlnet_pipe(ref, controlnets):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLControlNetPipeline
 
     parts = {k: getattr(ref, k) for k in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet")}
-    sched = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
-                                   timestep_spacing="leading")
-    return StableDiffusionXLControlNetPipeline(**parts, scheduler=sched, controlnet=controlnets,
-                                               add_watermarker=False)
+    sched = EulerDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, timestep_spacing="leading"
+    )
+    return StableDiffusionXLControlNetPipeline(**parts, scheduler=sched, controlnet=controlnets, add_watermarker=False)
 
 
 @pytest.fixture(scope="module")
@@ -125,20 +148,47 @@ def test_sampling_matches_diffusers_controlnet_pipeline(saved, nets, case):
     elif case == "two-start-end":
         refs = [nets[0][0], nets[1][0]]
         controls = [Control(nets[0][1], images[0], 0.7, 0.0, 0.5), Control(nets[1][1], images[1], 1.2, 0.25, 1.0)]
-        kw = {"controlnet_conditioning_scale": [0.7, 1.2], "control_guidance_start": [0.0, 0.25],
-              "control_guidance_end": [0.5, 1.0]}
+        kw = {
+            "controlnet_conditioning_scale": [0.7, 1.2],
+            "control_guidance_start": [0.0, 0.25],
+            "control_guidance_end": [0.5, 1.0],
+        }
     else:
         refs, controls = nets[0][0], [Control(nets[0][1], images[0], 0.9, guess_mode=True)]
         kw = {"controlnet_conditioning_scale": 0.9, "guess_mode": True}
     dpipe = diffusers_controlnet_pipe(ref, refs)
     image = images[0] if len(controls) == 1 else images
     with torch.no_grad():
-        want = dpipe(prompt=PROMPTS, image=image, latents=noise.clone(), height=64, width=128, num_inference_steps=4,
-                     guidance_scale=5.0, output_type="pt", **kw).images * 2 - 1
-    got = generate(pipe, PROMPTS, steps=4, cfg=5.0, width=128, height=64, noise=noise, progress=False,
-                   sampler="euler", controls=controls)
-    plain = generate(pipe, PROMPTS, steps=4, cfg=5.0, width=128, height=64, noise=noise, progress=False,
-                     sampler="euler")
+        want = (
+            dpipe(
+                prompt=PROMPTS,
+                image=image,
+                latents=noise.clone(),
+                height=64,
+                width=128,
+                num_inference_steps=4,
+                guidance_scale=5.0,
+                output_type="pt",
+                **kw,
+            ).images
+            * 2
+            - 1
+        )
+    got = generate(
+        pipe,
+        PROMPTS,
+        steps=4,
+        cfg=5.0,
+        width=128,
+        height=64,
+        noise=noise,
+        progress=False,
+        sampler="euler",
+        controls=controls,
+    )
+    plain = generate(
+        pipe, PROMPTS, steps=4, cfg=5.0, width=128, height=64, noise=noise, progress=False, sampler="euler"
+    )
     assert (got - plain).abs().max() > 1e-2  # the control changed the images
     assert (got - want).abs().max() <= 1e-4
 
@@ -176,8 +226,11 @@ def test_loads_diffusers_folder_file_and_original_layout(saved, nets, tmp_path):
     assert set(back) == {k for k in ref.state_dict() if not k.startswith("add_embedding.")}
     assert all(torch.equal(back[k], ref.state_dict()[k]) for k in back)
     save_file(original, tmp_path / "control_sdxl.safetensors")
-    for path in (tmp_path / "controlnet", tmp_path / "controlnet" / "diffusion_pytorch_model.safetensors",
-                 tmp_path / "control_sdxl.safetensors"):
+    for path in (
+        tmp_path / "controlnet",
+        tmp_path / "controlnet" / "diffusion_pytorch_model.safetensors",
+        tmp_path / "control_sdxl.safetensors",
+    ):
         net = load_controlnet(path)
         assert net.conditioning_embedding_out_channels == HINT
         for k, v in ref.state_dict().items():
@@ -201,13 +254,22 @@ def test_errors_are_one_line(saved, nets, tmp_path):
     with pytest.raises(CheckpointError, match="not a ControlNet"):
         load_controlnet(tmp_path / "other.safetensors")
     # a ControlNet of another base: an SD 1.5-like encoder (no text_time, other widths) on this SDXL-like UNet
-    sd15 = ControlNetModel(UNetConfig(block_out_channels=(32, 64, 64), transformer_depth=(1, 1, 0),
-                                      mid_transformer_depth=1, num_heads=(1, 2, 2), cross_attention_dim=192,
-                                      use_linear_projection=False, addition_embed_type=None),
-                           conditioning_embedding_out_channels=HINT)
+    sd15 = ControlNetModel(
+        UNetConfig(
+            block_out_channels=(32, 64, 64),
+            transformer_depth=(1, 1, 0),
+            mid_transformer_depth=1,
+            num_heads=(1, 2, 2),
+            cross_attention_dim=192,
+            use_linear_projection=False,
+            addition_embed_type=None,
+        ),
+        conditioning_embedding_out_channels=HINT,
+    )
     with pytest.raises(MinidiffError, match=r"another base model: first mismatched key \S+ is"):
-        generate(pipe, PROMPTS, steps=1, width=128, height=64, progress=False, controls=[(sd15, torch.rand(3, 64, 128),
-                                                                                          1.0)])
+        generate(
+            pipe, PROMPTS, steps=1, width=128, height=64, progress=False, controls=[(sd15, torch.rand(3, 64, 128), 1.0)]
+        )
     with pytest.raises(MinidiffError, match="start < end"):
         Control(nets[0][1], torch.rand(3, 64, 128), 1.0, 0.5, 0.5)
 
@@ -248,19 +310,34 @@ def test_sample_py_control_flags(saved, nets, tmp_path, capsys):
     sketch = Image.new("RGB", (50, 40), "white")
     sketch.paste((0, 0, 0), (10, 18, 40, 22))  # a black bar
     sketch.save(tmp_path / "sketch.png")
-    fast = ["--model", str(tmp_path / "model"), "--prompt", "a cat", "--steps", "2", "--width", "64", "--height",
-            "64", "--device", "cpu"]
+    fast = [
+        "--model",
+        str(tmp_path / "model"),
+        "--prompt",
+        "a cat",
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--device",
+        "cpu",
+    ]
     control = ["--control", f"{tmp_path / 'sketch.png'}:scribble:0.8", "--controlnet", str(tmp_path / "cn")]
     for name, extra in (("plain", []), ("control", control), ("guess", [*control, "--guess-mode"])):
         assert sample.main([*fast, *extra, "--out", str(tmp_path / name)]) == 0
     assert "control image 50x40 resized to 64x64" in capsys.readouterr().err
     meta = read_png_metadata(tmp_path / "control" / "0000-seed0.png")
-    assert meta["controls"] == [{"image": "sketch.png", "type": "scribble", "scale": 0.8,
-                                 "controlnet": str(tmp_path / "cn")}]
+    assert meta["controls"] == [
+        {"image": "sketch.png", "type": "scribble", "scale": 0.8, "controlnet": str(tmp_path / "cn")}
+    ]
     assert meta["guess_mode"] is False and read_png_metadata(tmp_path / "guess" / "0000-seed0.png")["guess_mode"]
     a, b, c = (Image.open(tmp_path / n / "0000-seed0.png").tobytes() for n in ("plain", "control", "guess"))
     assert len({a, b, c}) == 3  # the control changes the image, and guess mode changes how
-    for bad, message in (([f"--control={tmp_path / 'missing.png'}:canny"], "no such image file"),
-                         ([f"--control={tmp_path / 'sketch.png'}"], "needs --controlnet")):
+    for bad, message in (
+        ([f"--control={tmp_path / 'missing.png'}:canny"], "no such image file"),
+        ([f"--control={tmp_path / 'sketch.png'}"], "needs --controlnet"),
+    ):
         assert sample.main([*fast, *bad, "--out", str(tmp_path / "bad")]) == 2
         assert message in capsys.readouterr().err

@@ -5,6 +5,7 @@ The second half runs finetune.py itself as torchrun would (RANK / WORLD_SIZE / M
 spawned processes): the class images are split between the processes yet identical to a one-process run, the LoRA
 of 2 processes x --batch-size 1 equals that of 1 process x --batch-size 2 (fp32 tolerance), a resume works on both
 processes, and process 1 writes nothing but its share of the class images (watched with a sys.addaudithook)."""
+
 import json
 import os
 import socket
@@ -44,12 +45,13 @@ def train(model, x, y, ctx):
 
 
 def worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     ctx = ddp.init(device="cpu")
     model, x, y = model_and_data()
-    rows = list(range(ROWS))[ctx.rank::ctx.world_size]  # this process's share: rows r, r + W, ...
+    rows = list(range(ROWS))[ctx.rank :: ctx.world_size]  # this process's share: rows r, r + W, ...
     result = train(model, x[rows], y[rows], ctx)
     save_file(result, os.path.join(out, f"rank{rank}.safetensors"))
     if ctx.is_main:
@@ -96,8 +98,9 @@ def finetune_worker(rank, world, runs, watch):
 
     sys.addaudithook(hook)
     for port, argv, report in runs:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                          LOCAL_RANK=str(rank))
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+        )
         writes.clear()
         rc = finetune.main(argv)
         mine = sorted({w for w in writes if os.path.abspath(w).startswith(watch)})
@@ -124,17 +127,53 @@ def test_torchrun_finetune_trains_like_one_process_and_only_rank0_writes(tmp_pat
 
 def _finetune_runs(tmp_path, finetune, model):
     model = str(model)
-    common = ["--model", model, "--steps", "4", "--save-every", "2", "--num-class-images", "3", "--class-steps", "2",
-              "--class-batch-size", "1", "--validation-steps", "2", "--validation-images", "1", "--min-snr-gamma",
-              "5", "--noise-offset", "0.05", "--validate-every", "2", "--device", "cpu"]
+    common = [
+        "--model",
+        model,
+        "--steps",
+        "4",
+        "--save-every",
+        "2",
+        "--num-class-images",
+        "3",
+        "--class-steps",
+        "2",
+        "--class-batch-size",
+        "1",
+        "--validation-steps",
+        "2",
+        "--validation-images",
+        "1",
+        "--min-snr-gamma",
+        "5",
+        "--noise-offset",
+        "0.05",
+        "--validate-every",
+        "2",
+        "--device",
+        "cpu",
+    ]
     one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
     assert finetune.main([*common, "--batch-size", "2", "--out", one, "--class-dir", tmp_path / "class1"]) == 0
 
     fresh = [*common, "--batch-size", "1", "--out", two, "--class-dir", tmp_path / "class2"]
-    resume = [*common, "--batch-size", "1", "--out", resumed, "--class-dir", tmp_path / "class1",  # (one spawn:
-              "--resume", one / "checkpoints" / "step-000002.safetensors", "--validation-images", "0"]  # 10 s each)
-    runs = [(free_port(), [str(a) for a in argv], str(tmp_path / report))
-            for argv, report in ((fresh, "report"), (resume, "again"))]
+    resume = [
+        *common,
+        "--batch-size",
+        "1",
+        "--out",
+        resumed,
+        "--class-dir",
+        tmp_path / "class1",  # (one spawn:
+        "--resume",
+        one / "checkpoints" / "step-000002.safetensors",
+        "--validation-images",
+        "0",
+    ]  # 10 s each)
+    runs = [
+        (free_port(), [str(a) for a in argv], str(tmp_path / report))
+        for argv, report in ((fresh, "report"), (resume, "again"))
+    ]
     mp.spawn(finetune_worker, args=(2, runs, str(tmp_path)), nprocs=2)
     r0, r1 = (json.loads((tmp_path / f"report-{r}.json").read_text()) for r in (0, 1))
     assert r0["rc"] == r1["rc"] == 0
@@ -149,8 +188,16 @@ def _finetune_runs(tmp_path, finetune, model):
         assert (tmp_path / "class1" / name).read_bytes() == (tmp_path / "class2" / name).read_bytes(), name
 
     # process 0 wrote every output file; 2 x batch 1 trained like 1 x batch 2
-    for name in ("lora.safetensors", "lora-step-000002.safetensors", "checkpoints/step-000004.safetensors",
-                 "loss.csv", "loss.png", "samples/step-000002.png", "samples/final.png", "manifest.json"):
+    for name in (
+        "lora.safetensors",
+        "lora-step-000002.safetensors",
+        "checkpoints/step-000004.safetensors",
+        "loss.csv",
+        "loss.png",
+        "samples/step-000002.png",
+        "samples/final.png",
+        "manifest.json",
+    ):
         assert (two / name).is_file(), name
     settings = json.loads((two / "manifest.json").read_text())["settings"]
     assert settings["processes"] == 2 and settings["global_batch_size"] == 2
@@ -163,8 +210,12 @@ def _finetune_runs(tmp_path, finetune, model):
     rows_one, rows_two = ((d / "loss.csv").read_text().splitlines() for d in (one, two))
     assert rows_one[0] == rows_two[0] and len(rows_two) == 5
     for x, y in zip(rows_one[1:], rows_two[1:]):  # the logged loss is the global batch's
-        torch.testing.assert_close(torch.tensor([float(v) for v in y.split(",")]),
-                                   torch.tensor([float(v) for v in x.split(",")]), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(
+            torch.tensor([float(v) for v in y.split(",")]),
+            torch.tensor([float(v) for v in x.split(",")]),
+            rtol=1e-4,
+            atol=1e-7,
+        )
 
     # both processes resume from the one-process checkpoint at step 2 and end where it ended
     assert json.loads((tmp_path / "again-1.json").read_text()) == {"rc": 0, "writes": []}

@@ -76,12 +76,13 @@ def test_every_equation_names_its_code_and_a_test(page):
     """Each ```math block is followed by a line `Code: `file.py::name` · Test: `tests/test_x.py::test_y``."""
     text = page.read_text()
     for m in MATH.finditer(text):
-        line = text[m.end():].lstrip("\n").split("\n", 1)[0]
-        where = f"{page.name} line {text[:m.start()].count(chr(10)) + 1}"
+        line = text[m.end() :].lstrip("\n").split("\n", 1)[0]
+        where = f"{page.name} line {text[: m.start()].count(chr(10)) + 1}"
         assert line.startswith("Code:"), f"{where}: equation not followed by a 'Code: ... · Test: ...' line"
         cited = refs(line)
-        assert any(f.startswith("tests/") and n.split(".")[-1].startswith("test_") for f, n in cited), \
+        assert any(f.startswith("tests/") and n.split(".")[-1].startswith("test_") for f, n in cited), (
             f"{where}: the Code/Test line names no test"
+        )
         assert any(not f.startswith("tests/") for f, _ in cited), f"{where}: the Code/Test line names no code"
 
 
@@ -90,13 +91,19 @@ def test_the_refs_checker_can_fail():
     assert check_ref("minidiff/schedule.py", "Schedule.q_sampel") is not None
     assert check_ref("tests/test_schedule.py", "test_no_such_test") is not None
     assert check_ref("minidiff/nothing.py", "f") is not None
-    assert refs("`tests/test_a.py::test_b[x-1]` and `a/b.py::C::d`") == [("tests/test_a.py", "test_b"), ("a/b.py", "C.d")]
+    assert refs("`tests/test_a.py::test_b[x-1]` and `a/b.py::C::d`") == [
+        ("tests/test_a.py", "test_b"),
+        ("a/b.py", "C.d"),
+    ]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_relative_links_and_figures_resolve(page):
-    missing = [target for target in LINK.findall(page.read_text())
-               if "://" not in target and not target.startswith("mailto:") and not (page.parent / target).exists()]
+    missing = [
+        target
+        for target in LINK.findall(page.read_text())
+        if "://" not in target and not target.startswith("mailto:") and not (page.parent / target).exists()
+    ]
     assert not missing, f"{page.name} links to missing files: {missing}"
 
 

@@ -53,8 +53,9 @@ def test_ddim_with_eta_one_is_the_ddpm_step(make):
     x_t, eps, z = _randn(2, 3, 4, 4), _randn(2, 3, 4, 4, seed=1), _randn(2, 3, 4, 4, seed=2)
     for t, t_prev in ((999, 979), (500, 480), (100, 50), (20, 0)):
         ab, ab_prev = s.alpha_bar[t].item(), s.alpha_bar[t_prev].item()
-        torch.testing.assert_close(ddim_step(x_t, eps, ab, ab_prev, eta=1.0, z=z), ddpm_step(x_t, eps, ab, ab_prev, z),
-                                   rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(
+            ddim_step(x_t, eps, ab, ab_prev, eta=1.0, z=z), ddpm_step(x_t, eps, ab, ab_prev, z), rtol=1e-9, atol=1e-9
+        )
         assert not torch.allclose(ddim_step(x_t, eps, ab, ab_prev, eta=0.0), ddpm_step(x_t, eps, ab, ab_prev, z))
 
 
@@ -73,8 +74,12 @@ def test_euler_in_sigma_space_is_ddim_eta0_in_alpha_space(make):
         torch.testing.assert_close(x, x0 + sigma * eps, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(x / math.sqrt(sigma**2 + 1), x_t, rtol=1e-9, atol=1e-9)
         eps_hat = _randn(2, 3, 4, 4, seed=t)  # any prediction, not only the true eps
-        torch.testing.assert_close(euler_step(x, eps_hat, sigma, sigma_next),
-                                   ddim_step(x_t, eps_hat, ab, ab_prev) / math.sqrt(ab_prev), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(
+            euler_step(x, eps_hat, sigma, sigma_next),
+            ddim_step(x_t, eps_hat, ab, ab_prev) / math.sqrt(ab_prev),
+            rtol=1e-9,
+            atol=1e-9,
+        )
 
 
 @pytest.mark.parametrize("gamma", [1.0, 5.0])
@@ -94,8 +99,9 @@ def test_min_snr_weights_give_one_loss_in_eps_v_and_x0_space(gamma):
     want = torch.clamp(snr, max=gamma) * per_row(x0 - x0_hat)
     torch.testing.assert_close(s.min_snr_weight(t, gamma) * per_row(eps - eps_hat), want, rtol=1e-8, atol=1e-10)
     v = s.v_target(x0, eps, t)
-    torch.testing.assert_close(s.min_snr_weight(t, gamma, "v_prediction") * per_row(v - v_hat), want,
-                               rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(
+        s.min_snr_weight(t, gamma, "v_prediction") * per_row(v - v_hat), want, rtol=1e-8, atol=1e-10
+    )
 
 
 def _make_figures():

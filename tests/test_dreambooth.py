@@ -31,8 +31,14 @@ def pipe(tmp_path_factory):
 def _examples(n, caption, ids, seed):
     g = torch.Generator().manual_seed(seed)
     mean = torch.rand(n, 3, SIZE, SIZE, generator=g) * 2 - 1
-    return db.Examples(mean, None, torch.tensor([ids] * n, dtype=torch.float32), [caption] * n, list(range(n)),
-                       [f"{caption}-{i}" for i in range(n)])
+    return db.Examples(
+        mean,
+        None,
+        torch.tensor([ids] * n, dtype=torch.float32),
+        [caption] * n,
+        list(range(n)),
+        [f"{caption}-{i}" for i in range(n)],
+    )
 
 
 def _lora_unet(pipe):
@@ -92,8 +98,15 @@ def test_min_snr_weight_is_applied_per_row_to_its_own_timestep(prediction):
     z0, eps, pred = (torch.randn(4, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
     t = torch.tensor([3, 100, 20, 700])  # SNR 291, 8.5 | 52, 0.09: four different weights
     batch = {"z0": z0, "eps": eps, "t": t, "time_ids": torch.zeros(4, 6), "captions": [""] * 4, "n_instance": 2}
-    loss, inst, prior = db.compute_loss(lambda x, t, **kw: pred, batch, schedule, lambda c: (None, None),
-                                        prediction, prior_weight=lam, min_snr_gamma=gamma)
+    loss, inst, prior = db.compute_loss(
+        lambda x, t, **kw: pred,
+        batch,
+        schedule,
+        lambda c: (None, None),
+        prediction,
+        prior_weight=lam,
+        min_snr_gamma=gamma,
+    )
     ab = _alpha_bar_by_hand()[t.numpy()]
     snr = ab / (1 - ab)
     z0n, epsn, predn = z0.numpy(), eps.numpy(), pred.numpy()
@@ -141,8 +154,12 @@ def test_every_row_gets_its_own_time_ids_caption_and_image(pipe, tmp_path):
     instance = db.encode_examples(instance_set, None, default_caption="a picture of sks girl", progress=False)
     klass = db.encode_examples(klass_set, None, progress=False)
     # (h, w) of each file as stored, crop (0, 0) when padded, target (16, 16)
-    own = {(30.0, 40.0): ("a", "sks girl, running"), (48.0, 24.0): ("b", "a picture of sks girl"),
-           (16.0, 16.0): ("c", "a picture of a girl"), (20.0, 64.0): ("d", "a picture of a girl")}
+    own = {
+        (30.0, 40.0): ("a", "sks girl, running"),
+        (48.0, 24.0): ("b", "a picture of sks girl"),
+        (16.0, 16.0): ("c", "a picture of a girl"),
+        (20.0, 64.0): ("d", "a picture of a girl"),
+    }
     pixels = {p.split("/")[-1][0]: x for ds in (instance_set, klass_set) for p, x in zip(ds.paths, ds.tensors())}
     cache = db.PromptCache(pipe.text, instance.captions + klass.captions)
 
@@ -216,11 +233,13 @@ def test_class_images_are_made_once_and_repaired_identically(pipe, tmp_path):
 
     def make(prompts, seeds):
         calls.append(list(seeds))
-        return generate(pipe, prompts, steps=2, seed=seeds[0], width=SIZE, height=SIZE, batch_size=len(prompts),
-                        progress=False)
+        return generate(
+            pipe, prompts, steps=2, seed=seeds[0], width=SIZE, height=SIZE, batch_size=len(prompts), progress=False
+        )
 
-    paths, written = db.generate_class_images(make, class_dir, 5, "a picture of a girl", batch_size=2, seed=10,
-                                              progress=False)
+    paths, written = db.generate_class_images(
+        make, class_dir, 5, "a picture of a girl", batch_size=2, seed=10, progress=False
+    )
     assert written == 5 and calls == [[10, 11], [12, 13], [14]]
     assert sorted(p.name for p in class_dir.iterdir()) == [f"class-0000{i}.png" for i in range(5)]
     assert [p.name for p in paths] == [f"class-0000{i}.png" for i in range(5)]
@@ -234,8 +253,9 @@ def test_class_images_are_made_once_and_repaired_identically(pipe, tmp_path):
     (class_dir / "class-00001.png").unlink()
     (class_dir / "class-00004.png").unlink()
     calls.clear()
-    paths, written = db.generate_class_images(make, class_dir, 5, "a picture of a girl", batch_size=2, seed=10,
-                                              progress=False)
+    paths, written = db.generate_class_images(
+        make, class_dir, 5, "a picture of a girl", batch_size=2, seed=10, progress=False
+    )
     assert written == 2 and calls == [[10, 11], [14]]  # only the batches holding a missing image
     for p in class_dir.iterdir():
         data, mtime = before[p.name]
@@ -245,8 +265,9 @@ def test_class_images_are_made_once_and_repaired_identically(pipe, tmp_path):
     calls.clear()
     assert db.generate_class_images(make, class_dir, 5, "x", batch_size=2, progress=False)[1] == 0 and not calls
     # more images asked for later: the existing five are kept and reused
-    paths, written = db.generate_class_images(make, class_dir, 6, "a picture of a girl", batch_size=2, seed=10,
-                                              progress=False)
+    paths, written = db.generate_class_images(
+        make, class_dir, 6, "a picture of a girl", batch_size=2, seed=10, progress=False
+    )
     assert written == 1 and calls == [[14, 15]] and len(paths) == 6
 
 
@@ -281,8 +302,18 @@ def test_training_changes_only_the_adapters(pipe, tmp_path):
     from minidiff.train.state import Trainable
 
     cfg = db.TrainConfig(steps=3, lr=1e-2, batch_size=1, min_snr_gamma=5.0, noise_offset=0.1, warmup=2)
-    result = db.train(unet=unet, params=lora_parameters(unet), schedule=pipe.schedule, instance=instance, klass=klass,
-                      embed=cache, cfg=cfg, out_dir=tmp_path, modules={"unet": Trainable(unet)}, progress=False)
+    result = db.train(
+        unet=unet,
+        params=lora_parameters(unet),
+        schedule=pipe.schedule,
+        instance=instance,
+        klass=klass,
+        embed=cache,
+        cfg=cfg,
+        out_dir=tmp_path,
+        modules={"unet": Trainable(unet)},
+        progress=False,
+    )
     assert result["steps"] == 3 and np.isfinite(result["loss"])
     after = unet.state_dict()
     for k, v in frozen.items():

@@ -54,20 +54,26 @@ def saved_inpainting(tmp_path_factory):
     ref = StableDiffusionXLInpaintPipeline(**{**components(ref), "unet": unet})
     ref.save_pretrained(tmp / "model")
     save_file(to_original(tmp / "model"), tmp / "sd_xl_inpainting_tiny.safetensors")
-    return ref, load_pipeline(tmp / "model"), load_pipeline(tmp / "sd_xl_inpainting_tiny.safetensors",
-                                                            tokenizers=tmp / "model")
+    return (
+        ref,
+        load_pipeline(tmp / "model"),
+        load_pipeline(tmp / "sd_xl_inpainting_tiny.safetensors", tokenizers=tmp / "model"),
+    )
 
 
 def components(ref):
-    return {k: getattr(ref, k) for k in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet",
-                                         "scheduler")}
+    return {
+        k: getattr(ref, k)
+        for k in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")
+    }
 
 
 def scheduler(sampler):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-    common = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
-                  timestep_spacing="leading")
+    common = dict(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, timestep_spacing="leading"
+    )
     if sampler == "euler":
         return EulerDiscreteScheduler(**common)
     if sampler == "ddim":
@@ -94,16 +100,32 @@ def close(got, want):
     return err
 
 
-@pytest.mark.parametrize("sampler,steps,strength", [("euler", 6, 0.5), ("euler", 4, 1.0), ("dpmpp_2m", 7, 0.6),
-                                                     ("ddim", 5, 0.8)])
+@pytest.mark.parametrize(
+    "sampler,steps,strength", [("euler", 6, 0.5), ("euler", 4, 1.0), ("dpmpp_2m", 7, 0.6), ("ddim", 5, 0.8)]
+)
 def test_img2img_matches_diffusers(saved, sampler, steps, strength):
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
     ref, pipe = saved
-    want = run_diffusers(StableDiffusionXLImg2ImgPipeline, ref, sampler, image=init_images(),
-                         num_inference_steps=steps, strength=strength)
-    got = generate(pipe, PROMPTS, steps=steps, cfg=5.0, sampler=sampler, seed=SEED, init_images=init_images(),
-                   strength=strength, progress=False)
+    want = run_diffusers(
+        StableDiffusionXLImg2ImgPipeline,
+        ref,
+        sampler,
+        image=init_images(),
+        num_inference_steps=steps,
+        strength=strength,
+    )
+    got = generate(
+        pipe,
+        PROMPTS,
+        steps=steps,
+        cfg=5.0,
+        sampler=sampler,
+        seed=SEED,
+        init_images=init_images(),
+        strength=strength,
+        progress=False,
+    )
     assert got.shape == (2, 3, H, W)
     close(got, want)
 
@@ -113,11 +135,29 @@ def test_inpainting_with_a_4_channel_unet_matches_diffusers(saved, sampler, step
     from diffusers import StableDiffusionXLInpaintPipeline
 
     ref, pipe = saved
-    want = run_diffusers(StableDiffusionXLInpaintPipeline, ref, sampler, image=(init_images() + 1) / 2,
-                         mask_image=masks(),
-                         num_inference_steps=steps, strength=strength, height=H, width=W)
-    got = generate(pipe, PROMPTS, steps=steps, cfg=5.0, sampler=sampler, seed=SEED, init_images=init_images(),
-                   masks=masks(), strength=strength, progress=False)
+    want = run_diffusers(
+        StableDiffusionXLInpaintPipeline,
+        ref,
+        sampler,
+        image=(init_images() + 1) / 2,
+        mask_image=masks(),
+        num_inference_steps=steps,
+        strength=strength,
+        height=H,
+        width=W,
+    )
+    got = generate(
+        pipe,
+        PROMPTS,
+        steps=steps,
+        cfg=5.0,
+        sampler=sampler,
+        seed=SEED,
+        init_images=init_images(),
+        masks=masks(),
+        strength=strength,
+        progress=False,
+    )
     close(got, want)
 
 
@@ -127,11 +167,27 @@ def test_inpainting_with_the_9_channel_unet_matches_diffusers(saved_inpainting, 
 
     ref, pipe, single = saved_inpainting
     assert pipe.unet.config.in_channels == single.unet.config.in_channels == 9
-    want = run_diffusers(StableDiffusionXLInpaintPipeline, ref, "euler", image=(init_images() + 1) / 2,
-                         mask_image=masks(),
-                         num_inference_steps=5, strength=strength, height=H, width=W)
-    kw = dict(steps=5, cfg=5.0, sampler="euler", seed=SEED, init_images=init_images(), masks=masks(),
-              strength=strength, progress=False)
+    want = run_diffusers(
+        StableDiffusionXLInpaintPipeline,
+        ref,
+        "euler",
+        image=(init_images() + 1) / 2,
+        mask_image=masks(),
+        num_inference_steps=5,
+        strength=strength,
+        height=H,
+        width=W,
+    )
+    kw = dict(
+        steps=5,
+        cfg=5.0,
+        sampler="euler",
+        seed=SEED,
+        init_images=init_images(),
+        masks=masks(),
+        strength=strength,
+        progress=False,
+    )
     close(generate(pipe, PROMPTS, **kw), want)
     close(generate(single, PROMPTS, **kw), want)
 
@@ -150,18 +206,22 @@ def test_known_region_is_kept_and_strength_rule(saved):
     keep_all = generate(pipe, PROMPTS, masks=torch.zeros(2, 1, H, W), **kw)
     from minidiff.pipeline import decode, encode
 
-    round_trip = decode(pipe, encode(pipe, init_images(), generators()[:0] + [torch.Generator().manual_seed(1 + i)
-                                                                              for i in range(2)]))
+    round_trip = decode(
+        pipe, encode(pipe, init_images(), generators()[:0] + [torch.Generator().manual_seed(1 + i) for i in range(2)])
+    )
     torch.testing.assert_close(keep_all, round_trip, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(init_images=torch.zeros(2, 3, 32, 32)), r"init_images must be a tensor \[2 or 1, 3, 64, 128\]"),
-    (dict(init_images=torch.full((1, 3, H, W), 2.0)), r"init_images must lie in \[-1, 1\]"),
-    (dict(init_images=init_images(), masks=torch.zeros(2, 3, H, W)), r"masks must be a tensor \[2 or 1, 1"),
-    (dict(masks=torch.zeros(2, 1, H, W)), "masks need init_images"),
-    (dict(init_images=init_images(), strength=0.0), r"strength must be in \(0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(init_images=torch.zeros(2, 3, 32, 32)), r"init_images must be a tensor \[2 or 1, 3, 64, 128\]"),
+        (dict(init_images=torch.full((1, 3, H, W), 2.0)), r"init_images must lie in \[-1, 1\]"),
+        (dict(init_images=init_images(), masks=torch.zeros(2, 3, H, W)), r"masks must be a tensor \[2 or 1, 1"),
+        (dict(masks=torch.zeros(2, 1, H, W)), "masks need init_images"),
+        (dict(init_images=init_images(), strength=0.0), r"strength must be in \(0, 1\]"),
+    ],
+)
 def test_bad_edit_inputs_say_what_was_expected(saved, kw, message):
     _, pipe = saved
     with pytest.raises(MinidiffError, match=message):

@@ -18,8 +18,22 @@ from minidiff.weights.pretrained import load_pipeline, load_unet, save_pipeline
 from minidiff.lora import find_targets, load_lora
 from conftest import tiny_pipeline
 
-FAST = ["--steps", "4", "--num-class-images", "3", "--class-steps", "2", "--class-batch-size", "2",
-        "--validation-steps", "2", "--validation-images", "1", "--device", "cpu"]
+FAST = [
+    "--steps",
+    "4",
+    "--num-class-images",
+    "3",
+    "--class-steps",
+    "2",
+    "--class-batch-size",
+    "2",
+    "--validation-steps",
+    "2",
+    "--validation-images",
+    "1",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +46,26 @@ def model(tmp_path_factory):
 def run(model, tmp_path_factory):
     """One 4-step LoRA run with prior preservation, checkpoints every 2 steps and a validation grid at step 2."""
     out = tmp_path_factory.mktemp("run")
-    assert finetune.main(["--model", model, "--out", out, "--save-every", "2", "--validate-every", "2",
-                          "--format", "both", "--min-snr-gamma", "5", *FAST]) == 0
+    assert (
+        finetune.main(
+            [
+                "--model",
+                model,
+                "--out",
+                out,
+                "--save-every",
+                "2",
+                "--validate-every",
+                "2",
+                "--format",
+                "both",
+                "--min-snr-gamma",
+                "5",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -43,15 +75,35 @@ def _tensors(path):
 
 
 def test_a_run_writes_lora_loss_plot_grids_and_manifest(run, model):
-    for name in ("lora.safetensors", "pytorch_lora_weights.safetensors", "lora-step-000002.safetensors",
-                 "lora-step-000004.safetensors", "loss.csv", "loss.png", "manifest.json", "samples/step-000002.png",
-                 "samples/final.png", "checkpoints/step-000002.safetensors", "checkpoints/step-000004.safetensors"):
+    for name in (
+        "lora.safetensors",
+        "pytorch_lora_weights.safetensors",
+        "lora-step-000002.safetensors",
+        "lora-step-000004.safetensors",
+        "loss.csv",
+        "loss.png",
+        "manifest.json",
+        "samples/step-000002.png",
+        "samples/final.png",
+        "checkpoints/step-000002.safetensors",
+        "checkpoints/step-000004.safetensors",
+    ):
         assert (run / name).is_file(), name
     assert len(list((run / "class-images").glob("class-*.png"))) == 3
     tensors, meta = _tensors(run / "lora.safetensors")
     assert all(k.startswith("lora_unet_") for k in tensors)
-    for key in ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_base_model_version",
-                "ss_v2", "ss_sd_model_hash", "ss_learning_rate", "ss_steps", "minidiff.dataset_hash"):
+    for key in (
+        "ss_network_module",
+        "ss_network_dim",
+        "ss_network_alpha",
+        "ss_network_args",
+        "ss_base_model_version",
+        "ss_v2",
+        "ss_sd_model_hash",
+        "ss_learning_rate",
+        "ss_steps",
+        "minidiff.dataset_hash",
+    ):
         assert key in meta, key
     assert meta["ss_network_dim"] == "4" and meta["minidiff.instance_prompt"] == "a picture of sks girl"
     assert meta["ss_steps"] == "4" and meta["ss_num_reg_images"] == "3"
@@ -75,9 +127,27 @@ def test_a_run_writes_lora_loss_plot_grids_and_manifest(run, model):
 
 def test_resumed_run_ends_with_the_same_lora_bit_for_bit(run, model, tmp_path):
     out = tmp_path / "resumed"
-    rc = finetune.main(["--model", model, "--out", out, "--class-dir", run / "class-images", "--save-every", "2",
-                        "--validate-every", "2", "--format", "both", "--min-snr-gamma", "5",
-                        "--resume", run / "checkpoints" / "step-000002.safetensors", *FAST])
+    rc = finetune.main(
+        [
+            "--model",
+            model,
+            "--out",
+            out,
+            "--class-dir",
+            run / "class-images",
+            "--save-every",
+            "2",
+            "--validate-every",
+            "2",
+            "--format",
+            "both",
+            "--min-snr-gamma",
+            "5",
+            "--resume",
+            run / "checkpoints" / "step-000002.safetensors",
+            *FAST,
+        ]
+    )
     assert rc == 0
     for name in ("lora.safetensors", "pytorch_lora_weights.safetensors"):
         a, _ = _tensors(run / name)
@@ -93,8 +163,28 @@ def test_resumed_run_ends_with_the_same_lora_bit_for_bit(run, model, tmp_path):
 
 def test_full_finetune_saves_a_diffusers_unet(model, tmp_path):
     out = tmp_path / "full"
-    assert finetune.main(["--model", model, "--out", out, "--train", "full", "--no-prior", "--steps", "2",
-                          "--lr", "1e-3", "--validation-images", "0", "--device", "cpu"]) == 0
+    assert (
+        finetune.main(
+            [
+                "--model",
+                model,
+                "--out",
+                out,
+                "--train",
+                "full",
+                "--no-prior",
+                "--steps",
+                "2",
+                "--lr",
+                "1e-3",
+                "--validation-images",
+                "0",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     trained, base = load_unet(out / "unet"), load_unet(model)
     changed = [k for k, v in base.state_dict().items() if not torch.equal(v, trained.state_dict()[k])]
     assert changed and not (out / "lora.safetensors").exists()
@@ -105,9 +195,31 @@ def test_full_finetune_saves_a_diffusers_unet(model, tmp_path):
 def test_latent_model_run_with_class_images(tmp_path):
     model = save_pipeline(tiny_pipeline(tmp_path / "parts", latent=True), tmp_path / "latent")
     out = tmp_path / "out"
-    assert finetune.main(["--model", model, "--out", out, "--num-class-images", "2", "--class-steps", "2",
-                          "--steps", "2", "--validation-steps", "2", "--validation-images", "1",
-                          "--noise-offset", "0.05", "--device", "cpu"]) == 0
+    assert (
+        finetune.main(
+            [
+                "--model",
+                model,
+                "--out",
+                out,
+                "--num-class-images",
+                "2",
+                "--class-steps",
+                "2",
+                "--steps",
+                "2",
+                "--validation-steps",
+                "2",
+                "--validation-images",
+                "1",
+                "--noise-offset",
+                "0.05",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["settings"]["resolution"] == 16  # 8 x 8 latents x the VAE's 2x
     w, h = Image.open(out / "samples" / "final.png").size  # rows: instance prompt, class prompt; one 16 px image
@@ -123,9 +235,30 @@ def test_captioned_folder_trains_each_image_on_its_caption(model, tmp_path):
     (data / "0.txt").write_text("a red square, pixel style")
     (data / "1.caption").write_text("a green square, pixel style")
     out = tmp_path / "out"
-    assert finetune.main(["--model", model, "--out", out, "--instance-dir", data.parent, "--no-prior",
-                          "--caption-dropout", "0.3", "--steps", "2", "--validation-images", "0",
-                          "--train-text-encoder", "--gradient-checkpointing", "--device", "cpu"]) == 0
+    assert (
+        finetune.main(
+            [
+                "--model",
+                model,
+                "--out",
+                out,
+                "--instance-dir",
+                data.parent,
+                "--no-prior",
+                "--caption-dropout",
+                "0.3",
+                "--steps",
+                "2",
+                "--validation-images",
+                "0",
+                "--train-text-encoder",
+                "--gradient-checkpointing",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["data"]["captions"] == ["a red square, pixel style", "a green square, pixel style", "pixel style"]
     assert [r["group"] for r in manifest["trainable"]][-3:] == ["text_encoder", "text_encoder_2", "total"]
@@ -151,18 +284,58 @@ def test_full_size_sdxl_folder_finetunes_and_samples_end_to_end(tmp_path):
 
     try:
         python("bench/weights.py", model, "--config", "sdxl")
-        python("finetune.py", "--model", model, "--out", out, "--resolution", "256", "--steps", "2",
-               "--num-class-images", "1", "--class-steps", "2", "--class-batch-size", "1", "--validation-images", "1",
-               "--validation-steps", "2", "--save-every", "2", "--gradient-checkpointing", "--device", "cpu",
-               "--mixed-precision", "no")
+        python(
+            "finetune.py",
+            "--model",
+            model,
+            "--out",
+            out,
+            "--resolution",
+            "256",
+            "--steps",
+            "2",
+            "--num-class-images",
+            "1",
+            "--class-steps",
+            "2",
+            "--class-batch-size",
+            "1",
+            "--validation-images",
+            "1",
+            "--validation-steps",
+            "2",
+            "--save-every",
+            "2",
+            "--gradient-checkpointing",
+            "--device",
+            "cpu",
+            "--mixed-precision",
+            "no",
+        )
         total = json.loads((out / "manifest.json").read_text())["trainable"][-1]
         assert total["params"] == 5_806_080 and total["tensors"] == 2 * 560
         assert total["of"] == 2_567_463_684 + 123_060_480 + 694_659_840 + 83_653_863 + 5_806_080
         tensors, meta = _tensors(out / "lora.safetensors")
         assert len(tensors) == 3 * 560 and meta["ss_network_dim"] == "4"
-        printed = python("sample.py", "--model", model, "--lora", out / "lora.safetensors", "--prompt",
-                         "a picture of sks girl", "--width", "256", "--height", "256", "--steps", "2", "--device",
-                         "cpu", "--out", out / "samples-after")
+        printed = python(
+            "sample.py",
+            "--model",
+            model,
+            "--lora",
+            out / "lora.safetensors",
+            "--prompt",
+            "a picture of sks girl",
+            "--width",
+            "256",
+            "--height",
+            "256",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            out / "samples-after",
+        )
         assert "1 image(s) in" in printed
         assert Image.open(out / "samples-after" / "0000-seed0.png").size == (256, 256)
     finally:

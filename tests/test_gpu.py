@@ -6,6 +6,7 @@ sm_60, the precision each GPU gets, --device errors, and the peak memory of each
 GradScaler resumes to the run it continues, finetune.py records a peak per phase, our UNet matches diffusers' in
 half precision, every attention call runs with only the memory-efficient SDPA kernel (all a P100 or T4 has at 1024
 px), and the arch check passes on a GPU this PyTorch supports."""
+
 import json
 import sys
 from pathlib import Path
@@ -32,8 +33,11 @@ def _fake_gpu(monkeypatch, capability, archs, bf16_emulated=True):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100-PCIE-16GB")
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: archs)
     # like recent torch: True on pre-Ampere GPUs unless emulation is excluded
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
-                        lambda including_emulation=True: capability[0] >= 8 or (including_emulation and bf16_emulated))
+    monkeypatch.setattr(
+        torch.cuda,
+        "is_bf16_supported",
+        lambda including_emulation=True: capability[0] >= 8 or (including_emulation and bf16_emulated),
+    )
 
 
 KAGGLE_CU128 = ["sm_70", "sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]  # Kaggle/docker-python#1546
@@ -45,8 +49,13 @@ def test_check_gpu_names_both_fixes(monkeypatch):
         hardware.check_gpu()
     msg = str(e.value)
     assert "sm_60" in msg and "P100" in msg and "cu126" in msg and "T4" in msg and "\n" not in msg
-    for cap, archs in [((6, 0), ["sm_50", "sm_60", "sm_70"]), ((6, 1), ["sm_60"]), ((6, 0), ["sm_50", "compute_50"]),
-                       ((7, 5), KAGGLE_CU128), ((9, 0), ["sm_80", "sm_90a"])]:
+    for cap, archs in [
+        ((6, 0), ["sm_50", "sm_60", "sm_70"]),
+        ((6, 1), ["sm_60"]),
+        ((6, 0), ["sm_50", "compute_50"]),
+        ((7, 5), KAGGLE_CU128),
+        ((9, 0), ["sm_80", "sm_90a"]),
+    ]:
         _fake_gpu(monkeypatch, cap, archs)
         hardware.check_gpu()  # a cubin of the same major and lower minor, older PTX, or the exact sm_90a
     for cap, archs in [((10, 0), ["sm_90a"]), ((6, 0), ["sm_61", "compute_70"]), ((8, 6), ["sm_90"])]:
@@ -70,7 +79,6 @@ def test_resolve_precision(monkeypatch):
     _fake_gpu(monkeypatch, (8, 0), KAGGLE_CU128)  # A100
     assert hardware.resolve_precision("auto", "cuda") == (torch.bfloat16, False)
     assert hardware.resolve_precision("fp16", "cuda:0") == (torch.float16, True)
-
 
 
 def test_peak_memory_gives_each_phase_its_own_peak(monkeypatch):
@@ -121,9 +129,30 @@ def test_resolve_device_names_what_it_expects():
 
 
 # ------------------------------------------------------------------------------------- on a CUDA GPU
-FAST = ["--steps", "4", "--num-class-images", "2", "--class-steps", "2", "--class-batch-size", "2",
-        "--validation-steps", "2", "--validation-images", "1", "--device", "cuda", "--mixed-precision", "fp16",
-        "--save-every", "2", "--validate-every", "2", "--format", "diffusers"]
+FAST = [
+    "--steps",
+    "4",
+    "--num-class-images",
+    "2",
+    "--class-steps",
+    "2",
+    "--class-batch-size",
+    "2",
+    "--validation-steps",
+    "2",
+    "--validation-images",
+    "1",
+    "--device",
+    "cuda",
+    "--mixed-precision",
+    "fp16",
+    "--save-every",
+    "2",
+    "--validate-every",
+    "2",
+    "--format",
+    "diffusers",
+]
 
 
 def _max_diff(a, b):
@@ -137,9 +166,22 @@ def test_fp16_lora_run_resumes_to_the_run_it_continues(tmp_path):
     for name in ("straight", "again"):
         assert finetune.main(["--model", model, "--out", tmp_path / name, *FAST]) == 0
         runs[name] = load_file(str(tmp_path / name / "pytorch_lora_weights.safetensors"))
-    assert finetune.main(["--model", model, "--out", tmp_path / "resumed", "--class-dir",
-                          tmp_path / "straight" / "class-images", "--resume",
-                          tmp_path / "straight" / "checkpoints" / "step-000002.safetensors", *FAST]) == 0
+    assert (
+        finetune.main(
+            [
+                "--model",
+                model,
+                "--out",
+                tmp_path / "resumed",
+                "--class-dir",
+                tmp_path / "straight" / "class-images",
+                "--resume",
+                tmp_path / "straight" / "checkpoints" / "step-000002.safetensors",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     resumed = load_file(str(tmp_path / "resumed" / "pytorch_lora_weights.safetensors"))
     rerun, resume = _max_diff(runs["straight"], runs["again"]), _max_diff(runs["straight"], resumed)
     print(f"max |diff| of the LoRA after 4 steps: rerun {rerun:.3g}, resumed at step 2 {resume:.3g}")
@@ -148,7 +190,10 @@ def test_fp16_lora_run_resumes_to_the_run_it_continues(tmp_path):
     manifest = json.loads((tmp_path / "straight" / "manifest.json").read_text())
     assert manifest["settings"]["grad_scaler"] is True
     peaks = manifest["peak_memory_gib"]
-    assert peaks["of"] == "GPU memory allocated" and {"load", "class_images", "cache", "train", "save", "validation"} <= peaks.keys(), peaks
+    assert (
+        peaks["of"] == "GPU memory allocated"
+        and {"load", "class_images", "cache", "train", "save", "validation"} <= peaks.keys()
+    ), peaks
 
 
 @pytest.mark.gpu

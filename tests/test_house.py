@@ -4,6 +4,7 @@
 - no `_private` name imported from another module;
 - no upward import: nothing in minidiff/ imports a script (finetune, sample, train_gan, train_ddpm) or a test.
 """
+
 import ast
 import sys
 from pathlib import Path
@@ -34,7 +35,7 @@ def imports(name: str):
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
-                base = base[:len(base) - node.level + 1]
+                base = base[: len(base) - node.level + 1]
                 source = ".".join(base + ([node.module] if node.module else []))
             else:
                 source = node.module
@@ -60,7 +61,7 @@ def find_cycle(edges):
         stack.append(node)
         for nxt in edges[node]:
             if state.get(nxt) == "grey":
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         stack.pop()
@@ -74,7 +75,14 @@ def find_cycle(edges):
 
 
 def test_the_package_is_found():
-    assert {"minidiff", "minidiff.lora", "minidiff.lora.files", "minidiff.lora.layers", "minidiff.io", "minidiff.cli"} <= set(MODULES)
+    assert {
+        "minidiff",
+        "minidiff.lora",
+        "minidiff.lora.files",
+        "minidiff.lora.layers",
+        "minidiff.io",
+        "minidiff.cli",
+    } <= set(MODULES)
 
 
 def test_no_import_circle():
@@ -83,15 +91,23 @@ def test_no_import_circle():
 
 
 def test_no_private_name_imported_across_modules():
-    bad = [f"{MODULES[name].relative_to(ROOT)}:{line} imports {n} from {source}"
-           for name in MODULES for source, names, line in imports(name)
-           for n in names if n.startswith("_") and not n.startswith("__") and source != name]
+    bad = [
+        f"{MODULES[name].relative_to(ROOT)}:{line} imports {n} from {source}"
+        for name in MODULES
+        for source, names, line in imports(name)
+        for n in names
+        if n.startswith("_") and not n.startswith("__") and source != name
+    ]
     assert not bad, "\n".join(bad)
 
 
 def test_no_upward_import():
-    bad = [f"{MODULES[name].relative_to(ROOT)}:{line} imports {source}"
-           for name in MODULES for source, _, line in imports(name) if source.split(".")[0] in SCRIPTS]
+    bad = [
+        f"{MODULES[name].relative_to(ROOT)}:{line} imports {source}"
+        for name in MODULES
+        for source, _, line in imports(name)
+        if source.split(".")[0] in SCRIPTS
+    ]
     assert not bad, "\n".join(bad)
 
 
@@ -101,16 +117,21 @@ def test_cycle_finder_finds_a_function_level_circle(tmp_path, monkeypatch):
     fake["minidiff.a"].write_text("from . import b\n")
     fake["minidiff.b"].write_text("def f():\n    from .a import g\n    from ._x import _y\n")
     monkeypatch.setattr(sys.modules[__name__], "MODULES", fake)
-    assert find_cycle(graph()) in (["minidiff.a", "minidiff.b", "minidiff.a"],
-                                   ["minidiff.b", "minidiff.a", "minidiff.b"])
+    assert find_cycle(graph()) in (
+        ["minidiff.a", "minidiff.b", "minidiff.a"],
+        ["minidiff.b", "minidiff.a", "minidiff.b"],
+    )
     assert ("minidiff._x", ["_y"], 3) in imports("minidiff.b")
 
 
-@pytest.mark.parametrize("source, expected", [
-    ("from . import layouts", "minidiff.weights.layouts"),
-    ("from ..lora import wrap", "minidiff.lora"),
-    ("import finetune", "finetune"),
-])
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("from . import layouts", "minidiff.weights.layouts"),
+        ("from ..lora import wrap", "minidiff.lora"),
+        ("import finetune", "finetune"),
+    ],
+)
 def test_imports_resolve_relative_names(tmp_path, monkeypatch, source, expected):
     path = tmp_path / "x.py"
     path.write_text(source + "\n")

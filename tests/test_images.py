@@ -34,13 +34,19 @@ def test_make_grid_places_cells_by_hand(n, nrow, pad):
     for i in range(n):
         r, c = divmod(i, ncol)
         y, x0 = pad + r * (9 + pad), pad + c * (11 + pad)
-        want[y:y + 9, x0:x0 + 11] = np.asarray(images.to_pil(x[i]))
+        want[y : y + 9, x0 : x0 + 11] = np.asarray(images.to_pil(x[i]))
     assert np.array_equal(ours, want)
 
 
 def test_png_metadata_round_trip(tmp_path):
-    meta = {"prompt": "a drawing of sks girl, ünïcode ✓", "seed": 42, "cfg": 5.5, "steps": [10, 20],
-            "lora": None, "settings": {"sampler": "euler", "karras": True}}
+    meta = {
+        "prompt": "a drawing of sks girl, ünïcode ✓",
+        "seed": 42,
+        "cfg": 5.5,
+        "steps": [10, 20],
+        "lora": None,
+        "settings": {"sampler": "euler", "karras": True},
+    }
     path = images.save_png(torch.zeros(3, 8, 8), tmp_path / "sub" / "x.png", meta)
     assert images.read_png_metadata(path) == meta
     with Image.open(path) as im:  # stored as plain text chunks any viewer can show
@@ -75,8 +81,10 @@ def test_failed_png_write_keeps_previous_file(tmp_path, monkeypatch):
 
 def test_plot_curves_draws_every_series(tmp_path):
     steps = range(0, 300)
-    series = {"loss": [(s, 1.0 / (s + 1) + 0.01) for s in steps],
-              "val": [(s, 0.5 / (s + 1) + 0.02) for s in steps[::10]] + [(301, float("nan"))]}
+    series = {
+        "loss": [(s, 1.0 / (s + 1) + 0.01) for s in steps],
+        "val": [(s, 0.5 / (s + 1) + 0.02) for s in steps[::10]] + [(301, float("nan"))],
+    }
     path = images.plot_curves(series, tmp_path / "loss.png", title="loss")
     img = np.asarray(Image.open(path).convert("RGB")).astype(int)
     assert img.shape == (520, 900, 3)

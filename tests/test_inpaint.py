@@ -72,8 +72,9 @@ def test_inpaint_changes_only_the_feathered_mask(pipe, only_masked):
     image = generate(pipe, ["a picture of a robot"], steps=4, width=64, height=48, seed=1, progress=False)[0]
     mask = torch.zeros(1, 48, 64)
     mask[:, 16:32, 40:56] = 1
-    out = inpaint(pipe, "a picture of a zombie", image, mask, blur_radius=2, only_masked=only_masked, padding=4,
-                  steps=4, seed=2)
+    out = inpaint(
+        pipe, "a picture of a zombie", image, mask, blur_radius=2, only_masked=only_masked, padding=4, steps=4, seed=2
+    )
     soft = blur(mask, 2)
     assert out.shape == image.shape
     assert torch.equal(out[:, soft[0] == 0], image[:, soft[0] == 0])  # untouched, bit for bit
@@ -86,5 +87,5 @@ def test_outpaint_grows_the_canvas_and_keeps_the_middle(pipe):
     image = generate(pipe, ["a picture of a girl"], steps=4, width=32, height=32, seed=3, progress=False)[0]
     out = outpaint(pipe, "a picture of a girl", image, left=16, right=16, overlap=4, blur_radius=2, steps=4, seed=4)
     assert out.shape == (3, 32, 64)
-    torch.testing.assert_close(out[:, :, 16 + 6:48 - 6], image[:, :, 6:-6], rtol=0, atol=0)
+    torch.testing.assert_close(out[:, :, 16 + 6 : 48 - 6], image[:, :, 6:-6], rtol=0, atol=0)
     assert (out[:, :, :8] - image[:, :, :1]).abs().mean() > 0.02  # the border is painted, not the stretched edge

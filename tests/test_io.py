@@ -1,4 +1,5 @@
 """io.py: the one atomic writer. A failed write keeps the previous file and leaves no .tmp behind."""
+
 import json
 
 import pytest

@@ -18,7 +18,7 @@ def test_bucket_sizes_follow_kohyas_rule():
     sdxl = data.bucket_sizes(1024, 64)
     for b in [(1024, 1024), (896, 1152), (1152, 896), (832, 1216), (768, 1344)]:  # SDXL's usual buckets
         assert b in sdxl
-    assert all(h * w <= 1024 ** 2 and h % 64 == 0 == w % 64 and max(h / w, w / h) <= 2 for h, w in sdxl)
+    assert all(h * w <= 1024**2 and h % 64 == 0 == w % 64 and max(h / w, w / h) <= 2 for h, w in sdxl)
     assert data.bucket_sizes(32, 8) == [(24, 40), (32, 32), (40, 24)]
     assert data.nearest_bucket(96, 128, data.bucket_sizes(32, 8)) == (40, 24)  # a portrait 96 x 128 drawing
 
@@ -115,7 +115,27 @@ def test_epochs_count_repeats(two_shapes, tmp_path, capsys):
     from minidiff.weights.pretrained import save_pipeline
 
     model = save_pipeline(tiny_pipeline(tmp_path / "parts"), tmp_path / "tiny")
-    assert finetune.main(["--model", model, "--instance-dir", tmp_path / "3_sks girl", "--no-prior", "--epochs", "2",
-                          "--batch-size", "4", "--buckets", "--validation-images", "0", "--out", tmp_path / "o",
-                          "--device", "cpu"]) == 0
+    assert (
+        finetune.main(
+            [
+                "--model",
+                model,
+                "--instance-dir",
+                tmp_path / "3_sks girl",
+                "--no-prior",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "4",
+                "--buckets",
+                "--validation-images",
+                "0",
+                "--out",
+                tmp_path / "o",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert "2 epoch(s) of 6 instance rows = 4 steps" in capsys.readouterr().out

@@ -10,8 +10,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minidiff.errors import LoRAError
-from minidiff.lora import (LoRAConv2d, disable_lora, enable_lora, inject_lora, lora_layers, lora_parameters,
-                           lora_state_dict, merge_lora, set_lora_scale, unmerge_lora)
+from minidiff.lora import (
+    LoRAConv2d,
+    disable_lora,
+    enable_lora,
+    inject_lora,
+    lora_layers,
+    lora_parameters,
+    lora_state_dict,
+    merge_lora,
+    set_lora_scale,
+    unmerge_lora,
+)
 
 
 class Block(nn.Module):
@@ -21,7 +31,10 @@ class Block(nn.Module):
         super().__init__()
         self.attn1 = nn.Module()
         self.attn1.to_q, self.attn1.to_k = nn.Linear(c, c, bias=False), nn.Linear(c, c, bias=False)
-        self.attn1.to_v, self.attn1.to_out = nn.Linear(c, c, bias=False), nn.ModuleList([nn.Linear(c, c), nn.Dropout(0.0)])
+        self.attn1.to_v, self.attn1.to_out = (
+            nn.Linear(c, c, bias=False),
+            nn.ModuleList([nn.Linear(c, c), nn.Dropout(0.0)]),
+        )
         self.ff = nn.Module()
         self.ff.net = nn.ModuleList([nn.Module(), nn.GELU(), nn.Linear(2 * c, c)])
         self.ff.net[0].proj = nn.Linear(c, 2 * c)
@@ -210,7 +223,6 @@ def test_bad_settings():
         inject_lora(model)
 
 
-
 # ------------------------------------------------------------------------------------ the UNet: presets
 def tiny_unets():
     """Our tiny SDXL UNet and diffusers' UNet2DConditionModel with identical weights (keys are the same)."""
@@ -228,8 +240,13 @@ def tiny_unets():
 
 def unet_inputs():
     g = torch.Generator().manual_seed(3)
-    return (torch.randn(1, 4, 16, 16, generator=g), torch.tensor([417]), torch.randn(1, 8, 96, generator=g),
-            torch.randn(1, 64, generator=g), torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]]))
+    return (
+        torch.randn(1, 4, 16, 16, generator=g),
+        torch.tensor([417]),
+        torch.randn(1, 8, 96, generator=g),
+        torch.randn(1, 64, generator=g),
+        torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]]),
+    )
 
 
 @torch.no_grad()
@@ -243,8 +260,10 @@ def run_diffusers(unet):
     return unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
 
 
-PEFT_TARGETS = {"attn": ["to_q", "to_k", "to_v", "to_out.0"],
-                "attn-ff": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]}
+PEFT_TARGETS = {
+    "attn": ["to_q", "to_k", "to_v", "to_out.0"],
+    "attn-ff": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
+}
 
 
 @pytest.mark.parametrize("preset", ["attn", "attn-ff"])
@@ -257,9 +276,16 @@ def test_presets_on_tiny_sdxl_match_peft(preset):
     ref.add_adapter(LoraConfig(r=4, target_modules=PEFT_TARGETS[preset]))
     theirs = [n for n, m in ref.named_modules() if isinstance(m, LoraLayer)]
     assert sorted(names) == sorted(theirs)
-    assert sum(p.numel() for p in lora_parameters(ours)) == sum(p.numel() for n, p in ref.named_parameters() if "lora_" in n)
-    c = ours.config  # by hand: transformer blocks = down levels x L + up levels x (L + 1) + mid, 8 (or 10 + 2 proj) Linears
-    L, blocks = c.layers_per_block, sum(d * (2 * c.layers_per_block + 1) for d in c.transformer_depth) + c.mid_transformer_depth
+    assert sum(p.numel() for p in lora_parameters(ours)) == sum(
+        p.numel() for n, p in ref.named_parameters() if "lora_" in n
+    )
+    c = (
+        ours.config
+    )  # by hand: transformer blocks = down levels x L + up levels x (L + 1) + mid, 8 (or 10 + 2 proj) Linears
+    L, blocks = (
+        c.layers_per_block,
+        sum(d * (2 * c.layers_per_block + 1) for d in c.transformer_depth) + c.mid_transformer_depth,
+    )
     wrappers = sum(2 * L + 1 for d in c.transformer_depth if d) + 1
     assert len(names) == (8 * blocks if preset == "attn" else 10 * blocks + 2 * wrappers)
 
@@ -271,8 +297,13 @@ def test_all_linear_and_conv_presets_on_tiny_sdxl():
     linears = [n for n, m in ref.named_modules() if isinstance(m, nn.Linear)]
     assert sorted(inject_lora(ours, "all-linear", rank=2)) == sorted(linears)
     ours, ref = tiny_unets()
-    convs = [f"{n}.{c}" for n, m in ref.named_modules() if isinstance(m, ResnetBlock2D)
-             for c in ("conv1", "conv2", "conv_shortcut") if getattr(m, c, None) is not None]
+    convs = [
+        f"{n}.{c}"
+        for n, m in ref.named_modules()
+        if isinstance(m, ResnetBlock2D)
+        for c in ("conv1", "conv2", "conv_shortcut")
+        if getattr(m, c, None) is not None
+    ]
     convs += [n for n, m in ref.named_modules() if n.endswith(("downsamplers.0.conv", "upsamplers.0.conv"))]
     names = inject_lora(ours, "conv", rank=2)
     assert sorted(names) == sorted(convs) and all(isinstance(ours.get_submodule(n), LoRAConv2d) for n in names)
@@ -292,11 +323,15 @@ def test_full_sdxl_on_meta_attn_is_560_modules_and_5806080_params():
     # (https://github.com/kohya-ss/sd-scripts/blob/48d368fa/networks/lora.py)
     sd = lora_state_dict(unet, "kohya", name="kohya")
     assert len(sd) == 3 * 722
-    for key, shape in [("input_blocks_4_1_proj_in.lora_down.weight", (4, 640)),
-                       ("input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight", (640, 4)),
-                       ("input_blocks_7_1_transformer_blocks_9_attn2_to_k.lora_down.weight", (4, 2048)),
-                       ("middle_block_1_transformer_blocks_0_ff_net_0_proj.lora_up.weight", (10240, 4)),
-                       ("output_blocks_0_1_transformer_blocks_9_attn1_to_out_0.lora_up.weight", (1280, 4)),
-                       ("output_blocks_5_1_proj_out.alpha", ())]:
+    for key, shape in [
+        ("input_blocks_4_1_proj_in.lora_down.weight", (4, 640)),
+        ("input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight", (640, 4)),
+        ("input_blocks_7_1_transformer_blocks_9_attn2_to_k.lora_down.weight", (4, 2048)),
+        ("middle_block_1_transformer_blocks_0_ff_net_0_proj.lora_up.weight", (10240, 4)),
+        ("output_blocks_0_1_transformer_blocks_9_attn1_to_out_0.lora_up.weight", (1280, 4)),
+        ("output_blocks_5_1_proj_out.alpha", ()),
+    ]:
         assert sd["lora_unet_" + key].shape == shape, key
-    assert lora_state_dict(unet, "kohya", name="conv")["lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight"].shape == (2, 320, 3, 3)
+    assert lora_state_dict(unet, "kohya", name="conv")[
+        "lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight"
+    ].shape == (2, 320, 3, 3)

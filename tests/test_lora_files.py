@@ -13,14 +13,22 @@ from minidiff.lora import inject_lora, load_lora, lora_layers, lora_state_dict, 
 from test_lora import PEFT_TARGETS, randomize_lora, run_diffusers, run_ours, tiny_unets
 
 
-
 # ------------------------------------------------------------------------------------ text encoders against peft
 def tiny_clip(with_projection=False, seed=0):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    cfg = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                         vocab_size=99, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1,
-                         projection_dim=16)
+    cfg = CLIPTextConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=99,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+        projection_dim=16,
+    )
     torch.manual_seed(seed)
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg).eval()
 
@@ -49,9 +57,16 @@ def test_text_encoder_lora_we_save_loads_in_diffusers(tmp_path, fmt):
         assert (want - clip_out(tiny_clip(c.endswith("2")), ids)).abs().max() > 1e-2  # the LoRA does something
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     keys = list(load_file(path))
-    assert any(k.startswith({"kohya": "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.",
-                             "diffusers": "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.",
-                             "peft": "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A"}[fmt]) for k in keys)
+    assert any(
+        k.startswith(
+            {
+                "kohya": "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.",
+                "diffusers": "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.",
+                "peft": "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A",
+            }[fmt]
+        )
+        for k in keys
+    )
 
 
 @pytest.mark.parametrize("alpha, with_metadata, to_diffusers", [(4, False, True), (8, True, False), (8, True, True)])
@@ -63,16 +78,24 @@ def test_text_encoder_lora_made_by_peft_loads_here(tmp_path, alpha, with_metadat
     from peft import LoraConfig, get_peft_model_state_dict
 
     te = tiny_clip()
-    te.add_adapter(LoraConfig(r=4, lora_alpha=alpha, init_lora_weights="gaussian",
-                              target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+    te.add_adapter(
+        LoraConfig(
+            r=4,
+            lora_alpha=alpha,
+            init_lora_weights="gaussian",
+            target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
+        )
+    )
     with torch.no_grad():
         for n, p in te.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.3)
     sd = get_peft_model_state_dict(te)
     StableDiffusionXLPipeline.save_lora_weights(
-        tmp_path, text_encoder_lora_layers=convert_state_dict_to_diffusers(sd) if to_diffusers else sd,
-        text_encoder_lora_adapter_metadata=te.peft_config["default"].to_dict() if with_metadata else None)
+        tmp_path,
+        text_encoder_lora_layers=convert_state_dict_to_diffusers(sd) if to_diffusers else sd,
+        text_encoder_lora_adapter_metadata=te.peft_config["default"].to_dict() if with_metadata else None,
+    )
     ours = tiny_clip()
     load_lora({"text_encoder": ours}, tmp_path / "pytorch_lora_weights.safetensors", name="peft")
     ids = torch.randint(3, 99, (2, 10))
@@ -95,8 +118,13 @@ def test_bad_files_give_lora_errors(tmp_path):
     with pytest.raises(LoRAError, match="no LoRA tensors"):
         load_lora(tiny_clip(), tmp_path / "model.safetensors", prefix="text_encoder")
     # keys that match nothing: listed, never a silent no-op
-    odd = dict(good, **{"lora_te1_text_model_encoder_layers_7_self_attn_q_proj.lora_down.weight": torch.zeros(2, 32),
-                        "lora_te1_text_model_encoder_layers_7_self_attn_q_proj.lora_up.weight": torch.zeros(32, 2)})
+    odd = dict(
+        good,
+        **{
+            "lora_te1_text_model_encoder_layers_7_self_attn_q_proj.lora_down.weight": torch.zeros(2, 32),
+            "lora_te1_text_model_encoder_layers_7_self_attn_q_proj.lora_up.weight": torch.zeros(32, 2),
+        },
+    )
     save_file(odd, tmp_path / "odd.safetensors")
     with pytest.raises(LoRAError, match=r"1 of 9 LoRA modules match nothing.*layers_7_self_attn_q_proj"):
         load_lora({"text_encoder": tiny_clip()}, tmp_path / "odd.safetensors")
@@ -114,8 +142,10 @@ def test_bad_files_give_lora_errors(tmp_path):
     save_file(half, tmp_path / "half.safetensors")
     with pytest.raises(LoRAError, match="missing"):
         load_lora({"text_encoder": tiny_clip()}, tmp_path / "half.safetensors")
-    save_file(dict(good, **{"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.dora_scale": torch.ones(1, 32)}),
-              tmp_path / "dora.safetensors")
+    save_file(
+        dict(good, **{"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.dora_scale": torch.ones(1, 32)}),
+        tmp_path / "dora.safetensors",
+    )
     with pytest.raises(LoRAError, match="DoRA"):
         load_lora({"text_encoder": tiny_clip()}, tmp_path / "dora.safetensors")
     with pytest.raises(LoRAError, match="format"):
@@ -125,10 +155,11 @@ def test_bad_files_give_lora_errors(tmp_path):
         load_lora({"text_encoder": model}, good, name="first")
     save_file(good, tmp_path / "lora.safetensors")  # unnamed loads of files with the same stem get lora, lora_2
     assert [load_lora({"text_encoder": model, "unet": None}, tmp_path / "lora.safetensors") for _ in range(2)] == [
-        "lora", "lora_2"]
+        "lora",
+        "lora_2",
+    ]
     with pytest.raises(LoRAError, match="adapter name"):
         load_lora({"text_encoder": model}, good, name="a.b")
-
 
 
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers", "peft"])
@@ -142,8 +173,15 @@ def test_unet_lora_we_save_loads_in_diffusers_pipeline(tmp_path, fmt):
     want = run_ours(ours)
     assert (want - base).abs().max() > 1e-2
     path = save_lora(ours, tmp_path / f"lora_{fmt}.safetensors", format=fmt, metadata={"ss_output_name": "hero"})
-    pipe = StableDiffusionXLPipeline(vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None,
-                                     tokenizer_2=None, unet=ref, scheduler=EulerDiscreteScheduler())
+    pipe = StableDiffusionXLPipeline(
+        vae=None,
+        text_encoder=None,
+        text_encoder_2=None,
+        tokenizer=None,
+        tokenizer_2=None,
+        unet=ref,
+        scheduler=EulerDiscreteScheduler(),
+    )
     pipe.load_lora_weights(str(path))
     torch.testing.assert_close(run_diffusers(ref), want, rtol=1e-5, atol=1e-5)
     meta = read_lora(path)[2]
@@ -167,7 +205,9 @@ def test_unet_lora_made_by_peft_loads_here(tmp_path, alpha, style):
     from peft import LoraConfig, get_peft_model_state_dict
 
     ours, ref = tiny_unets()
-    ref.add_adapter(LoraConfig(r=4, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=PEFT_TARGETS["attn"]))
+    ref.add_adapter(
+        LoraConfig(r=4, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=PEFT_TARGETS["attn"])
+    )
     with torch.no_grad():
         for n, p in ref.named_parameters():
             if "lora_B" in n:
@@ -178,9 +218,13 @@ def test_unet_lora_made_by_peft_loads_here(tmp_path, alpha, style):
     if style == "diffusers":
         StableDiffusionXLPipeline.save_lora_weights(tmp_path, unet_lora_layers=convert_state_dict_to_diffusers(sd))
     elif style == "peft-metadata":
-        StableDiffusionXLPipeline.save_lora_weights(tmp_path, unet_lora_layers=sd,
-                                                    unet_lora_adapter_metadata=ref.peft_config["default_0"].to_dict()
-                                                    if "default_0" in ref.peft_config else ref.peft_config["default"].to_dict())
+        StableDiffusionXLPipeline.save_lora_weights(
+            tmp_path,
+            unet_lora_layers=sd,
+            unet_lora_adapter_metadata=ref.peft_config["default_0"].to_dict()
+            if "default_0" in ref.peft_config
+            else ref.peft_config["default"].to_dict(),
+        )
     else:
         save_file(convert_state_dict_to_kohya({f"unet.{k}": v for k, v in sd.items()}), file)
     assert load_lora(ours, file) == "pytorch_lora_weights"
@@ -198,7 +242,11 @@ def test_kohya_and_diffusers_naming_round_trip_exactly(tmp_path):
     # diffusers' own kohya -> diffusers conversion gives exactly our diffusers names and tensors
     raw, alphas = StableDiffusionXLPipeline.lora_state_dict(str(kohya), unet_config=ref.config)
     assert set(alphas.values()) == {1.5}
-    old_style = lambda k: re.sub(r"\.processor\.(to_[qkv]|to_out)_lora\.", lambda m: "." + m[1] + (".0" if m[1] == "to_out" else "") + ".lora.", k)  # noqa: E731
+    old_style = lambda k: re.sub(
+        r"\.processor\.(to_[qkv]|to_out)_lora\.",
+        lambda m: "." + m[1] + (".0" if m[1] == "to_out" else "") + ".lora.",
+        k,
+    )  # noqa: E731
     theirs = {old_style(k): v for k, v in raw.items()}  # diffusers writes attention LoRA in its old processor names
     alphas = {re.sub(r"(\.lora\.down\.weight)?\.alpha$", "", old_style(k)): v for k, v in alphas.items()}
     mine = lora_state_dict(ours, "diffusers")

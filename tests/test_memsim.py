@@ -2,6 +2,7 @@
 
 The simulator is checked against the same tracker on real CPU tensors (the run it models, with data), and the
 tracker against closed-form byte counts. fp8 storage's output error: tests/test_base_precision.py."""
+
 import pytest
 import torch
 
@@ -23,11 +24,15 @@ def test_tracker_counts_blocks_of_512_bytes_and_frees_on_last_reference():
     assert mem.peak == 2 * 4096 + 0 and mem.now == 0
 
 
-@pytest.mark.parametrize("job", [
-    Job("lora", latent=8, batch=2, precision="fp32", base_precision="fp32"),
-    Job("sample", latent=16, precision="fp32", base_precision="fp32", vae_tile=None),
-    Job("sample", latent=16, precision="fp32", base_precision="fp32", vae_tile=8),
-], ids=["lora-step", "sample-whole-decode", "sample-tiled-decode"])
+@pytest.mark.parametrize(
+    "job",
+    [
+        Job("lora", latent=8, batch=2, precision="fp32", base_precision="fp32"),
+        Job("sample", latent=16, precision="fp32", base_precision="fp32", vae_tile=None),
+        Job("sample", latent=16, precision="fp32", base_precision="fp32", vae_tile=8),
+    ],
+    ids=["lora-step", "sample-whole-decode", "sample-tiled-decode"],
+)
 def test_simulated_peak_equals_the_real_cpu_run(job):
     """Meta tensors with CUDA's rules vs real CPU tensors, fp32 (no autocast), same tracker: the same bytes."""
     cfg, vae = UNetConfig.tiny_sdxl(), VAEConfig.tiny()

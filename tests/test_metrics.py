@@ -19,8 +19,17 @@ def test_lab_reference_values():
     # CIE L*a*b* (D65) of sRGB primaries and white, as published (e.g. Bruce Lindbloom's calculator, colormine.org)
     rgb = torch.tensor([[1.0, 1, 1], [1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0], [0.5, 0.5, 0.5]]).view(6, 3, 1, 1)
     lab = metrics.srgb_to_lab(rgb).view(6, 3)
-    expected = torch.tensor([[100.0, 0, 0], [53.2408, 80.0925, 67.2032], [87.7347, -86.1827, 83.1793],
-                             [32.2970, 79.1875, -107.8602], [0, 0, 0], [53.3889, 0, 0]], dtype=torch.float64)
+    expected = torch.tensor(
+        [
+            [100.0, 0, 0],
+            [53.2408, 80.0925, 67.2032],
+            [87.7347, -86.1827, 83.1793],
+            [32.2970, 79.1875, -107.8602],
+            [0, 0, 0],
+            [53.3889, 0, 0],
+        ],
+        dtype=torch.float64,
+    )
     torch.testing.assert_close(lab, expected, atol=2e-3, rtol=0)
 
 
@@ -139,8 +148,16 @@ def test_evaluate_returns_all_keys():
     train = data.load_tensor_set(paths, 64)
     samples = data.load_tensor_set(paths[:3], 32)  # copies of three training images at generator resolution
     r = metrics.evaluate(samples, train)
-    assert set(r) >= {"nn_distance", "memorized_fraction", "palette_distance", "diversity", "identity",
-                      "pose_counts", "character_counts", "background"}
+    assert set(r) >= {
+        "nn_distance",
+        "memorized_fraction",
+        "palette_distance",
+        "diversity",
+        "identity",
+        "pose_counts",
+        "character_counts",
+        "background",
+    }
     assert r["background"] < 0.01  # the drawings' own border is the white they are drawn on
     assert r["size"] == 32  # compared at the samples' resolution, not blurred up to 64
     assert r["nn_distance"] < 0.03 and r["memorized_fraction"] == 1.0 and r["identity"] == 1.0

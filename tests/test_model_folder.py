@@ -15,8 +15,28 @@ def full_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("full")
     model = save_pipeline(tiny_pipeline(root / "parts", latent=True), root / "base")
     out = root / "out"
-    assert finetune.main(["--model", model, "--out", out, "--train", "full", "--no-prior", "--steps", "2",
-                          "--lr", "1e-3", "--validation-images", "0", "--device", "cpu"]) == 0
+    assert (
+        finetune.main(
+            [
+                "--model",
+                model,
+                "--out",
+                out,
+                "--train",
+                "full",
+                "--no-prior",
+                "--steps",
+                "2",
+                "--lr",
+                "1e-3",
+                "--validation-images",
+                "0",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     return model, out
 
 

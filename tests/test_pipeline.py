@@ -47,8 +47,17 @@ def test_text_to_image_matches_diffusers(saved, case):
         ref.scheduler = DPMSolverMultistepScheduler(timestep_spacing="trailing", use_karras_sigmas=True, **common)
         kw, ours = {}, dict(sampler="dpmpp_2m", spacing="trailing", karras=True)
     want = diffusers_images(ref, noise, num_inference_steps=4, guidance_scale=5.0, **kw)
-    got = generate(pipe, PROMPTS, steps=4, cfg=5.0, width=128, height=64, noise=noise, progress=False,
-                   **{"sampler": "euler", **ours})
+    got = generate(
+        pipe,
+        PROMPTS,
+        steps=4,
+        cfg=5.0,
+        width=128,
+        height=64,
+        noise=noise,
+        progress=False,
+        **{"sampler": "euler", **ours},
+    )
     assert got.shape == (2, 3, 64, 128)
     assert (want - want.mean()).abs().mean() > 0.01  # a real image, not a constant
     torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
@@ -102,15 +111,26 @@ def test_pixel_space_pipeline_matches_diffusers_latent_output(tmp_path):
     pipe = Pipeline(unet=unet.eval(), vae=None, text=text, schedule=schedule_from_config({}))
     noise = unit_noise(2, channels=3)
     with torch.no_grad():
-        want = ref(prompt=PROMPTS, latents=noise.clone(), height=16, width=16, num_inference_steps=3,
-                   guidance_scale=4.0, output_type="latent").images
+        want = ref(
+            prompt=PROMPTS,
+            latents=noise.clone(),
+            height=16,
+            width=16,
+            num_inference_steps=3,
+            guidance_scale=4.0,
+            output_type="latent",
+        ).images
     got = generate(pipe, PROMPTS, steps=3, cfg=4.0, width=16, height=16, noise=noise, progress=False)
     torch.testing.assert_close(got, want.clamp(-1, 1), rtol=0, atol=1e-4)
     save_pipeline(pipe, tmp_path / "pixel")  # what the bundled miniature is: no vae/, a 3-channel UNet
     again = load_pipeline(tmp_path / "pixel")
     assert again.vae is None and not (tmp_path / "pixel" / "vae").exists()
-    torch.testing.assert_close(generate(again, PROMPTS, steps=3, cfg=4.0, width=16, height=16, noise=noise,
-                                        progress=False), got, rtol=0, atol=0)
+    torch.testing.assert_close(
+        generate(again, PROMPTS, steps=3, cfg=4.0, width=16, height=16, noise=noise, progress=False),
+        got,
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_bad_sizes_and_empty_prompts(saved):

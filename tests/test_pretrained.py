@@ -18,21 +18,44 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minidiff.weights.pretrained import Tensors, file_hash, load_pipeline, load_text, load_unet, load_vae, save_pipeline
-from minidiff.weights.layouts import (View, detect_layout, diffusers_to_ldm_unet_key, infer_unet_config, infer_vae_config,
-                                      ldm_to_diffusers_unet_key)
+from minidiff.weights.layouts import (
+    View,
+    detect_layout,
+    diffusers_to_ldm_unet_key,
+    infer_unet_config,
+    infer_vae_config,
+    ldm_to_diffusers_unet_key,
+)
 from minidiff.errors import CheckpointError
 from conftest import perturb_weights
 from test_text import diffusers_sdxl, tiny_text_parts
 
-UNET_KW = dict(block_out_channels=(64, 128, 128), layers_per_block=2, sample_size=16,
-               down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-               up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-               transformer_layers_per_block=(1, 1, 2), attention_head_dim=(1, 2, 2), cross_attention_dim=64 + 128,
-               use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-               projection_class_embeddings_input_dim=96 + 6 * 8, norm_num_groups=32)
-VAE_KW = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=2, latent_channels=4, norm_num_groups=32,
-              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-              sample_size=128, scaling_factor=0.13025, force_upcast=True)
+UNET_KW = dict(
+    block_out_channels=(64, 128, 128),
+    layers_per_block=2,
+    sample_size=16,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 1, 2),
+    attention_head_dim=(1, 2, 2),
+    cross_attention_dim=64 + 128,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=96 + 6 * 8,
+    norm_num_groups=32,
+)
+VAE_KW = dict(
+    block_out_channels=(32, 32, 64, 64),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    sample_size=128,
+    scaling_factor=0.13025,
+    force_upcast=True,
+)
 
 
 def tiny_diffusers_pipeline(tmp_path, seed=0):
@@ -56,13 +79,28 @@ def saved_diffusers_pipeline(tmp_path, seed=0, **save_kw):
 # ------------------------------------------------------------------ an independent diffusers -> original converter
 # Re-typed from diffusers scripts/convert_diffusers_to_original_sdxl.py: literal (ldm, diffusers)
 # prefix tables and sequential str.replace, for SDXL's structure (3 levels, 2 layers per block).
-UNET_TOP = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
-            ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out."),
-            ("label_emb.0.0.", "add_embedding.linear_1."), ("label_emb.0.2.", "add_embedding.linear_2.")]
-UNET_RESNET = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("out_layers.0", "norm2"),
-               ("out_layers.3", "conv2"), ("emb_layers.1", "time_emb_proj"), ("skip_connection", "conv_shortcut")]
-MID = [("middle_block.1.", "mid_block.attentions.0."), ("middle_block.0.", "mid_block.resnets.0."),
-       ("middle_block.2.", "mid_block.resnets.1.")]
+UNET_TOP = [
+    ("time_embed.0.", "time_embedding.linear_1."),
+    ("time_embed.2.", "time_embedding.linear_2."),
+    ("input_blocks.0.0.", "conv_in."),
+    ("out.0.", "conv_norm_out."),
+    ("out.2.", "conv_out."),
+    ("label_emb.0.0.", "add_embedding.linear_1."),
+    ("label_emb.0.2.", "add_embedding.linear_2."),
+]
+UNET_RESNET = [
+    ("in_layers.0", "norm1"),
+    ("in_layers.2", "conv1"),
+    ("out_layers.0", "norm2"),
+    ("out_layers.3", "conv2"),
+    ("emb_layers.1", "time_emb_proj"),
+    ("skip_connection", "conv_shortcut"),
+]
+MID = [
+    ("middle_block.1.", "mid_block.attentions.0."),
+    ("middle_block.0.", "mid_block.resnets.0."),
+    ("middle_block.2.", "mid_block.resnets.1."),
+]
 
 
 def unet_layer_rules(levels, attn_down, attn_up):
@@ -88,7 +126,7 @@ def original_unet_key(k, top, layer):
     """Sequential str.replace as the converter scripts do it: top-level prefixes, resnet names, then layers."""
     v = k
     for sd, hf in top:
-        v = sd + v[len(hf):] if v.startswith(hf) else v
+        v = sd + v[len(hf) :] if v.startswith(hf) else v
     if "resnets" in k:
         for sd, hf in UNET_RESNET:
             v = v.replace(hf, sd)
@@ -110,17 +148,25 @@ VAE_MAP = [("nin_shortcut", "conv_shortcut"), ("norm_out", "conv_norm_out"), ("m
 for i in range(4):
     VAE_MAP += [(f"encoder.down.{i}.block.{j}.", f"encoder.down_blocks.{i}.resnets.{j}.") for j in range(2)]
     if i < 3:
-        VAE_MAP += [(f"down.{i}.downsample.", f"down_blocks.{i}.downsamplers.0."),
-                    (f"up.{3 - i}.upsample.", f"up_blocks.{i}.upsamplers.0.")]
+        VAE_MAP += [
+            (f"down.{i}.downsample.", f"down_blocks.{i}.downsamplers.0."),
+            (f"up.{3 - i}.upsample.", f"up_blocks.{i}.upsamplers.0."),
+        ]
     VAE_MAP += [(f"decoder.up.{3 - i}.block.{j}.", f"decoder.up_blocks.{i}.resnets.{j}.") for j in range(3)]
 VAE_MAP += [(f"mid.block_{i + 1}.", f"mid_block.resnets.{i}.") for i in range(2)]
 VAE_ATTN = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("proj_out.", "to_out.0.")]
 
-OPEN_CLIP = [("transformer.resblocks.", "text_model.encoder.layers."), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
-             (".c_fc.", ".fc1."), (".c_proj.", ".fc2."), (".attn", ".self_attn"),
-             ("ln_final.", "text_model.final_layer_norm."),
-             ("token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
-             ("positional_embedding", "text_model.embeddings.position_embedding.weight")]
+OPEN_CLIP = [
+    ("transformer.resblocks.", "text_model.encoder.layers."),
+    ("ln_1", "layer_norm1"),
+    ("ln_2", "layer_norm2"),
+    (".c_fc.", ".fc1."),
+    (".c_proj.", ".fc2."),
+    (".attn", ".self_attn"),
+    ("ln_final.", "text_model.final_layer_norm."),
+    ("token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
+    ("positional_embedding", "text_model.embeddings.position_embedding.weight"),
+]
 
 
 def with_text_model(sd):
@@ -145,9 +191,17 @@ def vae_to_original(vae) -> dict:
 
 def to_original(folder: Path) -> dict:
     """The original sd_xl_base_1.0 layout of a diffusers folder, converted independently of minidiff."""
-    return to_original_state(*(load_file(folder / f) for f in (
-        "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-        "text_encoder/model.safetensors", "text_encoder_2/model.safetensors")))
+    return to_original_state(
+        *(
+            load_file(folder / f)
+            for f in (
+                "unet/diffusion_pytorch_model.safetensors",
+                "vae/diffusion_pytorch_model.safetensors",
+                "text_encoder/model.safetensors",
+                "text_encoder_2/model.safetensors",
+            )
+        )
+    )
 
 
 def to_original_state(unet, vae, text_encoder, text_encoder_2) -> dict:
@@ -181,9 +235,13 @@ def saved(tmp_path_factory):
 
 def inputs(seed=0, batch=2):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, 4, 16, 16, generator=g), torch.tensor([3, 700][:batch]),
-            torch.randn(batch, 77, 192, generator=g), torch.randn(batch, 96, generator=g),
-            torch.tensor([[128.0, 128, 0, 0, 128, 128]]).repeat(batch, 1))
+    return (
+        torch.randn(batch, 4, 16, 16, generator=g),
+        torch.tensor([3, 700][:batch]),
+        torch.randn(batch, 77, 192, generator=g),
+        torch.randn(batch, 96, generator=g),
+        torch.tensor([[128.0, 128, 0, 0, 128, 128]]).repeat(batch, 1),
+    )
 
 
 @torch.no_grad()
@@ -241,8 +299,10 @@ def test_sharded_safetensors_index(saved, tmp_path):
     ref, folder = saved
     sd = load_file(folder / "unet/diffusion_pytorch_model.safetensors")
     keys = sorted(sd)
-    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[::2],
-              "diffusion_pytorch_model-00002-of-00002.safetensors": keys[1::2]}
+    shards = {
+        "diffusion_pytorch_model-00001-of-00002.safetensors": keys[::2],
+        "diffusion_pytorch_model-00002-of-00002.safetensors": keys[1::2],
+    }
     (tmp_path / "unet").mkdir()
     for name, ks in shards.items():
         save_file({k: sd[k] for k in ks}, tmp_path / "unet" / name)
@@ -305,10 +365,26 @@ class _Shapes:
         return self.shapes[key]
 
 
-CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
-BIG_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-             max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+CLIP_L = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+)
+BIG_G = dict(
+    vocab_size=49408,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    projection_dim=1280,
+)
 
 
 def full_size_original():
@@ -320,8 +396,12 @@ def full_size_original():
     from minidiff.vae import AutoencoderKL, VAEConfig
 
     with torch.device("meta"):
-        parts = (UNet(UNetConfig.sdxl()), AutoencoderKL(VAEConfig.sdxl()), CLIPTextModel(CLIPTextConfig(**CLIP_L)),
-                 CLIPTextModelWithProjection(CLIPTextConfig(**BIG_G)))
+        parts = (
+            UNet(UNetConfig.sdxl()),
+            AutoencoderKL(VAEConfig.sdxl()),
+            CLIPTextModel(CLIPTextConfig(**CLIP_L)),
+            CLIPTextModelWithProjection(CLIPTextConfig(**BIG_G)),
+        )
         return to_original_state(*(m.state_dict() for m in parts))
 
 
@@ -337,8 +417,10 @@ def test_config_inference_recovers_full_size_sdxl():
     assert len(unet.keys()) == 1680
     assert infer_unet_config(unet, pooled_dim=1280) == UNetConfig.sdxl()
     assert infer_vae_config(View(tensors, "first_stage_model.")) == VAEConfig.sdxl()
-    for prefix, layout, act, want in ((CLIP_L_PREFIX, "diffusers", "quick_gelu", CLIP_L),
-                                      (CLIP_G_PREFIX, "open-clip", "gelu", BIG_G)):
+    for prefix, layout, act, want in (
+        (CLIP_L_PREFIX, "diffusers", "quick_gelu", CLIP_L),
+        (CLIP_G_PREFIX, "open-clip", "gelu", BIG_G),
+    ):
         view = View(tensors, prefix)
         plan, unknown = convert_keys(view.keys(), layout)
         got = infer_clip_config(plan, view, act).to_dict()
@@ -395,12 +477,18 @@ def test_full_size_single_file_loads_holding_one_copy(tmp_path):
         write_zero_safetensors(full_size_original(), path)
         for name, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
             make_tokenizer_dir(tmp_path / "tok" / name, pad)
-        r = subprocess.run([sys.executable, "-c", LOAD_AND_MEASURE, str(path), str(tmp_path / "tok")],
-                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+        r = subprocess.run(
+            [sys.executable, "-c", LOAD_AND_MEASURE, str(path), str(tmp_path / "tok")],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         m = json.loads(r.stdout.strip().splitlines()[-1])
-        print(f"full-size load: {m['params'] / 1e9:.2f} GB of weights, peak +{(m['peak'] - m['base']) / 1e9:.2f} GB, "
-              f"{m['seconds']:.0f} s")
+        print(
+            f"full-size load: {m['params'] / 1e9:.2f} GB of weights, peak +{(m['peak'] - m['base']) / 1e9:.2f} GB, "
+            f"{m['seconds']:.0f} s"
+        )
         assert m["sdxl"] and m["vae"] == "torch.float32"  # the VAE upcast (force_upcast)
         assert m["peak"] - m["base"] < 1.1 * m["params"] + 0.3e9
     finally:

@@ -31,8 +31,21 @@ def pixels(path):
 
 def test_writes_pngs_with_metadata_and_same_seed_same_image(model, tmp_path):
     (tmp_path / "comic.txt").write_text("# page 1\na cat\n\nrobot, a dog\n")
-    args = ["--model", str(model), "--prompts", str(tmp_path / "comic.txt"), "--num", "2", "--seed", "11",
-            "--negative", "robot", "--cfg", "4", *FAST]
+    args = [
+        "--model",
+        str(model),
+        "--prompts",
+        str(tmp_path / "comic.txt"),
+        "--num",
+        "2",
+        "--seed",
+        "11",
+        "--negative",
+        "robot",
+        "--cfg",
+        "4",
+        *FAST,
+    ]
     assert sample.main([*args, "--out", str(tmp_path / "a")]) == 0
     files = pngs(tmp_path / "a")
     assert [f.name for f in files] == ["0000-seed11.png", "0001-seed12.png", "0002-seed13.png", "0003-seed14.png"]
@@ -46,8 +59,28 @@ def test_writes_pngs_with_metadata_and_same_seed_same_image(model, tmp_path):
     # 8-bit level where float sums of another batch size round the other way)
     assert sample.main([*args, "--out", str(tmp_path / "again")]) == 0
     assert [f.read_bytes() for f in pngs(tmp_path / "again")] == [f.read_bytes() for f in files]
-    assert sample.main(["--model", str(model), "--prompt", "robot, a dog", "--seed", "13", "--negative", "robot",
-                        "--cfg", "4", "--batch-size", "1", *FAST, "--out", str(tmp_path / "b")]) == 0
+    assert (
+        sample.main(
+            [
+                "--model",
+                str(model),
+                "--prompt",
+                "robot, a dog",
+                "--seed",
+                "13",
+                "--negative",
+                "robot",
+                "--cfg",
+                "4",
+                "--batch-size",
+                "1",
+                *FAST,
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 0
+    )
     torch.testing.assert_close(pixels(pngs(tmp_path / "b")[0]), pixels(files[2]), rtol=0, atol=1 / 127.5 + 1e-6)
     assert (pixels(files[0]) - pixels(files[1])).abs().mean() > 0.01  # seeds 11 and 12 differ
 
@@ -78,16 +111,19 @@ def test_parse_lora():
     assert sample.parse_lora(r"C:\loras\b.safetensors") == (r"C:\loras\b.safetensors", 1.0)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--prompt", "x", "--width", "100"], "--width must be a positive multiple of 8"),
-    (["--prompt", "x", "--steps", "0"], "--steps must be a positive integer"),
-    (["--prompt", "x", "--lora", "missing.safetensors:0.5"], "--lora missing.safetensors:0.5: no such file"),
-    (["--prompt", "x", "--sampler", "ddim", "--karras"], "--karras works with euler"),
-    (["--prompts", "missing.txt"], "cannot read --prompts missing.txt"),
-    ([], "no prompt: pass --prompt"),
-    (["--prompt", "x", "--model", "nowhere/"], "no such model folder or file: nowhere"),
-    (["--prompt", "x", "--sampler", "heun"], "argument --sampler: invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--prompt", "x", "--width", "100"], "--width must be a positive multiple of 8"),
+        (["--prompt", "x", "--steps", "0"], "--steps must be a positive integer"),
+        (["--prompt", "x", "--lora", "missing.safetensors:0.5"], "--lora missing.safetensors:0.5: no such file"),
+        (["--prompt", "x", "--sampler", "ddim", "--karras"], "--karras works with euler"),
+        (["--prompts", "missing.txt"], "cannot read --prompts missing.txt"),
+        ([], "no prompt: pass --prompt"),
+        (["--prompt", "x", "--model", "nowhere/"], "no such model folder or file: nowhere"),
+        (["--prompt", "x", "--sampler", "heun"], "argument --sampler: invalid choice"),
+    ],
+)
 def test_user_errors_print_one_line_and_exit_2(model, argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     if "--model" not in argv:
@@ -105,7 +141,8 @@ def test_cli_without_model_says_so_in_one_line(tmp_path, monkeypatch, capsys):
     code = sample.main(["--prompt", "a cat"])
     assert code == 2 and capsys.readouterr().err.strip().splitlines() == [
         "error: no model given: pass --model (a diffusers SDXL folder or an original .safetensors file); the bundled "
-        "miniature minidiff/assets/tiny-sdxl is not there"]
+        "miniature minidiff/assets/tiny-sdxl is not there"
+    ]
 
 
 def test_prompt_2_reaches_the_second_encoder_and_is_recorded(model, tmp_path):

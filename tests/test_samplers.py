@@ -30,12 +30,18 @@ CLASSES = {
     "ddim": (DDIMScheduler, dict(set_alpha_to_one=False, clip_sample=False)),
     "euler": (EulerDiscreteScheduler, {}),
     "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++", solver_order=2,
-                                                   lower_order_final=True)),
+    "dpmpp_2m": (
+        DPMSolverMultistepScheduler,
+        dict(algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True),
+    ),
 }
 KARRAS_OK = ("euler", "dpmpp_2m")  # the diffusers schedulers that take use_karras_sigmas
-CASES = [(name, spacing, karras) for name in CLASSES for spacing in ("leading", "trailing", "linspace")
-         for karras in ((False, True) if name in KARRAS_OK else (False,))]
+CASES = [
+    (name, spacing, karras)
+    for name in CLASSES
+    for spacing in ("leading", "trailing", "linspace")
+    for karras in ((False, True) if name in KARRAS_OK else (False,))
+]
 
 
 def reference(name, spacing, karras, config=SDXL, **overrides):
@@ -84,8 +90,17 @@ def test_full_loop_matches_diffusers(name, spacing, karras):
     steps = 13  # < 15 exercises DPM-Solver's lower_order_final; not a divisor of 1000
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     want = diffusers_loop(reference(name, spacing, karras), noise, steps, seed=5)
-    got = sample(denoiser, Schedule.scaled_linear(), noise, steps, name, spacing, karras=karras,
-                 generator=torch.Generator().manual_seed(5), progress=False)
+    got = sample(
+        denoiser,
+        Schedule.scaled_linear(),
+        noise,
+        steps,
+        name,
+        spacing,
+        karras=karras,
+        generator=torch.Generator().manual_seed(5),
+        progress=False,
+    )
     scale = want.abs().max()
     torch.testing.assert_close(got / scale, want / scale, rtol=0, atol=1e-5)
 
@@ -96,21 +111,49 @@ def test_pixel_config_with_x0_clipping_matches_diffusers(name):
     config = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", steps_offset=1)
     noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     want = diffusers_loop(reference(name, "leading", False, config, clip_sample=True), noise, 20, seed=3)
-    got = sample(denoiser, Schedule.linear(), noise, 20, name, "leading", generator=torch.Generator().manual_seed(3),
-                 progress=False, clip_x0=1.0)
+    got = sample(
+        denoiser,
+        Schedule.linear(),
+        noise,
+        20,
+        name,
+        "leading",
+        generator=torch.Generator().manual_seed(3),
+        progress=False,
+        clip_x0=1.0,
+    )
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 def test_ddim_eta_matches_diffusers():
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
     want = diffusers_loop(reference("ddim", "trailing", False), noise, 10, seed=6, eta=0.7)
-    got = sample(denoiser, Schedule.scaled_linear(), noise, 10, "ddim", "trailing", eta=0.7,
-                 generator=torch.Generator().manual_seed(6), progress=False)
+    got = sample(
+        denoiser,
+        Schedule.scaled_linear(),
+        noise,
+        10,
+        "ddim",
+        "trailing",
+        eta=0.7,
+        generator=torch.Generator().manual_seed(6),
+        progress=False,
+    )
     torch.testing.assert_close(got / want.abs().max(), want / want.abs().max(), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("name,karras", [("ddpm", False), ("ddim", False), ("euler", False), ("euler", True),
-                                         ("euler_a", False), ("dpmpp_2m", False), ("dpmpp_2m", True)])
+@pytest.mark.parametrize(
+    "name,karras",
+    [
+        ("ddpm", False),
+        ("ddim", False),
+        ("euler", False),
+        ("euler", True),
+        ("euler_a", False),
+        ("dpmpp_2m", False),
+        ("dpmpp_2m", True),
+    ],
+)
 def test_exact_denoiser_of_one_image_returns_that_image(name, karras):
     """If the data set is one image x0, the exact noise prediction is eps(x_t, t) = (x_t - sqrt(ab) x0) / sqrt(1 - ab)
     with ab = 1 / (sigma(t)^2 + 1), and every sampler must land on x0 (a closed-form check of the scalings: which x
@@ -124,15 +167,32 @@ def test_exact_denoiser_of_one_image_returns_that_image(name, karras):
         return (x_t - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
 
     noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    got = sample(exact, schedule, noise, 20, name, "trailing", karras=karras,
-                 generator=torch.Generator().manual_seed(2), progress=False)
+    got = sample(
+        exact,
+        schedule,
+        noise,
+        20,
+        name,
+        "trailing",
+        karras=karras,
+        generator=torch.Generator().manual_seed(2),
+        progress=False,
+    )
     torch.testing.assert_close(got, x0, rtol=0, atol=0.1 if name == "ddim" else 1e-4)
 
 
 def test_ddim_eta0_is_deterministic():
     noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    run = lambda seed, eta: sample(denoiser, Schedule.linear(), noise, 10, "ddim", eta=eta,  # noqa: E731
-                                   generator=torch.Generator().manual_seed(seed), progress=False)
+    run = lambda seed, eta: sample(
+        denoiser,
+        Schedule.linear(),
+        noise,
+        10,
+        "ddim",
+        eta=eta,  # noqa: E731
+        generator=torch.Generator().manual_seed(seed),
+        progress=False,
+    )
     assert torch.equal(run(1, 0.0), run(2, 0.0))
     assert not torch.allclose(run(1, 1.0), run(2, 1.0))  # the check can fail: eta > 0 does use the generator
 
@@ -140,8 +200,15 @@ def test_ddim_eta0_is_deterministic():
 @pytest.mark.parametrize("name", ["ddpm", "euler_a"])
 def test_same_seed_same_result(name):
     noise = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    run = lambda seed: sample(denoiser, Schedule.linear(), noise, 8, name,  # noqa: E731
-                              generator=torch.Generator().manual_seed(seed), progress=False)
+    run = lambda seed: sample(
+        denoiser,
+        Schedule.linear(),
+        noise,
+        8,
+        name,  # noqa: E731
+        generator=torch.Generator().manual_seed(seed),
+        progress=False,
+    )
     assert torch.equal(run(3), run(3))
     assert not torch.allclose(run(3), run(4))
 

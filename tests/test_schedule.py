@@ -33,8 +33,9 @@ def test_betas_by_hand():
     assert cos.betas.max().item() == 0.999  # clipped
 
 
-@pytest.mark.parametrize("name,diffusers_name", [("linear", "linear"), ("scaled_linear", "scaled_linear"),
-                                                 ("cosine", "squaredcos_cap_v2")])
+@pytest.mark.parametrize(
+    "name,diffusers_name", [("linear", "linear"), ("scaled_linear", "scaled_linear"), ("cosine", "squaredcos_cap_v2")]
+)
 def test_betas_match_diffusers(name, diffusers_name):
     diffusers = pytest.importorskip("diffusers")
     kw = dict(beta_start=0.00085, beta_end=0.012) if name == "scaled_linear" else {}
@@ -109,8 +110,11 @@ def test_q_sample_and_v_match_diffusers():
 def test_v_target_by_hand():
     """v = sqrt(ab) eps - sqrt(1-ab) x_0, and x_0 = sqrt(ab) x_t - sqrt(1-ab) v recovers x_0 (Salimans & Ho)."""
     s = Schedule.cosine()
-    x0, eps, t = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4, dtype=torch.float64), \
-        torch.tensor([100, 700])
+    x0, eps, t = (
+        torch.randn(2, 3, 4, 4, dtype=torch.float64),
+        torch.randn(2, 3, 4, 4, dtype=torch.float64),
+        torch.tensor([100, 700]),
+    )
     v, xt = s.v_target(x0, eps, t), s.q_sample(x0, t, eps)
     ab = s.alpha_bar[t].reshape(-1, 1, 1, 1)
     torch.testing.assert_close(ab.sqrt() * xt - (1 - ab).sqrt() * v, x0)
@@ -150,13 +154,14 @@ def test_posterior_by_numerical_integration():
     t, x0, xt = 50, 0.3, -0.4
     b, a, ab_prev = s.betas[t].item(), s.alphas[t].item(), s.alpha_bar[t - 1].item()
     grid = torch.linspace(-3, 3, 600_001, dtype=torch.float64)
-    logp = -(xt - math.sqrt(a) * grid) ** 2 / (2 * b) - (grid - math.sqrt(ab_prev) * x0) ** 2 / (2 * (1 - ab_prev))
+    logp = -((xt - math.sqrt(a) * grid) ** 2) / (2 * b) - (grid - math.sqrt(ab_prev) * x0) ** 2 / (2 * (1 - ab_prev))
     p = (logp - logp.max()).exp()
     p = p / p.sum()
     mean_num = (p * grid).sum().item()
     var_num = (p * (grid - mean_num) ** 2).sum().item()
-    mean, var = s.posterior(torch.tensor([[x0]], dtype=torch.float64), torch.tensor([[xt]], dtype=torch.float64),
-                            torch.tensor([t]))
+    mean, var = s.posterior(
+        torch.tensor([[x0]], dtype=torch.float64), torch.tensor([[xt]], dtype=torch.float64), torch.tensor([t])
+    )
     assert mean.item() == pytest.approx(mean_num, abs=1e-8)
     assert var.item() == pytest.approx(var_num, rel=1e-6)
 
@@ -190,8 +195,7 @@ def test_min_snr_weight_matches_diffusers_training_scripts():
     ours = Schedule.scaled_linear()
     torch.testing.assert_close(ours.snr(t).float(), snr, rtol=2e-4, atol=0)
     torch.testing.assert_close(ours.min_snr_weight(t, 5.0).float(), base / snr, rtol=2e-4, atol=0)
-    torch.testing.assert_close(ours.min_snr_weight(t, 5.0, "v_prediction").float(), base / (snr + 1), rtol=2e-4,
-                               atol=0)
+    torch.testing.assert_close(ours.min_snr_weight(t, 5.0, "v_prediction").float(), base / (snr + 1), rtol=2e-4, atol=0)
 
 
 # ---- timestep spacing, sigma interpolation, Karras ------------------------------------------------------------------
@@ -209,8 +213,9 @@ def test_timesteps_by_hand():
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 def test_timesteps_match_diffusers(spacing):
     diffusers = pytest.importorskip("diffusers")
-    ref = diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                           timestep_spacing=spacing, steps_offset=1)
+    ref = diffusers.EulerDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing=spacing, steps_offset=1
+    )
     for n in list(range(1, 61)) + [100, 250, 999, 1000]:  # (diffusers' trailing makes n+1 steps for n = 61, 103..)
         ref.set_timesteps(n)
         ts = timesteps(n, spacing)
@@ -220,8 +225,9 @@ def test_timesteps_match_diffusers(spacing):
 def test_sigma_interpolation_and_inverse():
     s = Schedule.scaled_linear()
     assert s.sigma_at(torch.tensor([10.0])).item() == pytest.approx(s.sigmas[10].item())
-    assert s.sigma_at(torch.tensor([10.25])).item() == pytest.approx(0.75 * s.sigmas[10].item()
-                                                                     + 0.25 * s.sigmas[11].item())
+    assert s.sigma_at(torch.tensor([10.25])).item() == pytest.approx(
+        0.75 * s.sigmas[10].item() + 0.25 * s.sigmas[11].item()
+    )
     t = torch.tensor([0.0, 3.0, 12.5, 500.75, 999.0], dtype=torch.float64)
     # log-sigma interpolation: exact at integers, close to t between them (sigma is smooth)
     back = s.sigma_to_t(s.sigma_at(t))

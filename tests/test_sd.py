@@ -14,8 +14,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from conftest import perturb_weights
-from test_pretrained import (MID, OPEN_CLIP, UNET_TOP, VAE_KW, original_unet_key, unet_layer_rules, vae_to_original,
-                             with_text_model)
+from test_pretrained import (
+    MID,
+    OPEN_CLIP,
+    UNET_TOP,
+    VAE_KW,
+    original_unet_key,
+    unet_layer_rules,
+    vae_to_original,
+    with_text_model,
+)
 from test_text import clip_configs, make_tokenizer_dir
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizerFast
 
@@ -23,10 +31,16 @@ from minidiff.errors import CheckpointError
 from minidiff.pipeline import generate
 from minidiff.weights.pretrained import load_pipeline, model_family, save_pipeline
 
-UNET_SD_KW = dict(block_out_channels=(64, 64, 128, 128), layers_per_block=2, sample_size=16,
-                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=(1, 1, 2, 2),
-                  cross_attention_dim=64, norm_num_groups=32)
+UNET_SD_KW = dict(
+    block_out_channels=(64, 64, 128, 128),
+    layers_per_block=2,
+    sample_size=16,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    attention_head_dim=(1, 1, 2, 2),
+    cross_attention_dim=64,
+    norm_num_groups=32,
+)
 PROMPTS = ["a cat", "robot, a dog"]
 
 
@@ -49,10 +63,19 @@ def tiny_sd_parts(tmp_path, seed=0, sd2=False, text_layers=3):
 def diffusers_sd(tok, te, unet, vae):
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
-    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                       timestep_spacing="leading", steps_offset=1)
-    return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    scheduler = EulerDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading", steps_offset=1
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=te,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -128,18 +151,39 @@ def test_sampling_matches_diffusers(saved):
     pipe = load_pipeline(folder)
     noise = torch.randn(2, 4, 8, 16, generator=torch.Generator().manual_seed(5))
     for kw, ours in (({}, {}), ({"negative_prompt": ["robot"] * 2}, {"negative": "robot"})):
-        want = ref(prompt=PROMPTS, latents=noise.clone(), height=64, width=128, num_inference_steps=4,
-                   guidance_scale=5.0, output_type="pt", **kw).images * 2 - 1
-        got = generate(pipe, PROMPTS, steps=4, cfg=5.0, width=128, height=64, noise=noise, sampler="euler",
-                       progress=False, **ours)
+        want = (
+            ref(
+                prompt=PROMPTS,
+                latents=noise.clone(),
+                height=64,
+                width=128,
+                num_inference_steps=4,
+                guidance_scale=5.0,
+                output_type="pt",
+                **kw,
+            ).images
+            * 2
+            - 1
+        )
+        got = generate(
+            pipe, PROMPTS, steps=4, cfg=5.0, width=128, height=64, noise=noise, sampler="euler", progress=False, **ours
+        )
         assert (want - want.mean()).abs().mean() > 0.01  # a real image, not a constant
         torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
 
 
 def test_single_file_sd1_loads_like_the_folder(saved, tmp_path):
     ref, folder = saved
-    state = sd_original_state(*(load_file(folder / f) for f in ("unet/diffusion_pytorch_model.safetensors",
-                              "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors")))
+    state = sd_original_state(
+        *(
+            load_file(folder / f)
+            for f in (
+                "unet/diffusion_pytorch_model.safetensors",
+                "vae/diffusion_pytorch_model.safetensors",
+                "text_encoder/model.safetensors",
+            )
+        )
+    )
     save_file(state, tmp_path / "v1-tiny.safetensors")
     assert model_family(tmp_path / "v1-tiny.safetensors") == "sd"
     with pytest.raises(CheckpointError, match=r"carries no tokenizer.*holding tokenizer/ \(as in"):
@@ -164,8 +208,10 @@ def test_single_file_sd2_uses_the_penultimate_layer_of_openclip(tmp_path):
     te2.load_state_dict({k: v for k, v in te3.state_dict().items() if ".layers.2." not in k})
     ref = diffusers_sd(tok, te2, unet, vae)
     ref.save_pretrained(tmp_path / "sd2")
-    save_file(sd_original_state(unet.state_dict(), vae.state_dict(), te3.state_dict(), open_clip=True),
-              tmp_path / "v2-tiny.safetensors")
+    save_file(
+        sd_original_state(unet.state_dict(), vae.state_dict(), te3.state_dict(), open_clip=True),
+        tmp_path / "v2-tiny.safetensors",
+    )
     pipe = load_pipeline(tmp_path / "v2-tiny.safetensors", tokenizers=tmp_path / "sd2")
     assert pipe.text.layer == -2 and pipe.text.text_encoder.config.num_hidden_layers == 3
     assert pipe.text.text_encoder.config.hidden_act == "gelu" and pipe.unet.config.use_linear_projection
@@ -178,11 +224,21 @@ def test_single_file_sd2_uses_the_penultimate_layer_of_openclip(tmp_path):
     torch.testing.assert_close(folder.text.encode(PROMPTS)[0], want, rtol=0, atol=1e-6)
 
 
-SD15_UNET = dict(block_out_channels=[320, 640, 1280, 1280], attention_head_dim=8, cross_attention_dim=768,
-                 down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-                 up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, layers_per_block=2, sample_size=64)
-SD21_UNET = {**SD15_UNET, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024,
-             "use_linear_projection": True}
+SD15_UNET = dict(
+    block_out_channels=[320, 640, 1280, 1280],
+    attention_head_dim=8,
+    cross_attention_dim=768,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    layers_per_block=2,
+    sample_size=64,
+)
+SD21_UNET = {
+    **SD15_UNET,
+    "attention_head_dim": [5, 10, 20, 20],
+    "cross_attention_dim": 1024,
+    "use_linear_projection": True,
+}
 
 
 @pytest.mark.parametrize("name", ["sd15", "sd21"])
@@ -198,9 +254,15 @@ def test_full_size_keys_shapes_and_config_inference_on_meta(name):
     from minidiff.weights.layouts import View, infer_unet_config, infer_vae_config
 
     d = SD15_UNET if name == "sd15" else SD21_UNET
-    vae_kw = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
-                  down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                  sample_size=512, scaling_factor=0.18215)
+    vae_kw = dict(
+        block_out_channels=[128, 256, 512, 512],
+        layers_per_block=2,
+        latent_channels=4,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        sample_size=512,
+        scaling_factor=0.18215,
+    )
     config = UNetConfig.from_diffusers(d)
     if name == "sd15":
         assert config == UNetConfig.sd15()
@@ -219,8 +281,10 @@ def test_other_pipelines_and_mismatches_are_one_line(saved, tmp_path):
     ref, folder = saved
     (tmp_path / "flux").mkdir()
     (tmp_path / "flux/model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(CheckpointError, match="holds a FluxPipeline; minidiff loads StableDiffusionXLPipeline and "
-                                              "StableDiffusionPipeline"):
+    with pytest.raises(
+        CheckpointError,
+        match="holds a FluxPipeline; minidiff loads StableDiffusionXLPipeline and StableDiffusionPipeline",
+    ):
         load_pipeline(tmp_path / "flux")
     from test_pretrained import saved_diffusers_pipeline
 
@@ -246,8 +310,12 @@ def test_saved_folder_is_read_by_diffusers(saved, tmp_path):
     again = StableDiffusionPipeline.from_pretrained(tmp_path / "out")
     assert_same_unet(ours.unet, again.unet, atol=0)
     with torch.no_grad():
-        torch.testing.assert_close(load_pipeline(tmp_path / "out").text.encode(PROMPTS)[0],
-                                   again.encode_prompt(PROMPTS, "cpu", 1, False)[0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            load_pipeline(tmp_path / "out").text.encode(PROMPTS)[0],
+            again.encode_prompt(PROMPTS, "cpu", 1, False)[0],
+            rtol=0,
+            atol=1e-6,
+        )
 
 
 def test_finetune_and_sample_run_on_an_sd_folder(saved, tmp_path):
@@ -256,9 +324,49 @@ def test_finetune_and_sample_run_on_an_sd_folder(saved, tmp_path):
 
     ref, folder = saved
     out = tmp_path / "ft"
-    assert finetune.main(["--model", folder, "--out", out, "--no-prior", "--steps", "2", "--resolution", "32",
-                          "--validation-images", "1", "--validation-steps", "2", "--device", "cpu"]) == 0
-    assert sample.main(["--model", str(folder), "--prompt", "a cat", "--steps", "2", "--width", "32", "--height", "32",
-                        "--lora", str(out / "lora.safetensors"), "--out", str(tmp_path / "s"), "--device",
-                        "cpu"]) == 0
+    assert (
+        finetune.main(
+            [
+                "--model",
+                folder,
+                "--out",
+                out,
+                "--no-prior",
+                "--steps",
+                "2",
+                "--resolution",
+                "32",
+                "--validation-images",
+                "1",
+                "--validation-steps",
+                "2",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert (
+        sample.main(
+            [
+                "--model",
+                str(folder),
+                "--prompt",
+                "a cat",
+                "--steps",
+                "2",
+                "--width",
+                "32",
+                "--height",
+                "32",
+                "--lora",
+                str(out / "lora.safetensors"),
+                "--out",
+                str(tmp_path / "s"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "s" / "grid.png").is_file()

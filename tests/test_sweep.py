@@ -16,8 +16,9 @@ from minidiff.weights.pretrained import load_pipeline, save_pipeline
 
 
 def test_quality_ratio_by_hand(tmp_path):
-    rows = [{"checkpoint": "base", "variant": "", "score": s} for s in ("1", "0", "0", "")] + \
-           [{"checkpoint": "lora-step-000100", "variant": "", "score": s} for s in ("1", "1", "0", "1")]
+    rows = [{"checkpoint": "base", "variant": "", "score": s} for s in ("1", "0", "0", "")] + [
+        {"checkpoint": "lora-step-000100", "variant": "", "score": s} for s in ("1", "1", "0", "1")
+    ]
     ratios = sweep.quality_ratios(rows)
     assert ratios["base"] == (1 / 3, 3, 4) and ratios["lora-step-000100"] == (3 / 4, 4, 4)
     assert sweep.quality_ratios([{"checkpoint": "a", "variant": "", "score": "4"}], good=3)["a"][0] == 1.0
@@ -43,17 +44,44 @@ def test_grid_images_are_the_checkpoints_own(tmp_path):
                     b.normal_(std=0.5)
     save_lora(pipe.unet, tmp_path / "lora-step-000050.safetensors")
     out = tmp_path / "sweep"
-    assert sweep.main(["--model", str(model), "--checkpoint", "base", "--checkpoint",
-                       str(tmp_path / "lora-step-000050.safetensors"), "--checkpoint", "base", "--prompt", "a cat",
-                       "--seeds", "3", "4", "--steps", "2", "--size", "16", "--device", "cpu", "--out", str(out)]) == 0
+    assert (
+        sweep.main(
+            [
+                "--model",
+                str(model),
+                "--checkpoint",
+                "base",
+                "--checkpoint",
+                str(tmp_path / "lora-step-000050.safetensors"),
+                "--checkpoint",
+                "base",
+                "--prompt",
+                "a cat",
+                "--seeds",
+                "3",
+                "4",
+                "--steps",
+                "2",
+                "--size",
+                "16",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     with open(out / "sheet.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["checkpoint"] for r in rows] == ["base"] * 2 + ["lora-step-000050"] * 2 + ["base"] * 2
     assert [r["seed"] for r in rows] == ["3", "4"] * 3 and all(r["score"] == "" for r in rows)
     png = [np.asarray(Image.open(out / r["file"])) for r in rows]
     fresh = load_pipeline(model)
-    draw = lambda: [generate(fresh, ["a cat"], steps=2, seed=s, width=16, height=16, progress=False)[0]  # noqa: E731
-                    for s in (3, 4)]
+    draw = lambda: [
+        generate(fresh, ["a cat"], steps=2, seed=s, width=16, height=16, progress=False)[0]  # noqa: E731
+        for s in (3, 4)
+    ]
     want_base = draw()
     load_lora(fresh.modules(), tmp_path / "lora-step-000050.safetensors")
     want_lora = draw()

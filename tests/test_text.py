@@ -48,12 +48,32 @@ BOS, EOS = VOCAB - 2, VOCAB - 1
 
 def clip_configs(c1=64, c2=128, proj=96):
     """Tiny CLIP-L-like (quick_gelu) and bigG-like (gelu, projection) configs. Head width 64 as in SDXL."""
-    common = dict(vocab_size=VOCAB, max_position_embeddings=77, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=1,
-                  layer_norm_eps=1e-5)
-    cfg_l = CLIPTextConfig(hidden_size=c1, intermediate_size=2 * c1, num_hidden_layers=3, num_attention_heads=c1 // 64,
-                           hidden_act="quick_gelu", projection_dim=c1, **common)
-    cfg_g = CLIPTextConfig(hidden_size=c2, intermediate_size=2 * c2, num_hidden_layers=3, num_attention_heads=c2 // 64,
-                           hidden_act="gelu", projection_dim=proj, **common)
+    common = dict(
+        vocab_size=VOCAB,
+        max_position_embeddings=77,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=1,
+        layer_norm_eps=1e-5,
+    )
+    cfg_l = CLIPTextConfig(
+        hidden_size=c1,
+        intermediate_size=2 * c1,
+        num_hidden_layers=3,
+        num_attention_heads=c1 // 64,
+        hidden_act="quick_gelu",
+        projection_dim=c1,
+        **common,
+    )
+    cfg_g = CLIPTextConfig(
+        hidden_size=c2,
+        intermediate_size=2 * c2,
+        num_hidden_layers=3,
+        num_attention_heads=c2 // 64,
+        hidden_act="gelu",
+        projection_dim=proj,
+        **common,
+    )
     return cfg_l, cfg_g
 
 
@@ -71,10 +91,19 @@ def diffusers_sdxl(text_parts, unet=None, vae=None, scheduler=None):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     tok, te, tok_2, te_2 = text_parts
-    scheduler = scheduler or EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                                    timestep_spacing="leading", steps_offset=1)
-    return StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te_2, tokenizer=tok, tokenizer_2=tok_2,
-                                     unet=unet, scheduler=scheduler, add_watermarker=False)
+    scheduler = scheduler or EulerDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading", steps_offset=1
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=te,
+        text_encoder_2=te_2,
+        tokenizer=tok,
+        tokenizer_2=tok_2,
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
 
 
 PROMPTS = ["a cat", "robot, a dog and a cat!"]
@@ -106,7 +135,8 @@ def test_encode_matches_diffusers_encode_prompt(parts):
     ref = diffusers_sdxl(parts)
     for negative in (None, ["robot", ""]):
         d_ctx, d_neg_ctx, d_pooled, d_neg_pooled = ref.encode_prompt(
-            PROMPTS, device="cpu", do_classifier_free_guidance=True, negative_prompt=negative)
+            PROMPTS, device="cpu", do_classifier_free_guidance=True, negative_prompt=negative
+        )
         ctx, pooled = text.encode(PROMPTS, negative=negative if negative is not None else "")
         assert ctx.shape == (4, 77, 64 + 128) and pooled.shape == (4, 96)
         torch.testing.assert_close(ctx[2:], d_ctx, rtol=0, atol=1e-6)
@@ -143,10 +173,19 @@ def test_context_is_penultimate_states_in_clip_l_then_bigg_order(parts):
 def test_time_ids_match_diffusers(parts):
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, down_block_types=(
-        "DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
-        cross_attention_dim=192, attention_head_dim=2, addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=96 + 6 * 8, use_linear_projection=True)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        cross_attention_dim=192,
+        attention_head_dim=2,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=96 + 6 * 8,
+        use_linear_projection=True,
+    )
     ref = diffusers_sdxl(parts, unet=unet)
     want = ref._get_add_time_ids((768, 1024), (16, 32), (512, 640), torch.float32, text_encoder_projection_dim=96)
     got = time_ids((768, 1024), (16, 32), (512, 640), batch=3)
@@ -159,21 +198,35 @@ def test_time_ids_match_diffusers(parts):
 from minidiff.text import parse_emphasis  # noqa: E402
 
 
-@pytest.mark.parametrize("prompt, want", [
-    ("normal text", [("normal text", 1.0)]),
-    ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
-    ("(unbalanced", [("unbalanced", 1.1)]),
-    (r"\(literal\]", [("(literal]", 1.0)]),
-    ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
-    ("[less] more", [("less", 1 / 1.1), (" more", 1.0)]),
-    ("(sks girl:1.3), smiling", [("sks girl", 1.3), (", smiling", 1.0)]),
-    ("((x:1.3))", [("x", 1.3 * 1.1)]),
-    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",  # A1111's own docstring example
-     [("a ", 1.0), ("house", 1.3 * 1.1 * 1.1), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
-      (", sun, ", 1.1), ("sky", 1.1 ** 4), (".", 1.1)]),
-    ("", [("", 1.0)]),
-    ("time: 3:30", [("time: 3:30", 1.0)]),
-])
+@pytest.mark.parametrize(
+    "prompt, want",
+    [
+        ("normal text", [("normal text", 1.0)]),
+        ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
+        ("(unbalanced", [("unbalanced", 1.1)]),
+        (r"\(literal\]", [("(literal]", 1.0)]),
+        ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
+        ("[less] more", [("less", 1 / 1.1), (" more", 1.0)]),
+        ("(sks girl:1.3), smiling", [("sks girl", 1.3), (", smiling", 1.0)]),
+        ("((x:1.3))", [("x", 1.3 * 1.1)]),
+        (
+            "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",  # A1111's own docstring example
+            [
+                ("a ", 1.0),
+                ("house", 1.3 * 1.1 * 1.1),
+                (" ", 1.1),
+                ("on", 1.0),
+                (" a ", 1.1),
+                ("hill", 0.55),
+                (", sun, ", 1.1),
+                ("sky", 1.1**4),
+                (".", 1.1),
+            ],
+        ),
+        ("", [("", 1.0)]),
+        ("time: 3:30", [("time: 3:30", 1.0)]),
+    ],
+)
 def test_parse_emphasis_follows_a1111(prompt, want):
     got = parse_emphasis(prompt)
     assert [t for t, _ in got] == [t for t, _ in want]
@@ -240,9 +293,15 @@ def test_prompt_2_goes_to_the_second_encoder_as_in_diffusers(parts):
     text = TextConditioner(*parts)
     ref = diffusers_sdxl(parts)
     d_ctx, d_neg, d_pooled, d_neg_pooled = ref.encode_prompt(
-        PROMPTS, prompt_2=["robot", "a dog"], device="cpu", do_classifier_free_guidance=True,
-        negative_prompt=["dog", "cat"], negative_prompt_2=["cat", "robot"])
-    ctx, pooled = text.encode(PROMPTS, negative=["dog", "cat"], prompts_2=["robot", "a dog"],
-                              negative_2=["cat", "robot"], emphasis=True)
+        PROMPTS,
+        prompt_2=["robot", "a dog"],
+        device="cpu",
+        do_classifier_free_guidance=True,
+        negative_prompt=["dog", "cat"],
+        negative_prompt_2=["cat", "robot"],
+    )
+    ctx, pooled = text.encode(
+        PROMPTS, negative=["dog", "cat"], prompts_2=["robot", "a dog"], negative_2=["cat", "robot"], emphasis=True
+    )
     torch.testing.assert_close(ctx, torch.cat([d_neg, d_ctx]), rtol=0, atol=1e-6)
     torch.testing.assert_close(pooled, torch.cat([d_neg_pooled, d_pooled]), rtol=0, atol=1e-6)

@@ -34,8 +34,10 @@ def test_sd_embedding_matches_diffusers(tmp_path, layout, n):
     text = SDTextConditioner(tok, te)
     assert load_embedding(text, path) == "mytok"  # the stem (A1111) or the key (diffusers)
     if n > 1:
-        assert expand_prompt("a mytok cat", tok) == "a " + " ".join(["mytok"] + [f"mytok_{i}" for i in range(1, n)]) \
-            + " cat"
+        assert (
+            expand_prompt("a mytok cat", tok)
+            == "a " + " ".join(["mytok"] + [f"mytok_{i}" for i in range(1, n)]) + " cat"
+        )
     want = ref.encode_prompt(PROMPTS, "cpu", 1, False)[0]
     torch.testing.assert_close(text.encode(PROMPTS)[0], want, rtol=0, atol=1e-6)
     assert not torch.allclose(want, ref.encode_prompt(["a xx cat", "robot xx, a dog"], "cpu", 1, False)[0])
@@ -48,8 +50,9 @@ def test_sdxl_clip_l_clip_g_pair_matches_diffusers(tmp_path):
     pair = {"clip_l": vectors(2, 64, 1), "clip_g": vectors(2, 128, 2)}
     write_embedding(tmp_path / "mytok.safetensors", pair, "mytok")  # our writer, read by diffusers below
     ref.load_textual_inversion(pair["clip_l"], token="mytok", text_encoder=ref.text_encoder, tokenizer=ref.tokenizer)
-    ref.load_textual_inversion(pair["clip_g"], token="mytok", text_encoder=ref.text_encoder_2,
-                               tokenizer=ref.tokenizer_2)
+    ref.load_textual_inversion(
+        pair["clip_g"], token="mytok", text_encoder=ref.text_encoder_2, tokenizer=ref.tokenizer_2
+    )
     text = TextConditioner(*ours)
     load_embedding(text, tmp_path / "mytok.safetensors")
     ctx, _, pooled, _ = ref.encode_prompt(PROMPTS, device="cpu")
@@ -102,8 +105,23 @@ def test_finetune_ti_learns_only_the_token_and_sample_uses_it(tmp_path):
     from minidiff.weights.pretrained import save_pipeline
 
     model = save_pipeline(tiny_pipeline(tmp_path / "parts"), tmp_path / "tiny")
-    fast = ["--model", model, "--no-prior", "--steps", "3", "--validation-images", "0", "--device", "cpu",
-            "--instance-prompt", "a sks cat", "--class-prompt", "a cat", "--save-precision", "fp16"]
+    fast = [
+        "--model",
+        model,
+        "--no-prior",
+        "--steps",
+        "3",
+        "--validation-images",
+        "0",
+        "--device",
+        "cpu",
+        "--instance-prompt",
+        "a sks cat",
+        "--class-prompt",
+        "a cat",
+        "--save-precision",
+        "fp16",
+    ]
     assert finetune.main([*fast, "--train", "ti", "--out", tmp_path / "ti", "--ti-vectors", "2"]) == 0
     manifest = json.loads((tmp_path / "ti/manifest.json").read_text())
     assert [r["group"] for r in manifest["trainable"]] == ["text_encoder", "text_encoder_2", "total"]
@@ -113,11 +131,27 @@ def test_finetune_ti_learns_only_the_token_and_sample_uses_it(tmp_path):
         start = f.get_tensor("clip_l")
         assert start.dtype == torch.float16 and start.shape == (2, 64)
     tok = CLIPTokenizerFast.from_pretrained(model / "tokenizer")
-    cat = CLIPTextModel.from_pretrained(model / "text_encoder").get_input_embeddings().weight[
-        tok("cat", add_special_tokens=False).input_ids].mean(0)
+    cat = (
+        CLIPTextModel.from_pretrained(model / "text_encoder")
+        .get_input_embeddings()
+        .weight[tok("cat", add_special_tokens=False).input_ids]
+        .mean(0)
+    )
     assert not torch.allclose(start.float(), cat.expand(2, -1), atol=1e-3)  # moved away from its start, 'cat'
-    common = ["--model", str(model), "--prompt", "a sks cat", "--steps", "2", "--width", "16", "--height", "16",
-              "--device", "cpu"]
+    common = [
+        "--model",
+        str(model),
+        "--prompt",
+        "a sks cat",
+        "--steps",
+        "2",
+        "--width",
+        "16",
+        "--height",
+        "16",
+        "--device",
+        "cpu",
+    ]
     assert sample.main([*common, "--out", str(tmp_path / "plain")]) == 0
     embedding = str(tmp_path / "ti/sks.safetensors")
     assert sample.main([*common, "--embedding", embedding, "--out", str(tmp_path / "e")]) == 0

@@ -1,5 +1,6 @@
 """The bundled miniature SDXL (minidiff/bundled/tiny.py, minidiff/assets/tiny-sdxl): captions, tokenizer, shipped weights,
 and the default finetune.py / sample.py path that runs on them."""
+
 import json
 import subprocess
 import sys
@@ -21,14 +22,23 @@ SHIPPED = tiny.TINY_DIR
 # ------------------------------------------------------------------------------------------------------ captions
 def test_caption_written_out_by_hand():
     look = {"hair": "blonde", "skin": "pale", "shirt": "red", "trousers": "grey"}
-    assert world.caption("female_person", look, "walk3") == ("a picture of a girl with blonde hair and pale skin in "
-                                                             "a red shirt and grey trousers walking seen from the side")
-    assert world.caption("robot", {"metal": "gold"}, "jump") == "a picture of a robot in gold metal jumping seen from " \
-                                                                 "the front"
-    assert world.caption("zombie", {}, "climb1", (False, True, True, True)) == \
-        "a picture of a zombie climbing seen from the back"
-    assert world.original_look("female_person") == {"hair": "black", "skin": "brown", "shirt": "green",
-                                                    "trousers": "purple"}
+    assert world.caption("female_person", look, "walk3") == (
+        "a picture of a girl with blonde hair and pale skin in a red shirt and grey trousers walking seen from the side"
+    )
+    assert (
+        world.caption("robot", {"metal": "gold"}, "jump") == "a picture of a robot in gold metal jumping seen from "
+        "the front"
+    )
+    assert (
+        world.caption("zombie", {}, "climb1", (False, True, True, True))
+        == "a picture of a zombie climbing seen from the back"
+    )
+    assert world.original_look("female_person") == {
+        "hair": "black",
+        "skin": "brown",
+        "shirt": "green",
+        "trousers": "purple",
+    }
 
 
 def test_world_excludes_both_held_out_characters_and_the_targets_look():
@@ -91,8 +101,11 @@ def test_shipped_model_is_a_small_pixel_space_sdxl(pipe):
     assert size <= 20 * 2**20, f"{size / 2**20:.1f} MiB"
     info = json.loads((SHIPPED / "train.json").read_text())
     assert info["characters"] == list(tiny.PRETRAIN_CHARACTERS)
-    assert {k: pipe.scheduler_config[k] for k in ("prediction_type", "rescale_betas_zero_snr", "timestep_spacing")} \
-        == {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    assert {k: pipe.scheduler_config[k] for k in ("prediction_type", "rescale_betas_zero_snr", "timestep_spacing")} == {
+        "prediction_type": "v_prediction",
+        "rescale_betas_zero_snr": True,
+        "timestep_spacing": "trailing",
+    }
     assert pipe.schedule.alpha_bar[-1] == 0  # zero terminal SNR
 
 
@@ -117,16 +130,33 @@ def test_shipped_unet_matches_diffusers_on_the_same_files(pipe):
     ids = pipe.text.time_ids((32, 32), (0, 0), (32, 32), batch=2)
     with torch.no_grad():
         ours = pipe.unet(x, t, context=context, text_embeds=pooled, time_ids=ids)
-        theirs = ref(x, t, encoder_hidden_states=context,
-                     added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+        theirs = ref(
+            x, t, encoder_hidden_states=context, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}
+        ).sample
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------------ default path
 def test_default_finetune_and_sample_run_on_the_miniature(tmp_path):
     out = tmp_path / "ft"
-    cmd = [sys.executable, str(ROOT / "finetune.py"), "--steps", "3", "--num-class-images", "2", "--class-steps", "2",
-           "--validation-images", "1", "--validation-steps", "2", "--out", str(out), "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "finetune.py"),
+        "--steps",
+        "3",
+        "--num-class-images",
+        "2",
+        "--class-steps",
+        "2",
+        "--validation-images",
+        "1",
+        "--validation-steps",
+        "2",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     for name in ("lora.safetensors", "loss.png", "manifest.json", "samples/final.png"):
@@ -134,11 +164,28 @@ def test_default_finetune_and_sample_run_on_the_miniature(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert Path(manifest["model"]["path"]).resolve() == SHIPPED.resolve()
     # the six drawings are captioned with their action (climb0, fall, idle, jump, walk0, walk3; sorted by file name)
-    assert manifest["data"]["captions"] == ["a picture of sks girl climbing", "a picture of sks girl falling",
-                                            "a picture of sks girl standing", "a picture of sks girl jumping",
-                                            "a picture of sks girl walking", "a picture of sks girl walking"]
-    cmd = [sys.executable, str(ROOT / "sample.py"), "--lora", str(out / "lora.safetensors"), "--prompt",
-           "a picture of sks girl climbing", "--steps", "2", "--out", str(tmp_path / "s"), "--device", "cpu"]
+    assert manifest["data"]["captions"] == [
+        "a picture of sks girl climbing",
+        "a picture of sks girl falling",
+        "a picture of sks girl standing",
+        "a picture of sks girl jumping",
+        "a picture of sks girl walking",
+        "a picture of sks girl walking",
+    ]
+    cmd = [
+        sys.executable,
+        str(ROOT / "sample.py"),
+        "--lora",
+        str(out / "lora.safetensors"),
+        "--prompt",
+        "a picture of sks girl climbing",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "s"),
+        "--device",
+        "cpu",
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     pngs = sorted((tmp_path / "s").glob("*.png"))
@@ -148,7 +195,9 @@ def test_default_finetune_and_sample_run_on_the_miniature(tmp_path):
 def test_bundled_captions_and_guidance_by_hand(tmp_path):
     paths = [data.kenney_path("female_adventurer", p) for p in ("climb1", "idle", "walk6")]
     assert tiny.instance_captions("a picture of zwx girl", paths) == [
-        "a picture of zwx girl climbing", "a picture of zwx girl standing", "a picture of zwx girl walking"]
+        "a picture of zwx girl climbing",
+        "a picture of zwx girl standing",
+        "a picture of zwx girl walking",
+    ]
     assert tiny.default_cfg(None) == tiny.default_cfg(SHIPPED) == 2.0
     assert tiny.default_cfg(tmp_path) == 5.0  # any other model: SDXL's usual guidance
-

@@ -1,5 +1,6 @@
 """The miniature's ControlNet: its training loop runs and writes weights load_controlnet reads, the training target
 is eps or v as the model's scheduler says, and the shipped ControlNet fits the shipped miniature and steers it."""
+
 import random
 
 import pytest

@@ -15,8 +15,9 @@ from minidiff.images import read_png_metadata
 from minidiff.schedule import Schedule
 
 TINY = ["--steps", "4", "--batch-size", "2", "--sample-steps", "2", "--threads", "1", "--save-every", "2"]
-needs_classifier = pytest.mark.skipif(not classifier.CLASSIFIER_PATH.is_file(),
-                                      reason=f"metrics need the shipped classifier: {classifier.TRAIN_COMMAND}")
+needs_classifier = pytest.mark.skipif(
+    not classifier.CLASSIFIER_PATH.is_file(), reason=f"metrics need the shipped classifier: {classifier.TRAIN_COMMAND}"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -30,8 +31,15 @@ def _keep_threads():
 def test_few_step_run_writes_all_outputs(tmp_path):
     out = tmp_path / "run"
     assert train_ddpm.main(TINY + ["--out", out, "--sample-every", "2"]) == 0
-    for name in ("grid.png", "loss.png", "loss.csv", "metrics.json", "checkpoints/step-000004.safetensors",
-                 "checkpoints/step-000002.safetensors", "samples/step-000002.png"):
+    for name in (
+        "grid.png",
+        "loss.png",
+        "loss.csv",
+        "metrics.json",
+        "checkpoints/step-000004.safetensors",
+        "checkpoints/step-000002.safetensors",
+        "samples/step-000002.png",
+    ):
         assert (out / name).is_file(), name
     meta = read_png_metadata(out / "grid.png")
     assert meta["seed"] == 0 and meta["step"] == 4
@@ -96,13 +104,16 @@ def test_seed_blend_is_the_notebooks_linear_blend():
     assert train_ddpm.SeedNet(32)(torch.randn(2, 3, 32, 32), torch.tensor([0, 4])).shape == (2, 3, 32, 32)
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--data", "/nonexistent/folder"], "no such folder"),
-    (["--steps", "0"], "--steps must be a positive integer"),
-    (["--ema-decay", "1.5"], "--ema-decay"),
-    (["--size", "48"], "invalid choice"),
-    (["--recipe", "seed", "--sample-steps", "10"], "5 training steps"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--data", "/nonexistent/folder"], "no such folder"),
+        (["--steps", "0"], "--steps must be a positive integer"),
+        (["--ema-decay", "1.5"], "--ema-decay"),
+        (["--size", "48"], "invalid choice"),
+        (["--recipe", "seed", "--sample-steps", "10"], "5 training steps"),
+    ],
+)
 def test_cli_errors_print_one_line_and_exit_2(tmp_path, capsys, argv, message):
     try:
         code = train_ddpm.main(argv + ["--out", tmp_path / "x"])

@@ -21,8 +21,17 @@ def _run(out, *extra):
 def test_tiny_run_writes_every_file(tmp_path):
     out = tmp_path / "run"
     assert _run(out, "--steps", "4", "--save-every", "2", "--sample-every", "2", "--r1", "auto") == 0
-    for name in ("grid.png", "grid-000002.png", "grid-000004.png", "loss.png", "d_outputs.png", "loss.csv",
-                 "metrics.json", "checkpoints/step-000002.safetensors", "checkpoints/step-000004.safetensors"):
+    for name in (
+        "grid.png",
+        "grid-000002.png",
+        "grid-000004.png",
+        "loss.png",
+        "d_outputs.png",
+        "loss.csv",
+        "metrics.json",
+        "checkpoints/step-000002.safetensors",
+        "checkpoints/step-000004.safetensors",
+    ):
         assert (out / name).is_file(), name
     meta = read_png_metadata(out / "grid.png")
     assert meta["seed"] == 3 and meta["recipe"] == "data-efficient" and meta["step"] == 4
@@ -61,15 +70,18 @@ def test_resume_equals_uninterrupted_bitwise(tmp_path):
     assert np.array_equal(*pixels)
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["--size", "48"], "--size must be a power of two"),
-    (["--steps", "0"], "--steps must be a positive integer"),
-    (["--r1", "lots"], "--r1 must be a number"),
-    (["--recipe", "stylegan"], "invalid choice"),
-    (["--data", "/nonexistent/folder"], "image folder not found"),
-    (["--device", "gpu0"], "--device must be"),
-    (["--resume", "latest", "--steps", "2"], "checkpoint not found"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--size", "48"], "--size must be a power of two"),
+        (["--steps", "0"], "--steps must be a positive integer"),
+        (["--r1", "lots"], "--r1 must be a number"),
+        (["--recipe", "stylegan"], "invalid choice"),
+        (["--data", "/nonexistent/folder"], "image folder not found"),
+        (["--device", "gpu0"], "--device must be"),
+        (["--resume", "latest", "--steps", "2"], "checkpoint not found"),
+    ],
+)
 def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, args, expected):
     with pytest.raises(SystemExit) as e:  # argparse errors exit from inside parse_args
         raise SystemExit(train_gan.main(TINY + ["--out", str(tmp_path / "x"), *args]))

@@ -49,22 +49,31 @@ def _train(model, opt, sched, ema, steps):
 
 
 def _state(model, opt, sched, ema):
-    return ([t.clone() for t in model.state_dict().values()] + [t.clone() for t in ema.state_dict().values()]
-            + [v.clone() for s in opt.state_dict()["state"].values() for v in s.values()]
-            + [torch.tensor(sched.get_last_lr()), torch.randn(3), torch.tensor(np.random.rand()),
-               torch.tensor(random.random())])
+    return (
+        [t.clone() for t in model.state_dict().values()]
+        + [t.clone() for t in ema.state_dict().values()]
+        + [v.clone() for s in opt.state_dict()["state"].values() for v in s.values()]
+        + [
+            torch.tensor(sched.get_last_lr()),
+            torch.randn(3),
+            torch.tensor(np.random.rand()),
+            torch.tensor(random.random()),
+        ]
+    )
 
 
 def _resumed(tmp_path, restore_rng=True):
     model, opt, sched, ema = _make(123)
     state.seed_all(0)
     _train(model, opt, sched, ema, 5)
-    state.save_checkpoint(tmp_path, 5, {"model": model, "ema": ema}, {"adam": opt}, {"warmup": sched},
-                             extra={"epoch": 2})
+    state.save_checkpoint(
+        tmp_path, 5, {"model": model, "ema": ema}, {"adam": opt}, {"warmup": sched}, extra={"epoch": 2}
+    )
     model, opt, sched, ema = _make(7)  # fresh objects, different weights and RNG state
     state.seed_all(999)
-    step, extra = state.load_checkpoint(tmp_path, {"model": model, "ema": ema}, {"adam": opt},
-                                           {"warmup": sched}, restore_rng=restore_rng)
+    step, extra = state.load_checkpoint(
+        tmp_path, {"model": model, "ema": ema}, {"adam": opt}, {"warmup": sched}, restore_rng=restore_rng
+    )
     assert (step, extra) == (5, {"epoch": 2})
     _train(model, opt, sched, ema, 5)
     return _state(model, opt, sched, ema)
@@ -103,7 +112,9 @@ def test_latest_keep_last_and_bad_input(tmp_path):
         model[0].bias.data.fill_(step)
         state.save_checkpoint(tmp_path, step, {"m": model}, {"o": opt}, keep_last=2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.safetensors")) == [
-        "step-000020.safetensors", "step-000030.safetensors"]
+        "step-000020.safetensors",
+        "step-000030.safetensors",
+    ]
     last = tmp_path / "checkpoints" / "step-000030.safetensors"
     for where in (tmp_path, tmp_path / "checkpoints", tmp_path / "latest", last):
         assert state.load_checkpoint(where, {"m": model}, {"o": opt})[0] == 30
@@ -136,8 +147,7 @@ def test_trainable_saves_only_trainable_params(tmp_path):
     model[0].requires_grad_(False)  # frozen "base model"
     state.save_checkpoint(tmp_path, 1, {"lora": state.Trainable(model)}, {})
     keys = safetensors.torch.load_file(tmp_path / "checkpoints" / "step-000001.safetensors").keys()
-    assert sorted(k for k in keys if k.startswith("module.")) == [
-        "module.lora.4.bias", "module.lora.4.weight"]
+    assert sorted(k for k in keys if k.startswith("module.")) == ["module.lora.4.bias", "module.lora.4.weight"]
     saved = model[4].weight.clone()
     model[4].weight.data.zero_()
     state.load_checkpoint(tmp_path, {"lora": state.Trainable(model)})

@@ -2,6 +2,7 @@
 
 Keys/shapes are compared at full size on the meta device (no memory); numerics on reduced-width configs of the same
 families (SDXL: text_time + linear proj; SD 1.5: conv proj, 4 levels; pixel DDPM: self-attention only)."""
+
 import functools
 import os
 
@@ -15,29 +16,74 @@ from minidiff.unet import BasicTransformerBlock, ResnetBlock2D, UNet, UNetConfig
 
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (written out here, independent of to_diffusers()).
 SDXL_HUB = {
-    "_class_name": "UNet2DConditionModel", "act_fn": "silu", "addition_embed_type": "text_time",
-    "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
-    "block_out_channels": [320, 640, 1280], "center_input_sample": False, "class_embed_type": None,
-    "class_embeddings_concat": False, "conv_in_kernel": 3, "conv_out_kernel": 3, "cross_attention_dim": 2048,
-    "cross_attention_norm": None, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "downsample_padding": 1, "dual_cross_attention": False, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
-    "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
-    "mid_block_only_cross_attention": None, "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "norm_eps": 1e-05, "norm_num_groups": 32, "num_attention_heads": None, "num_class_embeds": None,
-    "only_cross_attention": False, "out_channels": 4, "projection_class_embeddings_input_dim": 2816,
-    "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": False, "resnet_time_scale_shift": "default",
-    "sample_size": 128, "time_cond_proj_dim": None, "time_embedding_act_fn": None, "time_embedding_dim": None,
-    "time_embedding_type": "positional", "timestep_post_act": None, "transformer_layers_per_block": [1, 2, 10],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "upcast_attention": None,
-    "use_linear_projection": True}
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "class_embeddings_concat": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "cross_attention_dim": 2048,
+    "cross_attention_norm": None,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_only_cross_attention": None,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False,
+    "resnet_time_scale_shift": "default",
+    "sample_size": 128,
+    "time_cond_proj_dim": None,
+    "time_embedding_act_fn": None,
+    "time_embedding_dim": None,
+    "time_embedding_type": "positional",
+    "timestep_post_act": None,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": None,
+    "use_linear_projection": True,
+}
 # runwayml/stable-diffusion-v1-5 unet/config.json
 SD15_HUB = {
-    "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False, "cross_attention_dim": 768,
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
-    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
 
 
 def diffusers_kwargs(d: dict) -> dict:
@@ -48,9 +94,10 @@ def shapes(model) -> dict:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("hub, preset, tensors, params", [
-    (SDXL_HUB, UNetConfig.sdxl, 1680, 2_567_463_684),
-    (SD15_HUB, UNetConfig.sd15, 686, 859_520_964)])
+@pytest.mark.parametrize(
+    "hub, preset, tensors, params",
+    [(SDXL_HUB, UNetConfig.sdxl, 1680, 2_567_463_684), (SD15_HUB, UNetConfig.sd15, 686, 859_520_964)],
+)
 def test_full_size_keys_and_shapes_match_diffusers(hub, preset, tensors, params):
     assert UNetConfig.from_diffusers(hub) == preset()
     with torch.device("meta"):
@@ -65,9 +112,15 @@ def small_sdxl():
 
 
 def small_sd15():
-    return UNetConfig(block_out_channels=(32, 32, 64, 64), transformer_depth=(1, 1, 1, 0), mid_transformer_depth=1,
-                      num_heads=(8, 8, 8, 8), cross_attention_dim=48, use_linear_projection=False,
-                      addition_embed_type=None)
+    return UNetConfig(
+        block_out_channels=(32, 32, 64, 64),
+        transformer_depth=(1, 1, 1, 0),
+        mid_transformer_depth=1,
+        num_heads=(8, 8, 8, 8),
+        cross_attention_dim=48,
+        use_linear_projection=False,
+        addition_embed_type=None,
+    )
 
 
 def small_pixel():
@@ -111,9 +164,17 @@ def run_ref(ref, x, t, kw):
     return ref(x, t, kw.get("context"), added_cond_kwargs=added).sample
 
 
-@pytest.mark.parametrize("make_cfg, t", [
-    (small_sdxl, torch.tensor([10, 980])), (small_sdxl, 500), (small_sdxl, 37.5), (small_sdxl, torch.tensor(999)),
-    (small_sd15, torch.tensor([10, 980])), (small_pixel, torch.tensor([10, 980]))])
+@pytest.mark.parametrize(
+    "make_cfg, t",
+    [
+        (small_sdxl, torch.tensor([10, 980])),
+        (small_sdxl, 500),
+        (small_sdxl, 37.5),
+        (small_sdxl, torch.tensor(999)),
+        (small_sd15, torch.tensor([10, 980])),
+        (small_pixel, torch.tensor([10, 980])),
+    ],
+)
 def test_matches_diffusers(make_cfg, t):
     """t as a [B] int tensor, python int, python float and 0-d tensor; diffusers broadcasts each the same way."""
     cfg = make_cfg()
@@ -149,20 +210,22 @@ def test_sdxl_norm_eps():
 
 
 def test_gradient_checkpointing_same_output_and_grads():
-    cfg = UNetConfig.tiny_sdxl(block_out_channels=(32, 32), transformer_depth=(0, 1), layers_per_block=1,
-                               cross_attention_dim=40, pooled_dim=24)
+    cfg = UNetConfig.tiny_sdxl(
+        block_out_channels=(32, 32), transformer_depth=(0, 1), layers_per_block=1, cross_attention_dim=40, pooled_dim=24
+    )
     model = UNet(cfg).train()
     x, kw = inputs(cfg, H=8, W=8)
     calls = {"res": 0, "tf": 0}
     # pre-hooks: a recomputation may stop early (checkpoint early stop), so forward hooks would not see it
     model.mid_block.resnets[1].register_forward_pre_hook(lambda *a: calls.__setitem__("res", calls["res"] + 1))
     model.mid_block.attentions[0].transformer_blocks[0].register_forward_pre_hook(
-        lambda *a: calls.__setitem__("tf", calls["tf"] + 1))
+        lambda *a: calls.__setitem__("tf", calls["tf"] + 1)
+    )
 
     def step():
         model.zero_grad()
         out = model(x, torch.tensor([3, 700]), **kw)
-        (out ** 2).mean().backward()
+        (out**2).mean().backward()
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     out_a, grads_a = step()
@@ -194,8 +257,9 @@ def test_rejects_other_architectures_and_bad_inputs():
     with pytest.raises(CheckpointError, match="time_embedding_type"):
         UNetConfig.from_diffusers({**SD15_HUB, "time_embedding_type": "fourier"})
     with pytest.raises(CheckpointError, match="block_types"):
-        UNetConfig.from_diffusers({**SD15_HUB, "mid_block_type": "UNetMidBlock2DCrossAttn",
-                                   "down_block_types": ["AttnDownBlock2D"] * 4})
+        UNetConfig.from_diffusers(
+            {**SD15_HUB, "mid_block_type": "UNetMidBlock2DCrossAttn", "down_block_types": ["AttnDownBlock2D"] * 4}
+        )
     cfg = small_sdxl()
     m = UNet(cfg)
     x, kw = inputs(cfg, B=1)

@@ -1,5 +1,6 @@
 """minidiff.vae against diffusers' AutoencoderKL (the reference oracle) on identical weights; tiled decode against
 a closed-form identity (a local decoder makes tiling exact) and against plain decode."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,10 +11,20 @@ from minidiff.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
 
 # stabilityai/stable-diffusion-xl-base-1.0 vae/config.json
 SDXL_VAE_HUB = {
-    "_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "force_upcast": True, "in_channels": 3, "latent_channels": 4,
-    "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3, "sample_size": 1024, "scaling_factor": 0.13025,
-    "up_block_types": ["UpDecoderBlock2D"] * 4}
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "force_upcast": True,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
 
 
 def kwargs(d):
@@ -76,7 +87,7 @@ def test_posterior_closed_forms():
     assert torch.allclose(q.logvar.flatten(), torch.tensor([20.0, -30.0]))
     assert torch.allclose(q.std.flatten(), torch.exp(torch.tensor([10.0, -15.0])))
     m, lv = torch.tensor([0.5, -1.0]), torch.tensor([20.0, -30.0])
-    assert torch.allclose(q.kl(), (0.5 * (m ** 2 + lv.exp() - 1 - lv)).sum().view(1))
+    assert torch.allclose(q.kl(), (0.5 * (m**2 + lv.exp() - 1 - lv)).sum().view(1))
     g = torch.Generator().manual_seed(0)
     eps = torch.randn(1, 2, 1, 1, generator=torch.Generator().manual_seed(0))
     assert torch.equal(q.sample(g), q.mean + q.std * eps)
@@ -123,6 +134,7 @@ TILED_PSNR_DB, SEAM_RATIO = 22.0, 1.6
 def test_tiled_decode_error_and_its_seams_stay_within_the_stated_bounds():
     import sys
     from pathlib import Path
+
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from lowmem_error import tile_error
     from weights import build_vae

@@ -18,6 +18,8 @@ from minidiff.schedule import Schedule, split_at  # noqa: E402
 
 ZTSNR = dict(num_train_timesteps=1000, prediction_type="v_prediction", rescale_betas_zero_snr=True, steps_offset=1)
 BETAS = {"scaled_linear": dict(beta_start=0.00085, beta_end=0.012), "linear": dict(beta_start=1e-4, beta_end=0.02)}
+
+
 def ours(kind):
     return schedule_from_config({"beta_schedule": kind, **BETAS[kind], **ZTSNR})
 
@@ -40,8 +42,9 @@ def test_rescaled_betas_match_diffusers_and_end_at_zero_snr(kind):
 
 
 @pytest.mark.parametrize("name", list(CLASSES))
-@pytest.mark.parametrize("kind,spacing", [("linear", "trailing"), ("scaled_linear", "trailing"),
-                                          ("scaled_linear", "linspace")])
+@pytest.mark.parametrize(
+    "kind,spacing", [("linear", "trailing"), ("scaled_linear", "trailing"), ("scaled_linear", "linspace")]
+)
 def test_v_prediction_zero_snr_loop_matches_diffusers(name, kind, spacing):
     steps = 13
     ref = reference(name, kind, spacing)
@@ -52,8 +55,17 @@ def test_v_prediction_zero_snr_loop_matches_diffusers(name, kind, spacing):
         torch.testing.assert_close(sigmas, ref.sigmas.double(), rtol=1e-5, atol=1e-6)
         assert init_noise_sigma(sigmas, name, spacing) == pytest.approx(float(ref.init_noise_sigma), rel=1e-5)
     want = diffusers_loop(reference(name, kind, spacing), noise, steps, seed=5)
-    got = sample(denoiser, ours(kind), noise, steps, name, spacing, generator=torch.Generator().manual_seed(5),
-                 progress=False, prediction="v_prediction")
+    got = sample(
+        denoiser,
+        ours(kind),
+        noise,
+        steps,
+        name,
+        spacing,
+        generator=torch.Generator().manual_seed(5),
+        progress=False,
+        prediction="v_prediction",
+    )
     scale = want.abs().max()
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got / scale, want / scale, rtol=0, atol=2e-4)
@@ -81,8 +93,9 @@ def test_v_target_and_min_snr_weight_on_the_zero_snr_schedule_match_diffusers():
     g = torch.Generator().manual_seed(3)
     z0, eps = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
     t = torch.tensor([0, 400, 998, 999])
-    torch.testing.assert_close(diffusion_target(s, z0, eps, t, "v_prediction"), ref.get_velocity(z0, eps, t),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        diffusion_target(s, z0, eps, t, "v_prediction"), ref.get_velocity(z0, eps, t), rtol=1e-5, atol=1e-5
+    )
     torch.testing.assert_close(s.q_sample(z0, t, eps), ref.add_noise(z0, eps, t), rtol=1e-5, atol=1e-5)
     ab = ref.alphas_cumprod.double()[t]
     snr = ab / (1 - ab)

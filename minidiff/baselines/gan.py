@@ -28,18 +28,18 @@ RECIPES = ("dcgan", "data-efficient")
 @dataclass
 class GANConfig:
     recipe: str = "data-efficient"
-    size: int = 64                          # image side S, a power of two >= 16
-    latent: int = 128                       # dim of z
-    g_width: int = 64                       # G's last hidden width; each earlier layer doubles it (512, 256, 128, 64)
-    d_width: int = 64                       # D's first width; each later layer doubles it (64, 128, 256, 512)
-    d_norm: str = "spectral"                # "batch" (seed) | "spectral"
-    loss: str = "hinge"                     # "bce" (seed, non-saturating) | "hinge"
+    size: int = 64  # image side S, a power of two >= 16
+    latent: int = 128  # dim of z
+    g_width: int = 64  # G's last hidden width; each earlier layer doubles it (512, 256, 128, 64)
+    d_width: int = 64  # D's first width; each later layer doubles it (64, 128, 256, 512)
+    d_norm: str = "spectral"  # "batch" (seed) | "spectral"
+    loss: str = "hinge"  # "bce" (seed, non-saturating) | "hinge"
     augment: str = "color,translation,cutout"  # DiffAugment policy; "" = none
     lr: float = 2e-4
     betas: tuple = (0.5, 0.999)
-    ema_decay: float = 0.999                # 0 = no EMA copy of G
-    r1_gamma: float = 0.0                   # 0 = no R1; ADA's heuristic is 0.0002 * S^2 / batch
-    r1_every: int = 16                      # lazy regularisation: R1 on every 16th D step, scaled by 16
+    ema_decay: float = 0.999  # 0 = no EMA copy of G
+    r1_gamma: float = 0.0  # 0 = no R1; ADA's heuristic is 0.0002 * S^2 / batch
+    r1_every: int = 16  # lazy regularisation: R1 on every 16th D step, scaled by 16
 
     @classmethod
     def dcgan(cls, size=64, **kw):
@@ -77,7 +77,7 @@ class Generator(nn.Module):
     def __init__(self, latent=128, size=64, width=64):
         super().__init__()
         n = int(math.log2(size)) - 2
-        widths = [width * 2 ** k for k in reversed(range(n))]
+        widths = [width * 2**k for k in reversed(range(n))]
         layers = [nn.ConvTranspose2d(latent, widths[0], 4, 1, 0, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()]
         for c_in, c_out in zip(widths, widths[1:]):
             layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
@@ -131,7 +131,7 @@ class Discriminator(nn.Module):
         if norm not in ("batch", "spectral"):
             raise TrainingError(f"discriminator norm must be 'batch' or 'spectral', got {norm!r}")
         n = int(math.log2(size)) - 2
-        widths = [3] + [width * 2 ** k for k in range(n)]
+        widths = [3] + [width * 2**k for k in range(n)]
         conv = SNConv2d if norm == "spectral" else nn.Conv2d
         layers = []
         for c_in, c_out in zip(widths, widths[1:]):
@@ -324,9 +324,14 @@ def train_step(G, D, opt_g, opt_d, reals, config, step, ema=None):
         ema.update(G)
 
     real, fake = real.detach(), fake.detach()
-    logs.update(loss_d=loss_d.item(), loss_g=loss_g.item(),
-                d_x=torch.sigmoid(real).mean().item(), d_g_z=torch.sigmoid(fake).mean().item(),
-                score_real=real.mean().item(), score_fake=fake.mean().item())
+    logs.update(
+        loss_d=loss_d.item(),
+        loss_g=loss_g.item(),
+        d_x=torch.sigmoid(real).mean().item(),
+        d_g_z=torch.sigmoid(fake).mean().item(),
+        score_real=real.mean().item(),
+        score_fake=fake.mean().item(),
+    )
     return logs
 
 

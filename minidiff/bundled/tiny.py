@@ -53,9 +53,17 @@ TINY_DIR = assets_dir() / "tiny-sdxl"
 SIZE = 32
 CHANNELS = (16, 32, 64)
 TRAIN_COMMAND = "python train_ddpm.py --preset tiny-sdxl --out minidiff/assets/tiny-sdxl"
-SCHEDULER = {"_class_name": "EulerAncestralDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
-             "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "v_prediction",
-             "rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "steps_offset": 1}
+SCHEDULER = {
+    "_class_name": "EulerAncestralDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "timestep_spacing": "trailing",
+    "steps_offset": 1,
+}
 
 # ---------------------------------------------------------------------------------------------------- captions
 ACTION, VIEW, family = world.ACTION, world.VIEW, world.family
@@ -95,8 +103,11 @@ def instance_captions(prompt: str, paths) -> list[str]:
 
 def all_captions() -> list[str]:
     """One full caption per individual of the world (walking), and the DreamBooth prompts of both classes."""
-    return [world.caption(b, look, "walk0") for b in world.WORLD_BODIES for look in world.looks(b)] + \
-        dreambooth_prompts() + dreambooth_prompts(SECOND_CLASS_WORD)
+    return (
+        [world.caption(b, look, "walk0") for b in world.WORLD_BODIES for look in world.looks(b)]
+        + dreambooth_prompts()
+        + dreambooth_prompts(SECOND_CLASS_WORD)
+    )
 
 
 def all_words() -> set:
@@ -126,7 +137,7 @@ def _bpe(word: str, ranks: dict) -> list[str]:
         rank, i = min(pairs)
         if rank == 1e9:
             break
-        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
     return parts
 
 
@@ -176,12 +187,25 @@ def text_configs(vocab_size: int):
     128-d projection; 2 layers each (the context is the penultimate layer, the pooled vector the last)."""
     from transformers import CLIPTextConfig
 
-    common = dict(vocab_size=vocab_size, max_position_embeddings=77, num_hidden_layers=2, bos_token_id=vocab_size - 2,
-                  eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
-    c1 = CLIPTextConfig(hidden_size=64, intermediate_size=256, num_attention_heads=2, hidden_act="quick_gelu",
-                        projection_dim=64, **common)
-    c2 = CLIPTextConfig(hidden_size=128, intermediate_size=512, num_attention_heads=4, hidden_act="gelu",
-                        projection_dim=128, **common)
+    common = dict(
+        vocab_size=vocab_size,
+        max_position_embeddings=77,
+        num_hidden_layers=2,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+    c1 = CLIPTextConfig(
+        hidden_size=64,
+        intermediate_size=256,
+        num_attention_heads=2,
+        hidden_act="quick_gelu",
+        projection_dim=64,
+        **common,
+    )
+    c2 = CLIPTextConfig(
+        hidden_size=128, intermediate_size=512, num_attention_heads=4, hidden_act="gelu", projection_dim=128, **common
+    )
     return c1, c2
 
 
@@ -191,9 +215,17 @@ def unet_config():
     level either), context 64 + 128 = 192 channels, pooled 128."""
     from ..unet import UNetConfig
 
-    return UNetConfig.tiny_sdxl(block_out_channels=CHANNELS, layers_per_block=1, transformer_depth=(0, 1, 1),
-                                head_dim=16, cross_attention_dim=192, pooled_dim=128, in_channels=3, sample_size=SIZE,
-                                norm_num_groups=8)
+    return UNetConfig.tiny_sdxl(
+        block_out_channels=CHANNELS,
+        layers_per_block=1,
+        transformer_depth=(0, 1, 1),
+        head_dim=16,
+        cross_attention_dim=192,
+        pooled_dim=128,
+        in_channels=3,
+        sample_size=SIZE,
+        norm_num_groups=8,
+    )
 
 
 def build_pipeline(tok_dir, seed=0):
@@ -210,8 +242,14 @@ def build_pipeline(tok_dir, seed=0):
     tok2 = build_tokenizer(Path(tok_dir) / "tokenizer_2", "!")
     c1, c2 = text_configs(len(tok))
     text = TextConditioner(tok, CLIPTextModel(c1), tok2, CLIPTextModelWithProjection(c2))
-    return Pipeline(unet=UNet2DConditionModel(unet_config()), vae=None, text=text,
-                    schedule=schedule_from_config(SCHEDULER), name="tiny-sdxl", scheduler_config=dict(SCHEDULER))
+    return Pipeline(
+        unet=UNet2DConditionModel(unet_config()),
+        vae=None,
+        text=text,
+        schedule=schedule_from_config(SCHEDULER),
+        name="tiny-sdxl",
+        scheduler_config=dict(SCHEDULER),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- pretraining
@@ -245,8 +283,14 @@ def save_snapshot(nets, pipe, out: Path, step: int, info: dict, preview=True):
     from ..weights.pretrained import save_pipeline
 
     text = TextConditioner(pipe.text.tokenizer, nets["text_encoder"], pipe.text.tokenizer_2, nets["text_encoder_2"])
-    snap = Pipeline(unet=nets["unet"], vae=None, text=text, schedule=pipe.schedule, name="tiny-sdxl",
-                    scheduler_config=dict(SCHEDULER))
+    snap = Pipeline(
+        unet=nets["unet"],
+        vae=None,
+        text=text,
+        schedule=pipe.schedule,
+        name="tiny-sdxl",
+        scheduler_config=dict(SCHEDULER),
+    )
     save_pipeline(snap, out)
     (out / "train.json").write_text(json.dumps({**info, "step": step}, indent=2) + "\n")
     if preview:
@@ -260,45 +304,86 @@ def write_preview(pipe, path, step=None):
     from ..pipeline import generate
 
     prompts = preview_prompts()
-    settings = {"steps": 30, "cfg": 5.0, "sampler": "euler_a", "seed": 0, "width": SIZE, "height": SIZE,
-                "guidance_rescale": 0.7}
+    settings = {
+        "steps": 30,
+        "cfg": 5.0,
+        "sampler": "euler_a",
+        "seed": 0,
+        "width": SIZE,
+        "height": SIZE,
+        "guidance_rescale": 0.7,
+    }
     x = generate(pipe, prompts, progress=False, **settings)
     grid = make_grid(x.cpu(), nrow=len(ACTION) + 1)
-    save_png(grid.resize((grid.width * 4, grid.height * 4), 0), path,
-             {"prompts": prompts, **settings, "training_step": step, "rows": list(PRETRAIN_CHARACTERS), "scale": 4})
+    save_png(
+        grid.resize((grid.width * 4, grid.height * 4), 0),
+        path,
+        {"prompts": prompts, **settings, "training_step": step, "rows": list(PRETRAIN_CHARACTERS), "scale": 4},
+    )
 
 
-def pretrain(out_dir, steps=2500, batch_size=16, lr=1e-3, warmup=200, ema_decay=0.999, caption_dropout=0.1,
-             seed=0, device="cpu", save_every=250, progress=True, command=None) -> Path:
+def pretrain(
+    out_dir,
+    steps=2500,
+    batch_size=16,
+    lr=1e-3,
+    warmup=200,
+    ema_decay=0.999,
+    caption_dropout=0.1,
+    seed=0,
+    device="cpu",
+    save_every=250,
+    progress=True,
+    command=None,
+) -> Path:
     """Train the miniature from scratch on the world (minidiff/bundled/world.py: random individuals of 4 bodies x 13 poses,
     x-flipped at random) and write it to out_dir every `save_every` steps and at the end (a run cut short still
     leaves a usable model). Loss: v-prediction MSE on the zero-terminal-SNR schedule (module docstring)."""
     out, rng, gen = Path(out_dir), random.Random(seed), torch.Generator().manual_seed(seed)
     pipe = build_pipeline(out, seed)
-    nets = torch.nn.ModuleDict({"unet": pipe.unet, "text_encoder": pipe.text.text_encoder,
-                                "text_encoder_2": pipe.text.text_encoder_2}).to(device).train()
+    nets = (
+        torch.nn.ModuleDict(
+            {"unet": pipe.unet, "text_encoder": pipe.text.text_encoder, "text_encoder_2": pipe.text.text_encoder_2}
+        )
+        .to(device)
+        .train()
+    )
     ema = EMA(nets, ema_decay)
     opt = torch.optim.AdamW(nets.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     scene = world.World(SIZE)
     schedule = pipe.schedule
-    info = {"command": command, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
-            "ema_decay": ema_decay, "caption_dropout": caption_dropout, "seed": seed, "device": str(device),
-            "torch_threads": torch.get_num_threads(), "characters": list(PRETRAIN_CHARACTERS),
-            "individuals": scene.counts(), "parameters": sum(p.numel() for p in nets.parameters())}
+    info = {
+        "command": command,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "warmup": warmup,
+        "ema_decay": ema_decay,
+        "caption_dropout": caption_dropout,
+        "seed": seed,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "characters": list(PRETRAIN_CHARACTERS),
+        "individuals": scene.counts(),
+        "parameters": sum(p.numel() for p in nets.parameters()),
+    }
     log, start, last = LossLog(out), time.time(), {}
 
     def step_fn(step):
         x0, rows = scene.draw(batch_size, rng, world.NAMED_SHARE)
         flip = (torch.rand(batch_size, generator=gen) < 0.5)[:, None, None, None]
         x0 = torch.where(flip, x0.flip(-1), x0).to(device)  # [B, 3, 32, 32]
-        captions = ["" if rng.random() < caption_dropout else world.random_caption(b, look, p, rng, name=name)
-                    for b, p, look, name in rows]
+        captions = [
+            "" if rng.random() < caption_dropout else world.random_caption(b, look, p, rng, name=name)
+            for b, p, look, name in rows
+        ]
         context, pooled = embed(pipe.text, captions)
         t = torch.randint(0, schedule.T, (batch_size,), generator=gen)
         eps = torch.randn(x0.shape, generator=gen).to(device)
         x_t = schedule.q_sample(x0, t, eps)  # q(x_t | x_0)
-        pred = nets["unet"](x_t, t.to(device), context=context, text_embeds=pooled,
-                            time_ids=size_ids(batch_size, gen).to(device))
+        pred = nets["unet"](
+            x_t, t.to(device), context=context, text_embeds=pooled, time_ids=size_ids(batch_size, gen).to(device)
+        )
         loss = F.mse_loss(pred.float(), schedule.v_target(x0, eps, t))  # v = sqrt(ab) eps - sqrt(1 - ab) x_0
         check_finite(loss, step)  # before backward: nothing NaN reaches the weights
         for g in opt.param_groups:
@@ -314,15 +399,23 @@ def pretrain(out_dir, steps=2500, batch_size=16, lr=1e-3, warmup=200, ema_decay=
         save_snapshot(ema.module, pipe, out, step, info, preview=step == steps)
         log.plot(title="tiny-sdxl pretraining loss (v MSE)")
 
-    loop.train(step_fn=step_fn, steps=steps, finite=(), desc="pretraining tiny-sdxl", progress=progress,
-               hooks=[(25, lambda step: log.log(step, loss=last["loss"]), True), (save_every, snapshot, True)])
+    loop.train(
+        step_fn=step_fn,
+        steps=steps,
+        finite=(),
+        desc="pretraining tiny-sdxl",
+        progress=progress,
+        hooks=[(25, lambda step: log.log(step, loss=last["loss"]), True), (save_every, snapshot, True)],
+    )
     return out
 
 
 def main(argv=None):
     """`python train_ddpm.py --preset tiny-sdxl [flags]` (or `python -m minidiff.bundled.tiny [flags]`)."""
-    p = ArgumentParser(prog="train_ddpm.py --preset tiny-sdxl",
-                                description="Pretrain the bundled miniature SDXL (minidiff/assets/tiny-sdxl).")
+    p = ArgumentParser(
+        prog="train_ddpm.py --preset tiny-sdxl",
+        description="Pretrain the bundled miniature SDXL (minidiff/assets/tiny-sdxl).",
+    )
     p.add_argument("--out", default=str(TINY_DIR))
     p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--batch-size", type=int, default=16)
@@ -333,14 +426,30 @@ def main(argv=None):
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: on a shared machine, more threads "
-                   "spin-wait for each other and cost 10x the CPU time per step)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1: on a shared machine, more threads "
+        "spin-wait for each other and cost 10x the CPU time per step)",
+    )
     argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    return exit_code(pretrain, a.out, a.steps, a.batch_size, a.lr, a.warmup, a.ema_decay, a.caption_dropout, a.seed,
-                     a.device, a.save_every,
-                     command=shlex.join(["python", "train_ddpm.py", "--preset", "tiny-sdxl", *argv]))
+    return exit_code(
+        pretrain,
+        a.out,
+        a.steps,
+        a.batch_size,
+        a.lr,
+        a.warmup,
+        a.ema_decay,
+        a.caption_dropout,
+        a.seed,
+        a.device,
+        a.save_every,
+        command=shlex.join(["python", "train_ddpm.py", "--preset", "tiny-sdxl", *argv]),
+    )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ classifier's pose family of each sample against the drawing's, also family-balan
 `python -m minidiff.bundled.tiny_controlnet --out DIR` (train, evaluate, figure) or `--eval-only` on shipped weights
 (`--lora FILE --prompt "a picture of sks girl"`: with a DreamBooth LoRA).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,8 +81,21 @@ def target(schedule_config: dict, x0, eps, alpha_bar):
 
 
 # --------------------------------------------------------------------------------------------------------- training
-def train(pipe, out_dir, steps=2500, batch_size=16, lr=1e-3, caption_dropout=0.5, ema_decay=0.99, seed=0,
-          progress=True, command=None, minutes=None, new_lr_mult=10.0, high_t=0.5) -> ControlNetModel:
+def train(
+    pipe,
+    out_dir,
+    steps=2500,
+    batch_size=16,
+    lr=1e-3,
+    caption_dropout=0.5,
+    ema_decay=0.99,
+    seed=0,
+    progress=True,
+    command=None,
+    minutes=None,
+    new_lr_mult=10.0,
+    high_t=0.5,
+) -> ControlNetModel:
     """Train a ControlNet for pipe's UNet (frozen) and save its EMA weights to out_dir (diffusers layout), for
     `steps` steps or until `minutes` of wall-clock time have passed (then it saves and stops early). The parts that
     start at zero (condition encoder, zero convs) learn at new_lr_mult x lr: both zero at first, they would otherwise
@@ -101,8 +115,10 @@ def train(pipe, out_dir, steps=2500, batch_size=16, lr=1e-3, caption_dropout=0.5
     net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=HINT).train()
     new = [p for n, p in net.named_parameters() if n.startswith("controlnet_")]  # condition encoder, zero convs
     copied = [p for n, p in net.named_parameters() if not n.startswith("controlnet_")]  # the UNet's encoder copy
-    groups = [{"params": copied, "lr": lr, "base": lr},
-              {"params": new, "lr": lr * new_lr_mult, "base": lr * new_lr_mult}]
+    groups = [
+        {"params": copied, "lr": lr, "base": lr},
+        {"params": new, "lr": lr * new_lr_mult, "base": lr * new_lr_mult},
+    ]
     ema, opt = EMA(net, ema_decay), torch.optim.AdamW(groups, weight_decay=0.0)
     sampler, alpha_bar = WorldSampler(), pipe.schedule.alpha_bar.float()
     val = validation_batch(pipe, sampler)
@@ -144,13 +160,25 @@ def train(pipe, out_dir, steps=2500, batch_size=16, lr=1e-3, caption_dropout=0.5
         if step % 500 == 0 or last:
             save_controlnet(ema.module, out)
             log.plot(title="tiny ControlNet training loss")
-            info = {"command": command, "steps": step, "batch_size": batch_size, "lr": lr, "new_lr_mult": new_lr_mult,
-                    "ema_decay": ema_decay, "high_t": high_t,
-                    "caption_dropout": caption_dropout, "seed": seed, "torch_threads": torch.get_num_threads(),
-                    "minutes": round((time.time() - start) / 60, 2),
-                    "cpu_minutes": round((time.process_time() - cpu) / 60, 2), "hint": list(HINT), "canny": CANNY,
-                    "scribble": SCRIBBLE, "world": "world.World",
-                    "parameters": sum(p.numel() for p in net.parameters())}
+            info = {
+                "command": command,
+                "steps": step,
+                "batch_size": batch_size,
+                "lr": lr,
+                "new_lr_mult": new_lr_mult,
+                "ema_decay": ema_decay,
+                "high_t": high_t,
+                "caption_dropout": caption_dropout,
+                "seed": seed,
+                "torch_threads": torch.get_num_threads(),
+                "minutes": round((time.time() - start) / 60, 2),
+                "cpu_minutes": round((time.process_time() - cpu) / 60, 2),
+                "hint": list(HINT),
+                "canny": CANNY,
+                "scribble": SCRIBBLE,
+                "world": "world.World",
+                "parameters": sum(p.numel() for p in net.parameters()),
+            }
             io.write_json(info, out / "train.json")
         if last:
             break
@@ -167,9 +195,15 @@ def validation_batch(pipe, sampler, n=32, seed=1234) -> dict:
     eps, ab = torch.randn(x0.shape, generator=gen), alpha_bar[t][:, None, None, None]
     with torch.no_grad():
         context, pooled = tiny.embed(pipe.text, captions)
-    return dict(x_t=ab.sqrt() * x0 + (1 - ab).sqrt() * eps, t=t, context=context, pooled=pooled,
-                ids=tiny.size_ids(n, gen), cond=control_images(x0, ["canny", "scribble"] * (n // 2)),
-                target=target(pipe.scheduler_config, x0, eps, ab))
+    return dict(
+        x_t=ab.sqrt() * x0 + (1 - ab).sqrt() * eps,
+        t=t,
+        context=context,
+        pooled=pooled,
+        ids=tiny.size_ids(n, gen),
+        cond=control_images(x0, ["canny", "scribble"] * (n // 2)),
+        target=target(pipe.scheduler_config, x0, eps, ab),
+    )
 
 
 @torch.no_grad()
@@ -178,8 +212,10 @@ def validation_loss(pipe, net, val: dict) -> dict:
     args = (val["x_t"], val["t"], val["context"], val["pooled"], val["ids"])
     down, mid = net.eval()(*args, val["cond"])
     steered = pipe.unet(*args, down_residuals=down, mid_residual=mid)
-    return {"val_control": F.mse_loss(steered.float(), val["target"]).item(),
-            "val_free": F.mse_loss(pipe.unet(*args).float(), val["target"]).item()}
+    return {
+        "val_control": F.mse_loss(steered.float(), val["target"]).item(),
+        "val_free": F.mse_loss(pipe.unet(*args).float(), val["target"]).item(),
+    }
 
 
 # ------------------------------------------------------------------------------------------------------- evaluation
@@ -209,13 +245,16 @@ def shares(matches: dict) -> dict:
     for pose, m in matches.items():
         fams.setdefault(pose_family(pose), []).extend(m)
     pooled = [x for m in matches.values() for x in m]
-    return {"all": round(sum(pooled) / len(pooled), 3),
-            "family-balanced": round(sum(sum(m) / len(m) for m in fams.values()) / len(fams), 3)}
+    return {
+        "all": round(sum(pooled) / len(pooled), 3),
+        "family-balanced": round(sum(sum(m) / len(m) for m in fams.values()) / len(fams), 3),
+    }
 
 
 @torch.no_grad()
-def evaluate(pipe, net, n=8, prompt=PROMPT, scale=1.0, steps=30, cfg=tiny.GUIDANCE, sampler=None, guess_mode=False,
-             progress=True) -> tuple[dict, dict]:
+def evaluate(
+    pipe, net, n=8, prompt=PROMPT, scale=1.0, steps=30, cfg=tiny.GUIDANCE, sampler=None, guess_mode=False, progress=True
+) -> tuple[dict, dict]:
     """({measurements}, {(pose, kind or None, prompt): samples [n, 3, S, S]}): the classifier's pose family of each
     sample against the control drawing's, seeds 0 .. n - 1, the model's sampler by default.
 
@@ -251,8 +290,10 @@ def evaluate(pipe, net, n=8, prompt=PROMPT, scale=1.0, steps=30, cfg=tiny.GUIDAN
         kinds.setdefault(kind, {})[pose] = m
         free_m[pose] = matches(free, pose)
     held = lambda d: {p: d[p] for p in data.HELD_OUT_POSES}  # noqa: E731
-    out = {"held-out poses": {"with control": shares(held(with_c)), "without control": shares(held(free_m))},
-           "all 13 poses": {"with control": shares(with_c), "without control": shares(free_m)}}
+    out = {
+        "held-out poses": {"with control": shares(held(with_c)), "without control": shares(held(free_m))},
+        "all 13 poses": {"with control": shares(with_c), "without control": shares(free_m)},
+    }
     for kind, d in kinds.items():
         out["held-out poses"][kind] = shares(held(d))
     out["per pose, with control"] = {p: round(sum(m) / len(m), 3) for p, m in with_c.items()}
@@ -261,7 +302,8 @@ def evaluate(pipe, net, n=8, prompt=PROMPT, scale=1.0, steps=30, cfg=tiny.GUIDAN
     controlled = torch.cat([samples[(pose, kind, prompt)] for pose, kind, _, _ in controls])
     out["recognised as the target"] = {  # what a DreamBooth LoRA (--lora) keeps of her under the control
         name: round(sum(c == data.TARGET_CHARACTER for c in predict(x, model)[0]) / len(x), 3)
-        for name, x in (("with control", controlled), ("without control", free))}
+        for name, x in (("with control", controlled), ("without control", free))
+    }
     conflict = {"with control": {}, "without control": {}}
     for pose, kind, _, control in controls:
         if kind != "canny" or pose not in data.HELD_OUT_POSES:
@@ -294,7 +336,7 @@ def figure(samples: dict, path, prompt=PROMPT, per_row=6):
         cells += row
         rows.append(pose + (" (held out)" if pose in data.HELD_OUT_POSES else ""))
     free = samples[(None, None, prompt)]
-    cells += [blank, blank, *free[:k], blank, *free[k:2 * k], *[blank] * (2 * k - len(free[:2 * k]))]
+    cells += [blank, blank, *free[:k], blank, *free[k : 2 * k], *[blank] * (2 * k - len(free[: 2 * k]))]
     rows.append("no control")
     for pose, kind, drawing, control in held_out_controls(("canny",)):
         words = f"{prompt} {conflicting_action(pose)}"
@@ -302,15 +344,24 @@ def figure(samples: dict, path, prompt=PROMPT, per_row=6):
         rows.append(f"{pose} + '{conflicting_action(pose)}'")
     cols = ["drawing", "canny", *[""] * k, "scribble", *[""] * k]
     sheet = labelled_grid(torch.stack(cells), rows, cols, scale=3)
-    return save_png(sheet, path, {"prompt": prompt, "seeds": list(range(k)),
-                                  "rows": "each pose of the target: drawing, canny + samples, scribble + samples; "
-                                          "no control; held-out poses under a conflicting action word: canny + "
-                                          "samples, then that prompt's samples without control"})
+    return save_png(
+        sheet,
+        path,
+        {
+            "prompt": prompt,
+            "seeds": list(range(k)),
+            "rows": "each pose of the target: drawing, canny + samples, scribble + samples; "
+            "no control; held-out poses under a conflicting action word: canny + "
+            "samples, then that prompt's samples without control",
+        },
+    )
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minidiff.bundled.tiny_controlnet",
-                                description="Train and evaluate the miniature's pose ControlNet.")
+    p = argparse.ArgumentParser(
+        prog="python -m minidiff.bundled.tiny_controlnet",
+        description="Train and evaluate the miniature's pose ControlNet.",
+    )
     p.add_argument("--model", default=str(tiny.TINY_DIR))
     p.add_argument("--out", default=str(CONTROLNET_DIR))
     p.add_argument("--steps", type=int, default=2500)
@@ -346,20 +397,46 @@ def main(argv=None):
         if a.eval_only:
             net = load_controlnet(a.out)
         else:
-            net = train(pipe, a.out, a.steps, a.batch_size, a.lr, seed=a.seed, minutes=a.minutes, high_t=a.high_t,
-                        command=shlex.join(["python", "-m", "minidiff.bundled.tiny_controlnet", *argv]))
+            net = train(
+                pipe,
+                a.out,
+                a.steps,
+                a.batch_size,
+                a.lr,
+                seed=a.seed,
+                minutes=a.minutes,
+                high_t=a.high_t,
+                command=shlex.join(["python", "-m", "minidiff.bundled.tiny_controlnet", *argv]),
+            )
         t1 = time.time()
-        measured, samples = evaluate(pipe, net, a.n, prompt=a.prompt, scale=a.scale, steps=30, cfg=a.cfg,
-                                     sampler=a.sampler, guess_mode=a.guess_mode)
+        measured, samples = evaluate(
+            pipe,
+            net,
+            a.n,
+            prompt=a.prompt,
+            scale=a.scale,
+            steps=30,
+            cfg=a.cfg,
+            sampler=a.sampler,
+            guess_mode=a.guess_mode,
+        )
         out = Path(a.eval_out or a.out)
         figure(samples, out / "samples.png", prompt=a.prompt)
-        result = {"pose_family_match": measured, "n_per_pose_and_kind": a.n,
-                  "held_out_poses": list(data.HELD_OUT_POSES), "prompt": a.prompt, "lora": a.lora, "sampler": a.sampler,
-                  "guess_mode": a.guess_mode, "scale": a.scale,
-                  "cfg": a.cfg, "steps": 30,
-                  "command": shlex.join(["python", "-m", "minidiff.bundled.tiny_controlnet", *argv]),
-                  "train_minutes": None if a.eval_only else round((t1 - t0) / 60, 2),
-                  "eval_minutes": round((time.time() - t1) / 60, 2)}
+        result = {
+            "pose_family_match": measured,
+            "n_per_pose_and_kind": a.n,
+            "held_out_poses": list(data.HELD_OUT_POSES),
+            "prompt": a.prompt,
+            "lora": a.lora,
+            "sampler": a.sampler,
+            "guess_mode": a.guess_mode,
+            "scale": a.scale,
+            "cfg": a.cfg,
+            "steps": 30,
+            "command": shlex.join(["python", "-m", "minidiff.bundled.tiny_controlnet", *argv]),
+            "train_minutes": None if a.eval_only else round((t1 - t0) / 60, 2),
+            "eval_minutes": round((time.time() - t1) / 60, 2),
+        }
         io.write_json(result, out / "eval.json")
         print(json.dumps(result, indent=2))
 

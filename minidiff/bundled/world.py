@@ -41,54 +41,141 @@ import torch
 
 from .. import data
 
-CLASS_WORD = {"female_person": "girl", "male_person": "man", "zombie": "zombie", "robot": "robot",
-              "female_adventurer": "girl", "male_adventurer": "man"}
+CLASS_WORD = {
+    "female_person": "girl",
+    "male_person": "man",
+    "zombie": "zombie",
+    "robot": "robot",
+    "female_adventurer": "girl",
+    "male_adventurer": "man",
+}
 WORLD_BODIES = ("female_person", "male_person", "zombie", "robot")
 SECOND_CHARACTER = "male_adventurer"  # never in pretraining: the "second character" DreamBooth check ("sks man")
-REGIONS = {"female_person": ("hair", "skin", "shirt", "trousers"), "male_person": ("hair", "skin", "shirt", "trousers"),
-           "zombie": ("skin", "shirt", "trousers"), "robot": ("metal",)}
+REGIONS = {
+    "female_person": ("hair", "skin", "shirt", "trousers"),
+    "male_person": ("hair", "skin", "shirt", "trousers"),
+    "zombie": ("skin", "shirt", "trousers"),
+    "robot": ("metal",),
+}
 
 # key colours of each drawing (its own palette, RGB) -> region (None: keep the pixel's colour); the first key of a
 # region is its main colour c_r
 KEYS = {
-    "female_person": [((60, 62, 65), "hair"), ((73, 78, 85), "hair"),
-                      ((191, 121, 88), "skin"), ((163, 110, 85), "skin"), ((168, 96, 63), "skin"),
-                      ((149, 84, 53), "skin"),
-                      ((60, 189, 121), "shirt"), ((36, 167, 98), "shirt"), ((58, 152, 104), "shirt"),
-                      ((57, 120, 89), "shirt"), ((36, 138, 85), "shirt"),
-                      ((96, 98, 184), "trousers"),
-                      ((255, 255, 255), None), ((113, 162, 190), None), ((212, 212, 212), None),
-                      ((165, 183, 197), None), ((241, 241, 241), None), ((225, 153, 93), None), ((99, 137, 158), None),
-                      ((124, 90, 75), None), ((104, 75, 62), None), ((77, 96, 108), None)],
-    "male_person": [((60, 62, 65), "hair"), ((72, 77, 84), "hair"),
-                    ((191, 121, 88), "skin"), ((158, 106, 82), "skin"), ((149, 84, 54), "skin"),
-                    ((238, 161, 96), "shirt"), ((206, 133, 70), "shirt"), ((218, 147, 88), "shirt"),
-                    ((182, 112, 63), "shirt"),
-                    ((98, 101, 189), "trousers"), ((69, 71, 155), "trousers"), ((85, 88, 172), "trousers"),
-                    ((255, 255, 255), None), ((222, 222, 222), None), ((226, 238, 247), None), ((178, 198, 213), None),
-                    ((158, 175, 189), None), ((191, 212, 229), None), ((206, 206, 208), None), ((125, 91, 76), None),
-                    ((108, 74, 59), None)],
-    "zombie": [((61, 191, 158), "skin"), ((41, 166, 134), "skin"), ((36, 146, 118), "skin"), ((60, 154, 151), "skin"),
-               ((25, 126, 100), "skin"), ((57, 100, 92), "skin"),
-               ((102, 105, 197), "shirt"), ((73, 75, 164), "shirt"), ((91, 93, 176), "shirt"), ((61, 63, 139), "shirt"),
-               ((224, 151, 90), "trousers"),
-               ((60, 62, 65), None), ((74, 79, 86), None), ((255, 204, 0), None), ((255, 255, 255), None)],
-    "robot": [((83, 147, 197), "metal"), ((71, 124, 166), "metal"), ((63, 109, 147), "metal"), ((57, 95, 124), "metal"),
-              ((50, 77, 98), "metal"), ((40, 61, 78), "metal"), ((164, 195, 221), "metal"), ((191, 212, 229), "metal"),
-              ((163, 179, 192), "metal"),
-              ((255, 204, 0), None), ((255, 102, 153), None), ((255, 255, 255), None), ((235, 93, 140), None)],
+    "female_person": [
+        ((60, 62, 65), "hair"),
+        ((73, 78, 85), "hair"),
+        ((191, 121, 88), "skin"),
+        ((163, 110, 85), "skin"),
+        ((168, 96, 63), "skin"),
+        ((149, 84, 53), "skin"),
+        ((60, 189, 121), "shirt"),
+        ((36, 167, 98), "shirt"),
+        ((58, 152, 104), "shirt"),
+        ((57, 120, 89), "shirt"),
+        ((36, 138, 85), "shirt"),
+        ((96, 98, 184), "trousers"),
+        ((255, 255, 255), None),
+        ((113, 162, 190), None),
+        ((212, 212, 212), None),
+        ((165, 183, 197), None),
+        ((241, 241, 241), None),
+        ((225, 153, 93), None),
+        ((99, 137, 158), None),
+        ((124, 90, 75), None),
+        ((104, 75, 62), None),
+        ((77, 96, 108), None),
+    ],
+    "male_person": [
+        ((60, 62, 65), "hair"),
+        ((72, 77, 84), "hair"),
+        ((191, 121, 88), "skin"),
+        ((158, 106, 82), "skin"),
+        ((149, 84, 54), "skin"),
+        ((238, 161, 96), "shirt"),
+        ((206, 133, 70), "shirt"),
+        ((218, 147, 88), "shirt"),
+        ((182, 112, 63), "shirt"),
+        ((98, 101, 189), "trousers"),
+        ((69, 71, 155), "trousers"),
+        ((85, 88, 172), "trousers"),
+        ((255, 255, 255), None),
+        ((222, 222, 222), None),
+        ((226, 238, 247), None),
+        ((178, 198, 213), None),
+        ((158, 175, 189), None),
+        ((191, 212, 229), None),
+        ((206, 206, 208), None),
+        ((125, 91, 76), None),
+        ((108, 74, 59), None),
+    ],
+    "zombie": [
+        ((61, 191, 158), "skin"),
+        ((41, 166, 134), "skin"),
+        ((36, 146, 118), "skin"),
+        ((60, 154, 151), "skin"),
+        ((25, 126, 100), "skin"),
+        ((57, 100, 92), "skin"),
+        ((102, 105, 197), "shirt"),
+        ((73, 75, 164), "shirt"),
+        ((91, 93, 176), "shirt"),
+        ((61, 63, 139), "shirt"),
+        ((224, 151, 90), "trousers"),
+        ((60, 62, 65), None),
+        ((74, 79, 86), None),
+        ((255, 204, 0), None),
+        ((255, 255, 255), None),
+    ],
+    "robot": [
+        ((83, 147, 197), "metal"),
+        ((71, 124, 166), "metal"),
+        ((63, 109, 147), "metal"),
+        ((57, 95, 124), "metal"),
+        ((50, 77, 98), "metal"),
+        ((40, 61, 78), "metal"),
+        ((164, 195, 221), "metal"),
+        ((191, 212, 229), "metal"),
+        ((163, 179, 192), "metal"),
+        ((255, 204, 0), None),
+        ((255, 102, 153), None),
+        ((255, 255, 255), None),
+        ((235, 93, 140), None),
+    ],
 }
 
 COLOURS = {  # region -> colour name -> main colour (RGB); each drawing's own colours are among them
-    "hair": {"black": (60, 62, 65), "brown": (150, 90, 55), "blonde": (236, 196, 88), "red": (205, 80, 45),
-             "white": (222, 222, 222)},
+    "hair": {
+        "black": (60, 62, 65),
+        "brown": (150, 90, 55),
+        "blonde": (236, 196, 88),
+        "red": (205, 80, 45),
+        "white": (222, 222, 222),
+    },
     "skin": {"brown": (191, 121, 88), "tan": (226, 166, 122), "pale": (255, 215, 177)},
-    "shirt": {"green": (60, 189, 121), "red": (222, 72, 72), "yellow": (240, 202, 60), "purple": (102, 105, 197),
-              "orange": (238, 161, 96), "pink": (240, 130, 180), "blue": (80, 140, 215)},
-    "trousers": {"purple": (96, 98, 184), "blue": (60, 96, 170), "black": (60, 62, 65), "brown": (150, 95, 60),
-                 "grey": (150, 150, 150), "orange": (224, 151, 90)},
-    "metal": {"blue": (83, 147, 197), "red": (200, 80, 80), "green": (80, 170, 100), "gold": (220, 180, 60),
-              "grey": (150, 155, 165), "purple": (140, 100, 200)},
+    "shirt": {
+        "green": (60, 189, 121),
+        "red": (222, 72, 72),
+        "yellow": (240, 202, 60),
+        "purple": (102, 105, 197),
+        "orange": (238, 161, 96),
+        "pink": (240, 130, 180),
+        "blue": (80, 140, 215),
+    },
+    "trousers": {
+        "purple": (96, 98, 184),
+        "blue": (60, 96, 170),
+        "black": (60, 62, 65),
+        "brown": (150, 95, 60),
+        "grey": (150, 150, 150),
+        "orange": (224, 151, 90),
+    },
+    "metal": {
+        "blue": (83, 147, 197),
+        "red": (200, 80, 80),
+        "green": (80, 170, 100),
+        "gold": (220, 180, 60),
+        "grey": (150, 155, 165),
+        "purple": (140, 100, 200),
+    },
 }
 ZOMBIE_SKIN = {"green": (61, 191, 158), "grey": (150, 160, 150), "blue": (100, 160, 210)}
 ACTION = {"climb": "climbing", "fall": "falling", "idle": "standing", "jump": "jumping", "walk": "walking"}
@@ -120,8 +207,10 @@ def looks(body: str) -> list[dict]:
 def original_look(body: str) -> dict:
     """The Kenney drawing's own colours, named (the nearest named colour of each region's main key)."""
     main = {r: next(k for k, reg in KEYS[body] if reg == r) for r in REGIONS[body]}
-    return {r: min(palette(body, r), key=lambda n: sum(abs(a - b) for a, b in zip(palette(body, r)[n], main[r])))
-            for r in REGIONS[body]}
+    return {
+        r: min(palette(body, r), key=lambda n: sum(abs(a - b) for a, b in zip(palette(body, r)[n], main[r])))
+        for r in REGIONS[body]
+    }
 
 
 def family(pose: str) -> str:
@@ -158,9 +247,48 @@ def random_caption(body: str, look: dict, pose: str, rng: random.Random, keep=0.
 
 # Named individuals: NAMES[i] is always the same individual (`named`), so pretraining teaches what DreamBooth asks
 # for later: a rare word before the class word picks one member of the class. "sks" is not a name: it stays unseen.
-NAMES = ("bix", "dax", "fen", "gub", "hol", "jot", "kip", "lum", "mox", "nib", "pim", "quo", "rud", "tez", "vop",
-         "wex", "yad", "zib", "bor", "cav", "dul", "fip", "gax", "hev", "jun", "kel", "lof", "mip", "nox", "pev",
-         "rax", "sul", "tib", "vek", "wib", "yul", "zop", "bem", "cuz", "dif")
+NAMES = (
+    "bix",
+    "dax",
+    "fen",
+    "gub",
+    "hol",
+    "jot",
+    "kip",
+    "lum",
+    "mox",
+    "nib",
+    "pim",
+    "quo",
+    "rud",
+    "tez",
+    "vop",
+    "wex",
+    "yad",
+    "zib",
+    "bor",
+    "cav",
+    "dul",
+    "fip",
+    "gax",
+    "hev",
+    "jun",
+    "kel",
+    "lof",
+    "mip",
+    "nox",
+    "pev",
+    "rax",
+    "sul",
+    "tib",
+    "vek",
+    "wib",
+    "yul",
+    "zop",
+    "bem",
+    "cuz",
+    "dif",
+)
 NAMED_SHARE = 0.25  # of pretraining rows show a named individual
 
 
@@ -172,8 +300,22 @@ def named(seed=0) -> dict:
 
 def vocabulary() -> set:
     """Every word a world caption can contain."""
-    words = {"a", "picture", "of", "with", "and", "in", "seen", "from", "the", *ACTION.values(), *VIEW.values(),
-             *CLASS_WORD.values(), *REGIONS_WORDS, *NAMES}
+    words = {
+        "a",
+        "picture",
+        "of",
+        "with",
+        "and",
+        "in",
+        "seen",
+        "from",
+        "the",
+        *ACTION.values(),
+        *VIEW.values(),
+        *CLASS_WORD.values(),
+        *REGIONS_WORDS,
+        *NAMES,
+    }
     for body in WORLD_BODIES:
         for r in REGIONS[body]:
             words |= set(palette(body, r))
@@ -240,7 +382,7 @@ class World:
         x = F_.clone()
         for plane, r in zip(P, REGIONS[body]):
             x += plane[None] * torch.tensor(palette(body, r)[look[r]], dtype=torch.float32)[:, None, None] / 255.0
-        return (x.clamp(0, 1) * 2 - 1)
+        return x.clamp(0, 1) * 2 - 1
 
     def draw(self, n: int, rng: random.Random, named_share: float = 0.0):
         """n random rows: x [n, 3, S, S] in [-1, 1], and (body, pose, look, name or None) per row: with probability

@@ -12,10 +12,34 @@ Read in this order (each file one concept; `from minidiff import dreambooth as d
 from .cache import Examples, PromptCache, encode_captions, encode_examples, size_ids
 from .class_images import CLASS_NAME, check_class_images, class_image_plan, generate_class_images
 from .loop import TrainConfig, lr_factor, train
-from .loss import (combine_rows, compute_loss, diffusion_target, make_batch, prior_preservation_loss, row_weights,
-                   rows_of_rank)
+from .loss import (
+    combine_rows,
+    compute_loss,
+    diffusion_target,
+    make_batch,
+    prior_preservation_loss,
+    row_weights,
+    rows_of_rank,
+)
 
-__all__ = ["CLASS_NAME", "Examples", "PromptCache", "TrainConfig", "check_class_images", "class_image_plan",
-           "combine_rows", "compute_loss", "diffusion_target", "encode_captions", "encode_examples",
-           "generate_class_images", "lr_factor", "make_batch", "prior_preservation_loss", "row_weights",
-           "rows_of_rank", "size_ids", "train"]
+__all__ = [
+    "CLASS_NAME",
+    "Examples",
+    "PromptCache",
+    "TrainConfig",
+    "check_class_images",
+    "class_image_plan",
+    "combine_rows",
+    "compute_loss",
+    "diffusion_target",
+    "encode_captions",
+    "encode_examples",
+    "generate_class_images",
+    "lr_factor",
+    "make_batch",
+    "prior_preservation_loss",
+    "row_weights",
+    "rows_of_rank",
+    "size_ids",
+    "train",
+]

@@ -66,8 +66,9 @@ class Examples:
 
 
 @torch.no_grad()
-def encode_examples(dataset: ImageFolder, vae=None, device="cpu", default_caption="", batch_size=4,
-                    progress=True) -> Examples:
+def encode_examples(
+    dataset: ImageFolder, vae=None, device="cpu", default_caption="", batch_size=4, progress=True
+) -> Examples:
     """Encode an ImageFolder once: latents (VAE posterior mean and std, times the scaling factor) or pixels,
     per-image time ids, captions (an image without one gets `default_caption`)."""
     chunks = [dataset.images[i : i + batch_size] for i in range(0, len(dataset.images), batch_size)]
@@ -124,8 +125,13 @@ class PromptCache:
         if prompts_2 is not None or negative_2 is not None:
             raise MinidiffError("the text-embedding cache holds no prompt_2 / negative_2 encodings")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        missing = sorted({p for p in prompts + ([negative] if isinstance(negative, str) else list(negative or []))
-                          if p != "" and p not in self.table})
+        missing = sorted(
+            {
+                p
+                for p in prompts + ([negative] if isinstance(negative, str) else list(negative or []))
+                if p != "" and p not in self.table
+            }
+        )
         if missing:
             raise MinidiffError(f"prompt not in the text-embedding cache: {missing[0]!r}")
         context, pooled = self(prompts)

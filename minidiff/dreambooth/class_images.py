@@ -47,13 +47,17 @@ def check_class_images(class_dir, n, can_generate):
         return paths, missing
     have = n - len(missing)
     if not can_generate:
-        raise DataError(f"prior preservation needs {n} class images but {class_dir} has {have}, and generating "
-                        f"is off (--no-generate): add images, lower --num-class-images, or pass --no-prior")
+        raise DataError(
+            f"prior preservation needs {n} class images but {class_dir} has {have}, and generating "
+            f"is off (--no-generate): add images, lower --num-class-images, or pass --no-prior"
+        )
     class_dir = Path(class_dir)
     probe = class_dir if class_dir.is_dir() else next((p for p in class_dir.parents if p.exists()), class_dir)
     if not _writable(probe):
-        raise DataError(f"prior preservation needs {n} class images but {class_dir} has {have} and is not "
-                        f"writable, so the missing ones cannot be generated: use another --class-dir or --no-prior")
+        raise DataError(
+            f"prior preservation needs {n} class images but {class_dir} has {have} and is not "
+            f"writable, so the missing ones cannot be generated: use another --class-dir or --no-prior"
+        )
     return paths, missing
 
 
@@ -67,8 +71,7 @@ def _writable(folder):
         return False
 
 
-def generate_class_images(generate, class_dir, n, prompt, batch_size=4, seed=0, settings=None, progress=True,
-                          ctx=None):
+def generate_class_images(generate, class_dir, n, prompt, batch_size=4, seed=0, settings=None, progress=True, ctx=None):
     """Make the missing ones of `n` class images with `generate(prompts, seeds) -> [k, 3, H, W] in [-1, 1]`.
 
     Image i always has seed `seed + i` and is made in the fixed batch [i - i % batch_size, ...): a batch with any

@@ -51,20 +51,45 @@ class Job:
         """The missing class images, sampled with the base model (seed + i for image i); their ImageFolder."""
         a, size = self.cfg, self.size
         guidance = default_cfg(a.model)  # 2 for the bundled miniature, SDXL's 5 otherwise (bundled/tiny.py)
-        settings = {"model": Path(a.model).name, "steps": a.class_steps, "sampler": model_sampler(self.pipe),
-                    "cfg": guidance, "width": size, "height": size}
+        settings = {
+            "model": Path(a.model).name,
+            "steps": a.class_steps,
+            "sampler": model_sampler(self.pipe),
+            "cfg": guidance,
+            "width": size,
+            "height": size,
+        }
 
         def make(prompts, seeds):  # seeds are consecutive: generate gives image i the seed seed + i
             with self.autocast():
-                return generate(self.pipe, prompts, steps=a.class_steps, cfg=guidance, seed=seeds[0], width=size,
-                                height=size, batch_size=len(prompts), progress=False)
+                return generate(
+                    self.pipe,
+                    prompts,
+                    steps=a.class_steps,
+                    cfg=guidance,
+                    seed=seeds[0],
+                    width=size,
+                    height=size,
+                    batch_size=len(prompts),
+                    progress=False,
+                )
 
-        paths, written = generate_class_images(make, class_dir, a.num_class_images, a.class_prompt,
-                                               a.class_batch_size, seed=a.seed, settings=settings,
-                                               progress=self.ctx.is_main, ctx=self.ctx)
+        paths, written = generate_class_images(
+            make,
+            class_dir,
+            a.num_class_images,
+            a.class_prompt,
+            a.class_batch_size,
+            seed=a.seed,
+            settings=settings,
+            progress=self.ctx.is_main,
+            ctx=self.ctx,
+        )
         ddp.barrier(self.ctx)  # every process's share is on disk
-        print(f"class images: {len(paths)} in {class_dir} ({written} generated now"
-              + (f" by process 0 of {self.ctx.world_size})" if self.ctx.world_size > 1 else ")"))
+        print(
+            f"class images: {len(paths)} in {class_dir} ({written} generated now"
+            + (f" by process 0 of {self.ctx.world_size})" if self.ctx.world_size > 1 else ")")
+        )
         return data.ImageFolder(paths, size, fit=a.fit, caption=a.class_prompt)
 
     def cache(self, instance_set, klass_set):
@@ -90,15 +115,28 @@ class Job:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         self.data_hash = dataset_hash(self.instance)
-        print(f"cached {len(self.instance)} instance" + (f" and {len(self.klass)} class" if self.klass else "")
-              + f" images at {self.size}px, {len(set(self.instance.captions))} distinct instance caption(s)")
+        print(
+            f"cached {len(self.instance)} instance"
+            + (f" and {len(self.klass)} class" if self.klass else "")
+            + f" images at {self.size}px, {len(set(self.instance.captions))} distinct instance caption(s)"
+        )
 
     def save_lora(self, path, fmt, steps_done):
-        meta = lora_metadata(self.cfg, self.lr, steps_done, self.size, self.base_hash, self.data_hash,
-                             self.instance, self.klass, self.prediction_type)
+        meta = lora_metadata(
+            self.cfg,
+            self.lr,
+            steps_done,
+            self.size,
+            self.base_hash,
+            self.data_hash,
+            self.instance,
+            self.klass,
+            self.prediction_type,
+        )
         carriers = {k: m for k, m in self.models.items() if not k.startswith("ti_")}
-        lora.save_lora(carriers if len(carriers) > 1 else self.pipe.unet, path, format=fmt, metadata=meta,
-                       dtype=self.save_dtype)
+        lora.save_lora(
+            carriers if len(carriers) > 1 else self.pipe.unet, path, format=fmt, metadata=meta, dtype=self.save_dtype
+        )
         self.files.append(str(path))
 
     def save_embedding(self, path):
@@ -125,15 +163,35 @@ class Job:
             pipe.vae.to(self.device)
         prompts = [p for p in self.validation_prompts for _ in range(a.validation_images)]
         with self.autocast():
-            images = generate(vpipe, prompts, steps=a.validation_steps, cfg=guidance, seed=a.seed, width=self.size,
-                              height=self.size, batch_size=1, progress=False)
+            images = generate(
+                vpipe,
+                prompts,
+                steps=a.validation_steps,
+                cfg=guidance,
+                seed=a.seed,
+                width=self.size,
+                height=self.size,
+                batch_size=1,
+                progress=False,
+            )
         if pipe.vae is not None:
             pipe.vae.to("cpu")
-        grid = labelled_grid(images, self.validation_prompts, [f"seed {a.seed + i}" for i in range(a.validation_images)])
-        path = save_png(grid, self.out / "samples" / f"{label}.png",
-                        {"prompts": self.validation_prompts, "seed": a.seed, "steps": a.validation_steps,
-                         "sampler": model_sampler(vpipe), "cfg": guidance, "training_step": label,
-                         "model": str(a.model)})
+        grid = labelled_grid(
+            images, self.validation_prompts, [f"seed {a.seed + i}" for i in range(a.validation_images)]
+        )
+        path = save_png(
+            grid,
+            self.out / "samples" / f"{label}.png",
+            {
+                "prompts": self.validation_prompts,
+                "seed": a.seed,
+                "steps": a.validation_steps,
+                "sampler": model_sampler(vpipe),
+                "cfg": guidance,
+                "training_step": label,
+                "model": str(a.model),
+            },
+        )
         self.files.append(str(path))
 
 
@@ -154,8 +212,9 @@ def make_trainable(cfg, pipe, lr):
                 lora.inject_lora(m, "text", cfg.rank, cfg.alpha, **drop)
                 m.train()
             models.update(text)
-            groups.append({"params": [p for m in text.values() for p in lora.lora_parameters(m)],
-                           "lr": cfg.text_encoder_lr or lr})
+            groups.append(
+                {"params": [p for m in text.values() for p in lora.lora_parameters(m)], "lr": cfg.text_encoder_lr or lr}
+            )
     if cfg.train == "ti" or cfg.train_ti:  # the token's vectors V in every text encoder (textual_inversion.py)
         tables = learn_token(pipe.text, cfg.ti_token, cfg.ti_vectors, cfg.ti_init or cfg.class_prompt.split()[-1])
         models.update({f"ti_{k}": t for k, t in tables.items()})
@@ -203,23 +262,39 @@ def lora_metadata(cfg, lr, steps, size, base_hash, data_hash, instance, klass, p
     """safetensors metadata: kohya's ss_* keys (ComfyUI / A1111 / civitai read them) and minidiff.* settings.
     (lora.save_lora adds ss_network_module/dim/alpha/args and ss_base_model_version itself.)"""
     return {
-        "ss_v2": "False", "ss_sd_model_name": Path(cfg.model).name, "ss_sd_model_hash": base_hash[:12],
-        "ss_new_sd_model_hash": base_hash, "ss_learning_rate": str(lr), "ss_unet_lr": str(lr),
-        "ss_max_train_steps": str(cfg.steps), "ss_steps": str(steps), "ss_seed": str(cfg.seed),
-        "ss_resolution": f"({size}, {size})", "ss_num_train_images": str(len(instance)),
+        "ss_v2": "False",
+        "ss_sd_model_name": Path(cfg.model).name,
+        "ss_sd_model_hash": base_hash[:12],
+        "ss_new_sd_model_hash": base_hash,
+        "ss_learning_rate": str(lr),
+        "ss_unet_lr": str(lr),
+        "ss_max_train_steps": str(cfg.steps),
+        "ss_steps": str(steps),
+        "ss_seed": str(cfg.seed),
+        "ss_resolution": f"({size}, {size})",
+        "ss_num_train_images": str(len(instance)),
         "ss_num_reg_images": str(len(klass) if klass is not None else 0),
         "ss_prior_loss_weight": str(cfg.prior_weight if klass is not None else 0.0),
-        "ss_min_snr_gamma": str(cfg.min_snr_gamma), "ss_noise_offset": str(cfg.noise_offset),
-        "ss_caption_dropout_rate": str(cfg.caption_dropout), "ss_lr_scheduler": cfg.lr_schedule,
-        "ss_lr_warmup_steps": str(cfg.warmup), "ss_gradient_accumulation_steps": str(cfg.grad_accum),
-        "ss_batch_size_per_device": str(cfg.batch_size), "ss_mixed_precision": cfg.mixed_precision,
+        "ss_min_snr_gamma": str(cfg.min_snr_gamma),
+        "ss_noise_offset": str(cfg.noise_offset),
+        "ss_caption_dropout_rate": str(cfg.caption_dropout),
+        "ss_lr_scheduler": cfg.lr_schedule,
+        "ss_lr_warmup_steps": str(cfg.warmup),
+        "ss_gradient_accumulation_steps": str(cfg.grad_accum),
+        "ss_batch_size_per_device": str(cfg.batch_size),
+        "ss_mixed_precision": cfg.mixed_precision,
         "ss_gradient_checkpointing": str(cfg.gradient_checkpointing),
         "ss_optimizer": "torch.optim." + {"adamw": "AdamW", "adafactor": "Adafactor", "sgd": "SGD"}[cfg.optimizer],
         "ss_text_encoder_lr": str(cfg.text_encoder_lr or lr),
-        "ss_max_grad_norm": "1.0", "ss_training_comment": f"minidiff DreamBooth: {cfg.instance_prompt!r}",
-        "minidiff.base_model_hash": base_hash, "minidiff.dataset_hash": data_hash,
+        "ss_max_grad_norm": "1.0",
+        "ss_training_comment": f"minidiff DreamBooth: {cfg.instance_prompt!r}",
+        "minidiff.base_model_hash": base_hash,
+        "minidiff.dataset_hash": data_hash,
         "minidiff.instance_prompt": cfg.instance_prompt,
         "minidiff.class_prompt": cfg.class_prompt if klass is not None else "",
-        "minidiff.steps": str(steps), "minidiff.lr": str(lr), "minidiff.resolution": str(size),
-        "minidiff.prediction_type": prediction_type, "minidiff.train_text_encoder": str(cfg.train_text_encoder),
+        "minidiff.steps": str(steps),
+        "minidiff.lr": str(lr),
+        "minidiff.resolution": str(size),
+        "minidiff.prediction_type": prediction_type,
+        "minidiff.train_text_encoder": str(cfg.train_text_encoder),
     }

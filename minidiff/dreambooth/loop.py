@@ -60,8 +60,26 @@ def lr_factor(step, steps, warmup=0, schedule="constant"):
     raise TrainingError(f"lr schedule must be constant, cosine or linear, got {schedule!r}")
 
 
-def train(*, unet, params, schedule, instance, klass, embed, cfg: TrainConfig, out_dir, modules, autocast_dtype=None,
-          use_scaler=False, resume=None, on_save=None, on_validate=None, progress=True, ctx=None, settings=None):
+def train(
+    *,
+    unet,
+    params,
+    schedule,
+    instance,
+    klass,
+    embed,
+    cfg: TrainConfig,
+    out_dir,
+    modules,
+    autocast_dtype=None,
+    use_scaler=False,
+    resume=None,
+    on_save=None,
+    on_validate=None,
+    progress=True,
+    ctx=None,
+    settings=None,
+):
     """The DreamBooth loop: AdamW (or cfg.optimizer) on `params` (tensors, or groups {"params", "lr"}), lr
     warm-up/decay, gradient accumulation, clipping at 1, an fp16 GradScaler when `use_scaler`, a loss log,
     checkpoints every `save_every` steps (`modules`: {name: module or state.Trainable} to store, with optimizer,
@@ -78,12 +96,14 @@ def train(*, unet, params, schedule, instance, klass, embed, cfg: TrainConfig, o
     params = [p for g in groups for p in g["params"]]
     optimizer = make_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup, cfg.lr_schedule))
+        optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup, cfg.lr_schedule)
+    )
     scaler = loop.grad_scaler(device, use_scaler)
     start = 0
     if resume is not None:
-        start, extra = state.load_checkpoint(resume, modules, {"optimizer": optimizer}, {"lr": lr_sched},
-                                             out_dir=out_dir)
+        start, extra = state.load_checkpoint(
+            resume, modules, {"optimizer": optimizer}, {"lr": lr_sched}, out_dir=out_dir
+        )
         if use_scaler and extra.get("scaler"):
             scaler.load_state_dict(extra["scaler"])
         if start >= cfg.steps:
@@ -93,15 +113,30 @@ def train(*, unet, params, schedule, instance, klass, embed, cfg: TrainConfig, o
     def step_fn(step):
         terms = torch.zeros(3, device=device)  # L, instance term, prior term, averaged over the micro-batches
         for _ in range(cfg.grad_accum):
-            batch = make_batch(instance, klass, cfg.batch_size * ctx.world_size, cfg.caption_dropout,
-                               cfg.noise_offset, schedule.T)
-            loss, inst, prior = compute_loss(unet, rows_of_rank(batch, ctx), schedule, embed, cfg.prediction_type,
-                                             cfg.prior_weight, cfg.min_snr_gamma, autocast_dtype)
+            batch = make_batch(
+                instance, klass, cfg.batch_size * ctx.world_size, cfg.caption_dropout, cfg.noise_offset, schedule.T
+            )
+            loss, inst, prior = compute_loss(
+                unet,
+                rows_of_rank(batch, ctx),
+                schedule,
+                embed,
+                cfg.prediction_type,
+                cfg.prior_weight,
+                cfg.min_snr_gamma,
+                autocast_dtype,
+            )
             state.check_finite(loss, step)  # before backward: nothing NaN reaches the weights
             scaler.scale(loss / cfg.grad_accum).backward()
             terms += torch.stack([loss.detach(), inst.detach(), prior.detach()]) / cfg.grad_accum
-        lr = loop.optimizer_step(optimizer=optimizer, params=params, scaler=scaler, max_grad_norm=cfg.max_grad_norm,
-                                 lr_scheduler=lr_sched, after_backward=lambda: ddp.average_gradients(params, ctx))
+        lr = loop.optimizer_step(
+            optimizer=optimizer,
+            params=params,
+            scaler=scaler,
+            max_grad_norm=cfg.max_grad_norm,
+            lr_scheduler=lr_sched,
+            after_backward=lambda: ddp.average_gradients(params, ctx),
+        )
         return {"terms": terms, "lr": lr}
 
     def reduce(logs):  # DDP hook 2: the global batch's loss is the mean of the processes' losses
@@ -129,14 +164,25 @@ def train(*, unet, params, schedule, instance, klass, embed, cfg: TrainConfig, o
     hooks = [(cfg.save_every, save, False)] + ([(cfg.validate_every, validate, False)] if on_validate else [])
     log = state.LossLog(out_dir, resume_step=start if resume is not None else None) if ctx.is_main else None
     unet.train()
-    result = loop.train(step_fn=step_fn, steps=cfg.steps, start=start, log=log, finite=(), hooks=hooks, reduce=reduce,
-                        hooks_here=ctx.is_main, postfix=lambda logs: {"loss": f"{logs['loss']:.4f}"},
-                        on_stop=checkpoint if ctx.is_main else lambda step: None,
-                        agree=lambda requested: ddp.any_process(requested, ctx), progress=progress)
+    result = loop.train(
+        step_fn=step_fn,
+        steps=cfg.steps,
+        start=start,
+        log=log,
+        finite=(),
+        hooks=hooks,
+        reduce=reduce,
+        hooks_here=ctx.is_main,
+        postfix=lambda logs: {"loss": f"{logs['loss']:.4f}"},
+        on_stop=checkpoint if ctx.is_main else lambda step: None,
+        agree=lambda requested: ddp.any_process(requested, ctx),
+        progress=progress,
+    )
     if ctx.is_main:
         log.plot(title=f"DreamBooth loss ({cfg.steps} steps)")
     return {k: result[k] for k in ("steps", "resumed_from", "seconds", "s_per_step")} | {
-        "loss": result["logs"].get("loss", float("nan"))}
+        "loss": result["logs"].get("loss", float("nan"))
+    }
 
 
 def share_device_rng(ctx, device):

@@ -97,8 +97,9 @@ def combine_rows(m, weights, n_instance, prior_weight=1.0):
     return instance + prior_weight * prior, instance, prior
 
 
-def compute_loss(unet, batch, schedule, embed, prediction_type="epsilon", prior_weight=1.0, min_snr_gamma=None,
-                 autocast_dtype=None):
+def compute_loss(
+    unet, batch, schedule, embed, prediction_type="epsilon", prior_weight=1.0, min_snr_gamma=None, autocast_dtype=None
+):
     """Noise the batch, run the UNet once on all rows, return (L, instance term, prior term). A batch of two shapes
     (instance rows of one aspect-ratio bucket, square class rows: "parts") runs it once per shape."""
     m, weights = [], []

@@ -36,10 +36,30 @@ from .loop import TrainConfig, train
 # what a checkpoint must share with the run that resumes it (minidiff/train/resume.py: changes are refused, listed);
 # --steps, the output, validation, device and precision flags may change, and so may the number of processes as
 # long as the global batch (--batch-size x processes) stays the same
-RESUME_KEYS = ("instance_dir", "instance_prompt", "class_prompt", "num_class_images", "prior_weight", "no_prior",
-               "resolution", "fit", "train", "rank", "alpha", "targets", "train_text_encoder", "lr",
-               "global_batch_size", "grad_accum", "lr_schedule", "warmup", "seed", "min_snr_gamma", "noise_offset",
-               "caption_dropout")
+RESUME_KEYS = (
+    "instance_dir",
+    "instance_prompt",
+    "class_prompt",
+    "num_class_images",
+    "prior_weight",
+    "no_prior",
+    "resolution",
+    "fit",
+    "train",
+    "rank",
+    "alpha",
+    "targets",
+    "train_text_encoder",
+    "lr",
+    "global_batch_size",
+    "grad_accum",
+    "lr_schedule",
+    "warmup",
+    "seed",
+    "min_snr_gamma",
+    "noise_offset",
+    "caption_dropout",
+)
 
 
 @dataclass
@@ -164,7 +184,10 @@ def finetune(cfg: FinetuneConfig, ctx=None):
     size = cfg.resolution or model_geometry(cfg.model, cfg.vae)[0]
     check_memory(cfg, size, device)
     run_settings = {k: getattr(cfg, k, None) for k in RESUME_KEYS} | {
-        "lr": lr, "resolution": size, "global_batch_size": cfg.batch_size * ctx.world_size}
+        "lr": lr,
+        "resolution": size,
+        "global_batch_size": cfg.batch_size * ctx.world_size,
+    }
     if cfg.resume is not None:
         file, _, extra = state.checkpoint_extra(cfg.resume, out)
         resume.check_settings(extra.get("settings", {}), run_settings, RESUME_KEYS, file)
@@ -187,10 +210,22 @@ def finetune(cfg: FinetuneConfig, ctx=None):
     print(f"loading {cfg.model} on {device} ({str(frozen_dtype).removeprefix('torch.')} weights)")
     pipe = pretrained.load_pipeline(cfg.model, dtype=frozen_dtype, device=device, vae=cfg.vae)
     cfg.gradient_checkpointing |= cfg.low_memory
-    memory = memory_plan.prepare(pipe, memory_plan.Job(
-        cfg.train, latent=size // pipe.scale, batch=cfg.batch_size * (1 + prior), precision=dtype_name(frozen_dtype),
-        base_precision=cfg.base_precision or dtype_name(frozen_dtype), rank=cfg.rank, targets=cfg.targets,
-        checkpointing=cfg.gradient_checkpointing, train_text_encoder=cfg.train_text_encoder), device, cfg.low_memory)
+    memory = memory_plan.prepare(
+        pipe,
+        memory_plan.Job(
+            cfg.train,
+            latent=size // pipe.scale,
+            batch=cfg.batch_size * (1 + prior),
+            precision=dtype_name(frozen_dtype),
+            base_precision=cfg.base_precision or dtype_name(frozen_dtype),
+            rank=cfg.rank,
+            targets=cfg.targets,
+            checkpointing=cfg.gradient_checkpointing,
+            train_text_encoder=cfg.train_text_encoder,
+        ),
+        device,
+        cfg.low_memory,
+    )
     pipe.unet.requires_grad_(False)
     pipe.text.requires_grad_(False)
     if pipe.vae is not None:
@@ -219,20 +254,44 @@ def finetune(cfg: FinetuneConfig, ctx=None):
     print(audit.format_table(table))
 
     # 5. train: LoRA files every --save-every steps, grids every --validate-every steps
-    knobs = TrainConfig(steps=cfg.steps, lr=lr, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                        lr_schedule=cfg.lr_schedule, warmup=cfg.warmup, prior_weight=cfg.prior_weight,
-                        min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset,
-                        caption_dropout=cfg.caption_dropout, prediction_type=job.prediction_type,
-                        optimizer=cfg.optimizer, save_every=cfg.save_every, validate_every=cfg.validate_every)
+    knobs = TrainConfig(
+        steps=cfg.steps,
+        lr=lr,
+        batch_size=cfg.batch_size,
+        grad_accum=cfg.grad_accum,
+        lr_schedule=cfg.lr_schedule,
+        warmup=cfg.warmup,
+        prior_weight=cfg.prior_weight,
+        min_snr_gamma=cfg.min_snr_gamma,
+        noise_offset=cfg.noise_offset,
+        caption_dropout=cfg.caption_dropout,
+        prediction_type=job.prediction_type,
+        optimizer=cfg.optimizer,
+        save_every=cfg.save_every,
+        validate_every=cfg.validate_every,
+    )
     primary = "diffusers" if cfg.format == "diffusers" else "kohya"
     on_save = None if cfg.train == "full" else peaks.around("save", lambda step: job.save_step(step, primary))
     on_validate = peaks.around("validation", lambda step: job.validate(f"step-{step:06d}"))
     peaks.end("setup")
-    result = train(unet=pipe.unet, params=params, schedule=pipe.schedule, instance=job.instance, klass=job.klass,
-                   embed=job.embed, cfg=knobs, out_dir=out,
-                   modules={name: state.Trainable(m) for name, m in job.models.items()},
-                   autocast_dtype=autocast_dtype, use_scaler=use_scaler, resume=cfg.resume, on_save=on_save,
-                   on_validate=on_validate, ctx=ctx, settings=run_settings)
+    result = train(
+        unet=pipe.unet,
+        params=params,
+        schedule=pipe.schedule,
+        instance=job.instance,
+        klass=job.klass,
+        embed=job.embed,
+        cfg=knobs,
+        out_dir=out,
+        modules={name: state.Trainable(m) for name, m in job.models.items()},
+        autocast_dtype=autocast_dtype,
+        use_scaler=use_scaler,
+        resume=cfg.resume,
+        on_save=on_save,
+        on_validate=on_validate,
+        ctx=ctx,
+        settings=run_settings,
+    )
     peaks.end("train")
     if not ctx.is_main:
         return None
@@ -257,18 +316,34 @@ def finetune(cfg: FinetuneConfig, ctx=None):
     peaks.end("validation")
     timings["total_s"] = time.perf_counter() - t0
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "argv"}
-    settings.update(lr=lr, resolution=size, prediction_type=job.prediction_type, device=str(device),
-                    precision=str(autocast_dtype or "fp32").removeprefix("torch."), grad_scaler=use_scaler,
-                    processes=ctx.world_size, global_batch_size=cfg.batch_size * ctx.world_size,
-                    class_dir=str(class_dir) if prior else None)
+    settings.update(
+        lr=lr,
+        resolution=size,
+        prediction_type=job.prediction_type,
+        device=str(device),
+        precision=str(autocast_dtype or "fp32").removeprefix("torch."),
+        grad_scaler=use_scaler,
+        processes=ctx.world_size,
+        global_batch_size=cfg.batch_size * ctx.world_size,
+        class_dir=str(class_dir) if prior else None,
+    )
     manifest = {
-        "command": "python finetune.py " + shlex.join(cfg.argv), "settings": settings,
+        "command": "python finetune.py " + shlex.join(cfg.argv),
+        "settings": settings,
         "model": {"path": str(cfg.model), "hash": job.base_hash},
-        "data": {"instance_images": job.instance.paths, "captions": job.instance.captions, "hash": job.data_hash,
-                 "class_images": job.klass.paths if prior else []},
-        "trainable": table, "files": sorted(set(job.files)), "timings": timings,
+        "data": {
+            "instance_images": job.instance.paths,
+            "captions": job.instance.captions,
+            "hash": job.data_hash,
+            "class_images": job.klass.paths if prior else [],
+        },
+        "trainable": table,
+        "files": sorted(set(job.files)),
+        "timings": timings,
         "peak_memory_gib": {"of": peaks.what, **peaks.gib},
-        "final_loss": result["loss"], "resumed_from_step": result["resumed_from"], "memory_plan": memory,
+        "final_loss": result["loss"],
+        "resumed_from_step": result["resumed_from"],
+        "memory_plan": memory,
     }
     io.write_json(manifest, out / "manifest.json")
     print(f"done in {timings['total_s']:.1f}s ({timings['s_per_step']:.3f} s/step); wrote {out}")

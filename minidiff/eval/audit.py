@@ -67,8 +67,14 @@ def trainable_table(models, prefix="unet") -> list:
             g["params"] += p.numel()
             g["dtypes"].add(str(p.dtype).removeprefix("torch."))
     rows = [groups[k] for k in sorted(groups, key=_block_order)]
-    rows.append({"group": "total", "tensors": sum(r["tensors"] for r in rows), "params": sum(r["params"] for r in rows),
-                 "dtypes": set().union(*[r["dtypes"] for r in rows])})
+    rows.append(
+        {
+            "group": "total",
+            "tensors": sum(r["tensors"] for r in rows),
+            "params": sum(r["params"] for r in rows),
+            "dtypes": set().union(*[r["dtypes"] for r in rows]),
+        }
+    )
     for r in rows:
         r["share"] = r["params"] / max(total, 1)
         r["dtype"] = ",".join(sorted(r.pop("dtypes"))) or "-"
@@ -102,31 +108,50 @@ def audit_lora(path) -> dict:
     for e in entries:
         norm = delta_norm(e.down, e.up, e.alpha)
         block = block_of(e.name) if e.component == "unet" else e.component
-        modules.append({"name": e.name, "component": e.component, "block": block, "rank": e.rank, "alpha": e.alpha,
-                        "norm": norm, "params": e.down.numel() + e.up.numel()})
+        modules.append(
+            {
+                "name": e.name,
+                "component": e.component,
+                "block": block,
+                "rank": e.rank,
+                "alpha": e.alpha,
+                "norm": norm,
+                "params": e.down.numel() + e.up.numel(),
+            }
+        )
         blocks[block] = blocks.get(block, 0.0) + norm**2
         nbytes += e.down.numel() * e.down.element_size() + e.up.numel() * e.up.element_size()
     modules.sort(key=lambda m: -m["norm"])
     blocks = {b: math.sqrt(blocks[b]) for b in sorted(blocks, key=_block_order)}
-    return {"path": str(path), "format": fmt, "modules": modules, "blocks": blocks,
-            "params": sum(m["params"] for m in modules), "bytes": nbytes, "metadata": metadata}
+    return {
+        "path": str(path),
+        "format": fmt,
+        "modules": modules,
+        "blocks": blocks,
+        "params": sum(m["params"] for m in modules),
+        "bytes": nbytes,
+        "metadata": metadata,
+    }
 
 
 def format_audit(report, top=None) -> str:
     mods = report["modules"]
     ranks = sorted({m["rank"] for m in mods})
     alphas = sorted({m["alpha"] for m in mods})
-    lines = [f"{report['path']}: {report['format']} naming, {len(mods)} modules, "
-             f"rank {','.join(map(str, ranks))}, alpha {','.join(f'{a:g}' for a in alphas)}",
-             f"{'||dW||_F':>10} {'rank':>5} {'alpha':>6}  module"]
+    lines = [
+        f"{report['path']}: {report['format']} naming, {len(mods)} modules, "
+        f"rank {','.join(map(str, ranks))}, alpha {','.join(f'{a:g}' for a in alphas)}",
+        f"{'||dW||_F':>10} {'rank':>5} {'alpha':>6}  module",
+    ]
     for m in mods[:top]:
         lines.append(f"{m['norm']:>10.4g} {m['rank']:>5} {m['alpha']:>6g}  {m['component']}: {m['name']}")
     if top is not None and len(mods) > top:
         lines.append(f"{'':>10} ... {len(mods) - top} more")
     lines.append("per block: " + ", ".join(f"{b} {n:.4g}" for b, n in report["blocks"].items()))
     total = math.sqrt(sum(n**2 for n in report["blocks"].values()))
-    lines.append(f"total: {report['params']:,} params, {report['bytes'] / 1e6:.3g} MB, "
-                 f"||dW||_F over all modules {total:.4g}")
+    lines.append(
+        f"total: {report['params']:,} params, {report['bytes'] / 1e6:.3g} MB, ||dW||_F over all modules {total:.4g}"
+    )
     return "\n".join(lines)
 
 
@@ -160,8 +185,12 @@ def main(argv=None):
         report = audit_lora(args.file)
         print(format_audit(report, args.top))
         if args.png:
-            draw_block_norms(report["blocks"], args.png, title=f"||delta W||_F per block: {Path(args.file).name}",
-                             metadata={"file": str(args.file), "format": report["format"], "params": report["params"]})
+            draw_block_norms(
+                report["blocks"],
+                args.png,
+                title=f"||delta W||_F per block: {Path(args.file).name}",
+                metadata={"file": str(args.file), "format": report["format"], "params": report["params"]},
+            )
             print(f"wrote {args.png}")
 
     return exit_code(report_file)

@@ -60,8 +60,9 @@ from ..train import loop
 CLASSIFIER_PATH = assets_dir() / "classifier.safetensors"
 INPUT_SIZE = 64
 FORMAT = "minidiff-classifier-v1"
-TRAIN_COMMAND = ("python -m minidiff.eval.classifier --train --out minidiff/assets/classifier.safetensors "
-                 "--seed 0 --steps 600")
+TRAIN_COMMAND = (
+    "python -m minidiff.eval.classifier --train --out minidiff/assets/classifier.safetensors --seed 0 --steps 600"
+)
 FAMILIES = ("climb", "fall", "idle", "jump", "walk")
 
 
@@ -121,8 +122,13 @@ def augment(x: torch.Tensor, alpha: torch.Tensor, g: torch.Generator) -> torch.T
     sx, sy = s * aspect.sqrt(), s / aspect.sqrt()
     sx = torch.where(torch.rand(B, generator=g) < 0.5, -sx, sx)  # horizontal flip
     th = _u(g, B, -0.17, 0.17)  # +-10 degrees
-    theta = torch.stack([torch.stack([sx * th.cos(), -sy * th.sin(), _u(g, B, -0.15, 0.15)], 1),
-                         torch.stack([sx * th.sin(), sy * th.cos(), _u(g, B, -0.15, 0.15)], 1)], 1)
+    theta = torch.stack(
+        [
+            torch.stack([sx * th.cos(), -sy * th.sin(), _u(g, B, -0.15, 0.15)], 1),
+            torch.stack([sx * th.sin(), sy * th.cos(), _u(g, B, -0.15, 0.15)], 1),
+        ],
+        1,
+    )
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x - 1, grid, align_corners=False) + 1  # zeros padding of (x - 1) = white outside
     a = F.grid_sample(alpha, grid, align_corners=False)
@@ -184,8 +190,9 @@ def world_set(poses=None, per_pose=12, seed=0, size=INPUT_SIZE):
     from ..bundled import world
 
     rng, scene = random.Random(seed), world.World(size)
-    rows = [(b, p, rng.choice(scene.looks[b])) for b in scene.bodies for p in (poses or data.POSES)
-            for _ in range(per_pose)]
+    rows = [
+        (b, p, rng.choice(scene.looks[b])) for b in scene.bodies for p in (poses or data.POSES) for _ in range(per_pose)
+    ]
     x = torch.stack([scene.render(*r) for r in rows])
     alpha = torch.stack([scene.planes[(b, p)][2] for b, p, _ in rows])
     chars = torch.tensor([data.CHARACTERS.index(b) for b, _, _ in rows])
@@ -213,7 +220,8 @@ def train_model(x, alpha, chars, poses, steps=600, batch=64, lr=3e-3, seed=0, de
         idx = torch.multinomial(weights, batch, replacement=True, generator=g)
         logits_c, logits_p = model(augment(x[idx].clone(), alpha[idx], g))
         loss = F.cross_entropy(logits_c, chars[idx], label_smoothing=0.1) + F.cross_entropy(
-            logits_p, poses[idx], label_smoothing=0.1)
+            logits_p, poses[idx], label_smoothing=0.1
+        )
         loss.backward()
         loop.optimizer_step(optimizer=opt, params=model.parameters(), lr_scheduler=sched)
         return {"loss": loss.detach()}
@@ -242,9 +250,11 @@ def accuracies(model, images, chars, poses) -> dict:
     """Character, exact-pose and pose-family accuracy of `model` on labelled images."""
     pc, pp = _probs(model.eval(), images)
     fam_true = torch.tensor([FAMILIES.index(pose_family(data.POSES[i])) for i in poses.tolist()])
-    return {"character": (pc.argmax(-1) == chars).float().mean().item(),
-            "pose": (pp.argmax(-1) == poses).float().mean().item(),
-            "family": (family_probs(pp).argmax(-1) == fam_true).float().mean().item()}
+    return {
+        "character": (pc.argmax(-1) == chars).float().mean().item(),
+        "pose": (pp.argmax(-1) == poses).float().mean().item(),
+        "family": (family_probs(pp).argmax(-1) == fam_true).float().mean().item(),
+    }
 
 
 def _report(model, poses, exact_pose=True) -> dict:
@@ -253,8 +263,9 @@ def _report(model, poses, exact_pose=True) -> dict:
     x32 = F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
     out = {"clean": accuracies(model, x, c, p), "32px": accuracies(model, x32, c, p)}
     xw, _, cw, pw = world_set(poses, per_pose=4, seed=12345)  # individuals the training never drew
-    out["world_32px"] = accuracies(model, F.interpolate(xw, size=(32, 32), mode="bilinear", antialias=True,
-                                                        align_corners=False), cw, pw)
+    out["world_32px"] = accuracies(
+        model, F.interpolate(xw, size=(32, 32), mode="bilinear", antialias=True, align_corners=False), cw, pw
+    )
     if not exact_pose:  # a pose the model never saw has no right exact answer; only character and family count
         for acc in out.values():
             del acc["pose"]
@@ -275,8 +286,9 @@ def load_classifier(path=None) -> CharacterClassifier:
         raise CheckpointError(f"cannot read classifier weights {path}: {e}") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a minidiff classifier file (metadata format={meta.get('format')!r})")
-    if json.loads(meta.get("characters", "[]")) != list(data.CHARACTERS) or json.loads(
-            meta.get("poses", "[]")) != list(data.POSES):
+    if json.loads(meta.get("characters", "[]")) != list(data.CHARACTERS) or json.loads(meta.get("poses", "[]")) != list(
+        data.POSES
+    ):
         raise CheckpointError(f"{path} was trained on other classes than data.CHARACTERS / data.POSES")
     model = CharacterClassifier(widths=json.loads(meta["widths"]))
     try:
@@ -308,8 +320,10 @@ def predict(images: torch.Tensor, model: CharacterClassifier = None, min_confide
 
 # ------------------------------------------------------------------------------------------------------------- main
 def main(argv=None):
-    ap = ArgumentParser(prog="python -m minidiff.eval.classifier",
-                        description="Train the character/pose classifier on the 78 bundled drawings.")
+    ap = ArgumentParser(
+        prog="python -m minidiff.eval.classifier",
+        description="Train the character/pose classifier on the 78 bundled drawings.",
+    )
     ap.add_argument("--train", action="store_true", help="train (held-out model first, then the shipped model)")
     ap.add_argument("--eval", action="store_true", help="print the metadata and accuracies of --out")
     ap.add_argument("--out", default=str(CLASSIFIER_PATH))
@@ -331,18 +345,30 @@ def run(args):
     # shared, busy CPU 2 threads were several times slower than 1 (they wait on each other)
     torch.set_num_threads(1)
     t0 = time.time()
-    held = train_model(*training_set(data.INSTANCE_POSES, args.seed), steps=args.steps, seed=args.seed,
-                       desc="held-out model")
-    acc = {"heldout_poses": _report(held, data.HELD_OUT_POSES, exact_pose=False),
-           "heldout_setup": "trained on data.INSTANCE_POSES of all 6 characters, tested on data.HELD_OUT_POSES"}
+    held = train_model(
+        *training_set(data.INSTANCE_POSES, args.seed), steps=args.steps, seed=args.seed, desc="held-out model"
+    )
+    acc = {
+        "heldout_poses": _report(held, data.HELD_OUT_POSES, exact_pose=False),
+        "heldout_setup": "trained on data.INSTANCE_POSES of all 6 characters, tested on data.HELD_OUT_POSES",
+    }
     model = train_model(*training_set(None, args.seed), steps=args.steps, seed=args.seed, desc="final model")
     acc["train_all_78"] = _report(model, data.POSES)
     minutes = (time.time() - t0) / 60
     command = f"python -m minidiff.eval.classifier --train --out {args.out} --seed {args.seed} --steps {args.steps}"
-    meta = {"format": FORMAT, "characters": json.dumps(list(data.CHARACTERS)), "poses": json.dumps(list(data.POSES)),
-            "families": json.dumps(list(FAMILIES)), "input_size": str(INPUT_SIZE), "widths": json.dumps(model.widths),
-            "accuracy": json.dumps(acc), "command": command, "train_minutes": f"{minutes:.1f}",
-            "torch": torch.__version__, "identity_rule": "argmax of the character probabilities == target character"}
+    meta = {
+        "format": FORMAT,
+        "characters": json.dumps(list(data.CHARACTERS)),
+        "poses": json.dumps(list(data.POSES)),
+        "families": json.dumps(list(FAMILIES)),
+        "input_size": str(INPUT_SIZE),
+        "widths": json.dumps(model.widths),
+        "accuracy": json.dumps(acc),
+        "command": command,
+        "train_minutes": f"{minutes:.1f}",
+        "torch": torch.__version__,
+        "identity_rule": "argmax of the character probabilities == target character",
+    }
     io.save_safetensors(model.state_dict(), args.out, metadata=meta)
     print(json.dumps(acc, indent=1))
     n = sum(v.numel() for v in model.parameters())

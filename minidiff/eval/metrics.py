@@ -48,9 +48,10 @@ SIZE = 64
 WHITE = 240 / 255  # an sRGB pixel with all three channels >= WHITE counts as background
 
 # sRGB (D65) -> CIE XYZ, IEC 61966-2-1; reference white D65 = row sums of the matrix (so sRGB white -> a = b = 0)
-_RGB_TO_XYZ = torch.tensor([[0.4124564, 0.3575761, 0.1804375],
-                            [0.2126729, 0.7151522, 0.0721750],
-                            [0.0193339, 0.1191920, 0.9503041]], dtype=torch.float64)
+_RGB_TO_XYZ = torch.tensor(
+    [[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]],
+    dtype=torch.float64,
+)
 _WHITE_XYZ = _RGB_TO_XYZ.sum(dim=1)  # (0.95047, 1.0, 1.08883)
 _DELTA = 6 / 29
 
@@ -61,8 +62,9 @@ def _check(images, name):
         raise DataError(f"{name}: expected a non-empty image tensor [N, 3, H, W] in [-1, 1], got {shape}")
     lo, hi = images.min().item(), images.max().item()
     if lo < -1.5 or hi > 1.5 or not math.isfinite(lo + hi):
-        raise DataError(f"{name}: expected values in [-1, 1], got min {lo:.3g} max {hi:.3g} (pass x / 127.5 - 1 "
-                        "for 0..255 images)")
+        raise DataError(
+            f"{name}: expected values in [-1, 1], got min {lo:.3g} max {hi:.3g} (pass x / 127.5 - 1 for 0..255 images)"
+        )
 
 
 def prepare(images: torch.Tensor, size: int = SIZE) -> torch.Tensor:
@@ -173,8 +175,9 @@ def background_distance(samples01: torch.Tensor, train01: torch.Tensor) -> float
 
 
 # ----------------------------------------------------------------------------------------------------------- all
-def evaluate(samples: torch.Tensor, train: torch.Tensor, target_character: str = "female_adventurer",
-             classifier=None) -> dict:
+def evaluate(
+    samples: torch.Tensor, train: torch.Tensor, target_character: str = "female_adventurer", classifier=None
+) -> dict:
     """All metrics of this module for generated `samples` against the `train` images (both [N,3,H,W] in [-1,1]).
 
     `classifier`: a loaded `classifier.CharacterClassifier`; None loads the shipped weights.

@@ -66,8 +66,11 @@ def _one_adapter(model, name):
     if name is None:
         found = sorted({n for _, n in adapters_of(model)})
         if len(found) != 1:
-            raise LoRAError(f"pass name=, the model has adapters {found}" if found
-                            else "the model has no LoRA: call inject_lora or load_lora first")
+            raise LoRAError(
+                f"pass name=, the model has adapters {found}"
+                if found
+                else "the model has no LoRA: call inject_lora or load_lora first"
+            )
         name = found[0]
     return name
 
@@ -91,8 +94,13 @@ def lora_state_dict(model, format="kohya", prefix="unet", name=None, dtype=torch
                 if p is None:
                     raise LoRAError(f"{path} has no name in the original UNet layout, so no kohya name: save as peft")
                 key = KOHYA_PREFIX[component] + "_" + p.replace(".", "_")
-                out.update({f"{key}.lora_down.weight": A.to(dtype), f"{key}.lora_up.weight": B.to(dtype),
-                            f"{key}.alpha": torch.tensor(a.alpha)})
+                out.update(
+                    {
+                        f"{key}.lora_down.weight": A.to(dtype),
+                        f"{key}.lora_up.weight": B.to(dtype),
+                        f"{key}.alpha": torch.tensor(a.alpha),
+                    }
+                )
                 continue
             B = B * (a.alpha / a.rank)  # these formats imply alpha = r: fold alpha / r into B
             if format == "peft":
@@ -115,15 +123,26 @@ def save_lora(model, path, format="kohya", metadata=None, prefix="unet", name=No
     linear = [layer.adapters[n] for layer, n in pairs if not isinstance(layer, LoRAConv2d)]
     conv = [layer.adapters[n] for layer, n in pairs if isinstance(layer, LoRAConv2d)]
     first = (linear or conv)[0]
-    meta = {"format": "pt", "minidiff.format": format, "minidiff.adapter": name,
-            "minidiff.rank": ",".join(map(str, sorted({a.rank for a in linear + conv}))),
-            "minidiff.alpha": ",".join(f"{x:g}" for x in sorted({a.alpha for a in linear + conv})),
-            "minidiff.targets": ",".join(sorted({a.targets for a in linear + conv}))}
+    meta = {
+        "format": "pt",
+        "minidiff.format": format,
+        "minidiff.adapter": name,
+        "minidiff.rank": ",".join(map(str, sorted({a.rank for a in linear + conv}))),
+        "minidiff.alpha": ",".join(f"{x:g}" for x in sorted({a.alpha for a in linear + conv})),
+        "minidiff.targets": ",".join(sorted({a.targets for a in linear + conv})),
+    }
     if format == "kohya":  # the keys kohya's tools and the web UIs read (sd-scripts networks/lora.py)
         args = {"conv_dim": str(conv[0].rank), "conv_alpha": f"{conv[0].alpha:g}"} if conv else {}
-        meta.update({"ss_network_module": "networks.lora", "ss_network_dim": str(first.rank),
-                     "ss_network_alpha": f"{first.alpha:g}", "ss_base_model_version": "sdxl_base_v1-0",
-                     "modelspec.architecture": "stable-diffusion-xl-v1-base/lora", "ss_network_args": json.dumps(args)})
+        meta.update(
+            {
+                "ss_network_module": "networks.lora",
+                "ss_network_dim": str(first.rank),
+                "ss_network_alpha": f"{first.alpha:g}",
+                "ss_base_model_version": "sdxl_base_v1-0",
+                "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+                "ss_network_args": json.dumps(args),
+            }
+        )
     elif any(a.alpha != a.rank for a in linear + conv):
         meta["minidiff.note"] = "alpha/rank is folded into the up/B tensors: load with alpha = rank"
     meta.update({str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
@@ -148,24 +167,46 @@ class LoRAEntry:
 
 
 # (key suffix, role) for every LoRA tensor style in the wild (ComfyUI comfy/weight_adapter/lora.py lists the same)
-_SUFFIXES = ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha"),
-             (".lora.down.weight", "down"), (".lora.up.weight", "up"),
-             (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
-             (".lora_A.weight", "down"), (".lora_B.weight", "up"),
-             (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),
-             ("_lora.down.weight", "down"), ("_lora.up.weight", "up"))  # old attention processors: to_q_lora
-_PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"),
-             ("lora_te_", "text_encoder"), ("unet.", "unet"), ("text_encoder_2.", "text_encoder_2"),
-             ("text_encoder.", "text_encoder"), ("model.diffusion_model.", "unet"), ("diffusion_model.", "unet"),
-             ("base_model.model.", None))
+_SUFFIXES = (
+    (".lora_down.weight", "down"),
+    (".lora_up.weight", "up"),
+    (".alpha", "alpha"),
+    (".lora.down.weight", "down"),
+    (".lora.up.weight", "up"),
+    (".lora_linear_layer.down.weight", "down"),
+    (".lora_linear_layer.up.weight", "up"),
+    (".lora_A.weight", "down"),
+    (".lora_B.weight", "up"),
+    (".lora_A.default.weight", "down"),
+    (".lora_B.default.weight", "up"),
+    ("_lora.down.weight", "down"),
+    ("_lora.up.weight", "up"),
+)  # old attention processors: to_q_lora
+_PREFIXES = (
+    ("lora_unet_", "unet"),
+    ("lora_te1_", "text_encoder"),
+    ("lora_te2_", "text_encoder_2"),
+    ("lora_te_", "text_encoder"),
+    ("unet.", "unet"),
+    ("text_encoder_2.", "text_encoder_2"),
+    ("text_encoder.", "text_encoder"),
+    ("model.diffusion_model.", "unet"),
+    ("diffusion_model.", "unet"),
+    ("base_model.model.", None),
+)
 # adapters that are not plain LoRA/LoCon, by a key only they have (LyCORIS and peft names; ComfyUI's
 # comfy/weight_adapter/ reads the same keys): refused by name, never half-applied
-VARIANTS = ((r"hada_w1|hada_t1", "LoHa (LyCORIS Hadamard product)"), (r"lokr_w1|lokr_w2", "LoKr (LyCORIS Kronecker)"),
-            (r"\.lora_mid\.weight$", "LoCon with Tucker decomposition (lora_mid)"),
-            (r"\.(a1|a2|b1|b2)\.weight$", "GLoRA"), (r"\.on_input$|ia3_l", "IA3"),
-            (r"oft_blocks|oft_diag|\.oft_r$|oft_R|boft_", "OFT (orthogonal fine-tuning)"),
-            (r"dora_scale|lora_magnitude_vector", "DoRA"), (r"\.diff(_b)?$", "full weight-difference (diff)"),
-            (r"\.w_norm$|\.b_norm$", "LyCORIS norm"))
+VARIANTS = (
+    (r"hada_w1|hada_t1", "LoHa (LyCORIS Hadamard product)"),
+    (r"lokr_w1|lokr_w2", "LoKr (LyCORIS Kronecker)"),
+    (r"\.lora_mid\.weight$", "LoCon with Tucker decomposition (lora_mid)"),
+    (r"\.(a1|a2|b1|b2)\.weight$", "GLoRA"),
+    (r"\.on_input$|ia3_l", "IA3"),
+    (r"oft_blocks|oft_diag|\.oft_r$|oft_R|boft_", "OFT (orthogonal fine-tuning)"),
+    (r"dora_scale|lora_magnitude_vector", "DoRA"),
+    (r"\.diff(_b)?$", "full weight-difference (diff)"),
+    (r"\.w_norm$|\.b_norm$", "LyCORIS norm"),
+)
 
 
 def _split_key(key, default_component):
@@ -179,7 +220,7 @@ def _split_key(key, default_component):
     component = default_component
     for p, c in _PREFIXES:
         if stem.startswith(p):
-            stem, component = stem[len(p):], c or default_component
+            stem, component = stem[len(p) :], c or default_component
             break
     if suffix.startswith("_lora."):  # attn1.processor.to_q_lora -> attn1.to_q; to_out_lora -> to_out.0
         stem = re.sub(r"\.to_out$", ".to_out.0", stem.replace(".processor.", "."))
@@ -196,8 +237,9 @@ def read_lora(path, default_component="unet"):
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for a non-safetensors file
-        raise LoRAError(f"{path} is not a readable safetensors file ({type(e).__name__}); "
-                        "LoRA files are .safetensors") from None
+        raise LoRAError(
+            f"{path} is not a readable safetensors file ({type(e).__name__}); LoRA files are .safetensors"
+        ) from None
     entries, fmt = parse_lora(tensors, metadata, default_component, source=path.name)
     return entries, fmt, metadata
 
@@ -207,8 +249,10 @@ def parse_lora(tensors, metadata=None, default_component="unet", source="state d
     for pattern, variant in VARIANTS:
         found = [k for k in tensors if re.search(pattern, k)]
         if found:
-            raise LoRAError(f"{source} holds {variant} weights (e.g. key {found[0]}), a LoRA variant minidiff does "
-                            "not apply: it loads plain LoRA and LoCon (lora_down/lora_up or lora_A/lora_B)")
+            raise LoRAError(
+                f"{source} holds {variant} weights (e.g. key {found[0]}), a LoRA variant minidiff does "
+                "not apply: it loads plain LoRA and LoCon (lora_down/lora_up or lora_A/lora_B)"
+            )
     entries, stray = {}, []
     for key, t in tensors.items():
         split = _split_key(key, default_component)
@@ -220,8 +264,10 @@ def parse_lora(tensors, metadata=None, default_component="unet", source="state d
         setattr(e, role, t.item() if role == "alpha" else t)
         e.keys[role] = key
     if not entries:
-        raise LoRAError(f"{source} holds no LoRA tensors (expected keys ending in .lora_down.weight, .lora.down.weight "
-                        f"or .lora_A.weight), found e.g. {list(tensors)[:3]}")
+        raise LoRAError(
+            f"{source} holds no LoRA tensors (expected keys ending in .lora_down.weight, .lora.down.weight "
+            f"or .lora_A.weight), found e.g. {list(tensors)[:3]}"
+        )
     if stray:
         raise LoRAError(f"{source}: {len(stray)} keys are not LoRA tensors, e.g. {stray[:3]}")
     incomplete = [next(iter(e.keys.values())) for e in entries.values() if e.down is None or e.up is None]
@@ -238,8 +284,10 @@ def parse_lora(tensors, metadata=None, default_component="unet", source="state d
             e.alpha = _peft_alpha(peft_meta, e.component, e.name, e.rank)
         for role in ("down", "up"):
             if not torch.isfinite(getattr(e, role)).all():
-                raise LoRAError(f"{source}: {e.keys[role]} holds NaN or inf values (a LoRA from a diverged training "
-                                "run?); applied, it would turn every image black")
+                raise LoRAError(
+                    f"{source}: {e.keys[role]} holds NaN or inf values (a LoRA from a diverged training "
+                    "run?); applied, it would turn every image black"
+                )
         if not math.isfinite(e.alpha):
             raise LoRAError(f"{source}: {e.keys.get('alpha', e.name)} is {e.alpha}, not a finite alpha")
     return list(entries.values()), fmt
@@ -285,8 +333,10 @@ def load_lora(model, path, scale=1.0, name=None, prefix="unet", trainable=False)
         else:
             plan.append((models[e.component], module_path, e))
     if unmatched:
-        raise LoRAError(f"{len(unmatched)} of {len(entries)} LoRA modules match nothing in the model "
-                        f"(components given: {sorted(models)}), e.g. {unmatched[:3]}")
+        raise LoRAError(
+            f"{len(unmatched)} of {len(entries)} LoRA modules match nothing in the model "
+            f"(components given: {sorted(models)}), e.g. {unmatched[:3]}"
+        )
     if not math.isfinite(scale):
         raise LoRAError(f"LoRA scale must be a finite number, got {scale}")
     for m, p, e in plan:
@@ -296,8 +346,10 @@ def load_lora(model, path, scale=1.0, name=None, prefix="unet", trainable=False)
         for role, want in zip(("down", "up"), lora_shapes(module.weight, e.rank)):
             t, key = getattr(e, role), e.keys[role]
             if _squeeze(t.shape) != _squeeze(want):  # [r, in] and [r, in, 1, 1] are the same LoRA
-                raise LoRAError(f"{key}: LoRA tensor has shape {list(t.shape)} but {p} needs {list(want)} "
-                                "(a LoRA for another model or architecture?)")
+                raise LoRAError(
+                    f"{key}: LoRA tensor has shape {list(t.shape)} but {p} needs {list(want)} "
+                    "(a LoRA for another model or architecture?)"
+                )
     for m, p, e in plan:
         layer = wrap(m, p)
         layer.add_adapter(name, e.rank, e.alpha, A=e.down, B=e.up, targets=f"file:{source}")

@@ -98,8 +98,19 @@ class LoRALinear(nn.Module):
     def up(self, h, B):
         return F.linear(h, B)
 
-    def add_adapter(self, name, rank, alpha, init="gaussian", dropout=0.0, A=None, B=None, targets="", rank_dropout=0.0,
-                    module_dropout=0.0):
+    def add_adapter(
+        self,
+        name,
+        rank,
+        alpha,
+        init="gaussian",
+        dropout=0.0,
+        A=None,
+        B=None,
+        targets="",
+        rank_dropout=0.0,
+        module_dropout=0.0,
+    ):
         """Adds adapter `name`: A random and B zero, or the given A, B (loaded from a file). Both fp32."""
         a_shape, b_shape = lora_shapes(self.weight, rank)
         dev = self.weight.device
@@ -111,8 +122,14 @@ class LoRALinear(nn.Module):
                 nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         self.lora_A[name] = nn.Parameter(A.detach().to(dev, torch.float32).reshape(a_shape).clone())
         self.lora_B[name] = nn.Parameter(B.detach().to(dev, torch.float32).reshape(b_shape).clone())
-        self.adapters[name] = Adapter(rank, float(alpha), dropout=dropout, targets=targets, rank_dropout=rank_dropout,
-                                      module_dropout=module_dropout)
+        self.adapters[name] = Adapter(
+            rank,
+            float(alpha),
+            dropout=dropout,
+            targets=targets,
+            rank_dropout=rank_dropout,
+            module_dropout=module_dropout,
+        )
 
     def delta_weight(self, name):
         """(alpha / r) B A, shaped like W0 (fp32): the change this adapter makes at multiplier 1."""
@@ -243,8 +260,17 @@ def _check_settings(rank, alpha, name, init, *dropouts):
         raise LoRAError(f"LoRA dropout, rank dropout and module dropout must be in [0, 1), got {dropouts}")
 
 
-def inject_lora(model, targets="attn", rank=4, alpha=None, name="default", init="gaussian", dropout=0.0,
-                rank_dropout=0.0, module_dropout=0.0) -> list:
+def inject_lora(
+    model,
+    targets="attn",
+    rank=4,
+    alpha=None,
+    name="default",
+    init="gaussian",
+    dropout=0.0,
+    rank_dropout=0.0,
+    module_dropout=0.0,
+) -> list:
     """Wraps the layers `targets` selects with a new trainable adapter `name` (alpha=None means alpha = rank, scale 1)
     and freezes every other parameter of `model`. Returns the wrapped module names."""
     _check_settings(rank, alpha, name, init, dropout, rank_dropout, module_dropout)
@@ -259,8 +285,16 @@ def inject_lora(model, targets="attn", rank=4, alpha=None, name="default", init=
             p.requires_grad_(False)
     label = targets if isinstance(targets, str) else ",".join(targets)
     for n in names:
-        wrap(model, n).add_adapter(name, rank, alpha or rank, init=init, dropout=dropout, targets=label,
-                                   rank_dropout=rank_dropout, module_dropout=module_dropout)
+        wrap(model, n).add_adapter(
+            name,
+            rank,
+            alpha or rank,
+            init=init,
+            dropout=dropout,
+            targets=label,
+            rank_dropout=rank_dropout,
+            module_dropout=module_dropout,
+        )
     return names
 
 

@@ -15,6 +15,7 @@ communication with backward, which matters little for 23 MB, and its hooks inter
 checkpointing. Class images are made in chunks split round robin (chunk c on process c mod W; dreambooth.make_class_images),
 and only process 0 writes files (`is_main`).
 """
+
 from __future__ import annotations
 
 import os
@@ -50,8 +51,10 @@ def init(device: str | None = None) -> Context:
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         if local >= torch.cuda.device_count():
-            raise TrainingError(f"torchrun started {world} processes but this machine has "
-                                f"{torch.cuda.device_count()} GPU(s): use --nproc_per_node {torch.cuda.device_count()}")
+            raise TrainingError(
+                f"torchrun started {world} processes but this machine has "
+                f"{torch.cuda.device_count()} GPU(s): use --nproc_per_node {torch.cuda.device_count()}"
+            )
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
@@ -79,7 +82,7 @@ def average_gradients(params, ctx: Context):
     flat /= ctx.world_size
     offset = 0
     for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
 
 

@@ -93,7 +93,8 @@ def check_gpu(device=None):
         f"this PyTorch {torch.__version__} has no CUDA kernels for {torch.cuda.get_device_name(index)} "
         f"(sm_{major}{minor}; it was built for {' '.join(archs)}). Fix: install a PyTorch build that still has "
         f"sm_{major}{minor} kernels (pip install torch torchvision --index-url https://download.pytorch.org/whl/cu126)"
-        f", or on Kaggle switch the accelerator to the T4 (Settings > Accelerator > GPU T4 x2)")
+        f", or on Kaggle switch the accelerator to the T4 (Settings > Accelerator > GPU T4 x2)"
+    )
 
 
 class PeakMemory:
@@ -134,11 +135,13 @@ class PeakMemory:
 
     def around(self, phase, fn, before="train"):
         """fn, wrapped: what ran before it counts for `before`, fn itself for `phase`."""
+
         def wrapped(*args, **kwargs):
             self.end(before)
             result = fn(*args, **kwargs)
             self.end(phase)
             return result
+
         return wrapped
 
 
@@ -170,5 +173,7 @@ def check_fits(need, device, what, hint=""):
     exceed the memory free on `device`: better than an out-of-memory kill minutes later with no message."""
     free = free_memory(device)
     if free is not None and need > free:
-        raise MinidiffError(f"{what} need at least {need / 2**30:,.1f} GiB but {torch.device(device)} has "
-                            f"{free / 2**30:,.1f} GiB free" + (f": {hint}" if hint else ""))
+        raise MinidiffError(
+            f"{what} need at least {need / 2**30:,.1f} GiB but {torch.device(device)} has "
+            f"{free / 2**30:,.1f} GiB free" + (f": {hint}" if hint else "")
+        )

@@ -42,6 +42,7 @@ DreamBooth on this shape (minidiff/dreambooth/loop.py::train):
                     (validate_every, on_validate under torch.random.fork_rng unless step == steps, False)]
     hooks_here=ctx.is_main; start from state.load_checkpoint (+ scaler.load_state_dict) before the loop.
 """
+
 import time
 from contextlib import nullcontext
 
@@ -61,8 +62,9 @@ def grad_scaler(device, enabled):
     return torch.amp.GradScaler(torch.device(device).type, enabled=enabled)
 
 
-def optimizer_step(*, optimizer, params, scaler=None, max_grad_norm=None, lr_scheduler=None, ema=None, model=None,
-                   after_backward=None):
+def optimizer_step(
+    *, optimizer, params, scaler=None, max_grad_norm=None, lr_scheduler=None, ema=None, model=None, after_backward=None
+):
     """The update after the backward pass(es); see the module docstring. Returns the learning rate used."""
     scaler = scaler or _DISABLED
     lr = optimizer.param_groups[0]["lr"]
@@ -84,16 +86,38 @@ def optimizer_step(*, optimizer, params, scaler=None, max_grad_norm=None, lr_sch
 _DISABLED = torch.amp.GradScaler("cpu", enabled=False)
 
 
-def train(*, step_fn, steps, start=0, log=None, finite=("loss",), hint=state.NAN_HINT, hooks=(), reduce=None,
-          hooks_here=True, postfix=None, postfix_every=1, on_stop=None, agree=None, desc="training", progress=True,
-          **bar_kw):
+def train(
+    *,
+    step_fn,
+    steps,
+    start=0,
+    log=None,
+    finite=("loss",),
+    hint=state.NAN_HINT,
+    hooks=(),
+    reduce=None,
+    hooks_here=True,
+    postfix=None,
+    postfix_every=1,
+    on_stop=None,
+    agree=None,
+    desc="training",
+    progress=True,
+    **bar_kw,
+):
     """Run steps start+1 .. steps of `step_fn` (the contract is in the module docstring). Returns a summary dict."""
     t0, aside, logs = time.perf_counter(), 0.0, {}
-    bar = tqdm(range(start + 1, steps + 1), initial=start, total=steps, desc=desc,
-               disable=not progress or not hooks_here, **bar_kw)
+    bar = tqdm(
+        range(start + 1, steps + 1),
+        initial=start,
+        total=steps,
+        desc=desc,
+        disable=not progress or not hooks_here,
+        **bar_kw,
+    )
     # on_stop(step): CTRL-C writes a checkpoint after the current step and stops (interrupt.steps, exit 130);
     # agree(requested) -> bool: DDP hook 3, every process stops after the same step
-    for step in (interrupt.steps(bar, on_stop=on_stop, agree=agree) if on_stop is not None else bar):
+    for step in interrupt.steps(bar, on_stop=on_stop, agree=agree) if on_stop is not None else bar:
         logs = step_fn(step)
         if reduce is not None:
             logs = reduce(logs)
@@ -112,5 +136,10 @@ def train(*, step_fn, steps, start=0, log=None, finite=("loss",), hint=state.NAN
         aside += time.perf_counter() - t_aside
     bar.close()
     seconds = time.perf_counter() - t0
-    return {"steps": steps, "resumed_from": start, "seconds": seconds, "logs": logs,
-            "s_per_step": (seconds - aside) / max(steps - start, 1)}
+    return {
+        "steps": steps,
+        "resumed_from": start,
+        "seconds": seconds,
+        "logs": logs,
+        "s_per_step": (seconds - aside) / max(steps - start, 1),
+    }

@@ -15,6 +15,7 @@ The caption embeddings (text encoders off the GPU, as finetune.py caches them) a
 `track(job, world, modules, params, Calls(...))` is that run for any implementation's calls: simulate() passes
 minidiff's, bench/memsim.py diffusers + peft's, so both run one job definition.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -63,10 +64,12 @@ def simulate(job: Job, unet_config, vae_config=None, text_configs=None, cpu: boo
         if job.kind != "full":
             store(unet, job.base_precision, dtype)
         world, pipe = World(mode, cpu, dtype), Pipeline(unet, vae, None, None, vae_tile=job.vae_tile)
-        calls = Calls(unet.config, lambda x, t, ctx, pooled, ids: unet(x, t, context=ctx, text_embeds=pooled,
-                                                                      time_ids=ids),
-                      (lambda tokens: _text_forward(texts, tokens)) if texts else None,
-                      None if vae is None else lambda z: decode(pipe, z))
+        calls = Calls(
+            unet.config,
+            lambda x, t, ctx, pooled, ids: unet(x, t, context=ctx, text_embeds=pooled, time_ids=ids),
+            (lambda tokens: _text_forward(texts, tokens)) if texts else None,
+            None if vae is None else lambda z: decode(pipe, z),
+        )
         return track(job, world, [unet, *texts, *([vae] if vae is not None else [])], params, calls)
 
 
@@ -75,6 +78,7 @@ class Calls:
     """What a simulated job calls, so that another implementation (bench/memsim.py: diffusers + peft) runs the same
     job: eps = unet(x, t, context, pooled, time_ids); (context, pooled) = text(token ids) when the text encoders
     train; images = decode(x_0 latents) when sampling; latents kept in latent_dtype between sampling steps."""
+
     config: object  # UNetConfig: the input shapes
     unet: object
     text: object = None
@@ -98,6 +102,7 @@ def track(job: Job, world, modules, params, calls: Calls) -> dict:
 @dataclass
 class World:
     """Where tensors of a simulated job live: fake CUDA (mode) or real CPU."""
+
     mode: object
     cpu: bool
     dtype: torch.dtype
@@ -119,8 +124,11 @@ def _build(job, unet_config, vae_config, text_configs, dtype):
 
     unet = UNet(unet_config).to(torch.float32 if job.kind == "full" else dtype)
     unet.enable_gradient_checkpointing(job.checkpointing and job.kind != "sample")
-    texts = [CLIPTextModel(text_configs[0]).to(dtype), CLIPTextModelWithProjection(text_configs[1]).to(dtype)] \
-        if job.train_text_encoder else []
+    texts = (
+        [CLIPTextModel(text_configs[0]).to(dtype), CLIPTextModelWithProjection(text_configs[1]).to(dtype)]
+        if job.train_text_encoder
+        else []
+    )
     vae = AutoencoderKL(vae_config).float().requires_grad_(False) if job.kind == "sample" and vae_config else None
     return unet.requires_grad_(job.kind == "full"), [te.requires_grad_(False) for te in texts], vae, None
 
@@ -142,12 +150,19 @@ def _trainable(job, unet, texts):
 
 def unet_inputs(world, cfg, batch, latent):
     """x, t, context, pooled, time_ids of `batch` rows."""
-    pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim if \
-        cfg.addition_embed_type == "text_time" else 0
+    pooled = (
+        cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        if cfg.addition_embed_type == "text_time"
+        else 0
+    )
     t = world.tensor
-    return (t((batch, cfg.in_channels, latent, latent)), t((batch,), torch.long),
-            t((batch, 77, cfg.cross_attention_dim), world.dtype), t((batch, pooled), world.dtype),
-            t((batch, 6), world.dtype))
+    return (
+        t((batch, cfg.in_channels, latent, latent)),
+        t((batch,), torch.long),
+        t((batch, 77, cfg.cross_attention_dim), world.dtype),
+        t((batch, pooled), world.dtype),
+        t((batch, 6), world.dtype),
+    )
 
 
 def _text_forward(texts, ids):
@@ -246,11 +261,20 @@ def prepare(pipe, job: Job, device, low_memory: bool = False) -> dict:
     if job.kind != "full" and job.base_precision != job.precision:
         store(pipe.unet, job.base_precision, DTYPES[job.precision])
     if peaks:
-        print(f"memory: simulated peak {peaks['peak']:.2f} GiB (+ ~{MARGIN_GIB} GiB CUDA context and allocator)"
-              + (f" on a {card:.1f} GiB card" if card else "") + f"; base weights {job.base_precision}"
-              + (f", VAE tiles of {job.vae_tile}" if job.kind == "sample" and job.vae_tile else ""))
+        print(
+            f"memory: simulated peak {peaks['peak']:.2f} GiB (+ ~{MARGIN_GIB} GiB CUDA context and allocator)"
+            + (f" on a {card:.1f} GiB card" if card else "")
+            + f"; base weights {job.base_precision}"
+            + (f", VAE tiles of {job.vae_tile}" if job.kind == "sample" and job.vae_tile else "")
+        )
     if job.kind == "sample":
         pipe.vae_tile = job.vae_tile
-    return {"base_precision": job.base_precision, "vae_tile": job.vae_tile, "card_gib": card and round(card, 2),
-            "simulated_peak_gib": peaks and peaks["peak"], "simulated_phases": peaks, "fits": fits,
-            "margin_gib": MARGIN_GIB}
+    return {
+        "base_precision": job.base_precision,
+        "vae_tile": job.vae_tile,
+        "card_gib": card and round(card, 2),
+        "simulated_peak_gib": peaks and peaks["peak"],
+        "simulated_phases": peaks,
+        "fits": fits,
+        "margin_gib": MARGIN_GIB,
+    }

@@ -34,6 +34,7 @@ CudaAutocast and the efficient attention only: the same bytes, 5.498 GiB for bot
 half the time; memory_plan.py uses it). memory_plan.simulate(cpu=True) runs the same tracker on real CPU tensors,
 where nothing is faked: the two must agree (tests/test_memsim.py).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -103,19 +104,78 @@ class PeakTracker(TorchDispatchMode):
 
 def _is_fake(t) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
+
     return isinstance(t, FakeTensor)
 
 
 # ------------------------------------------------------------------------------------------ fake CUDA, no GPU
 # CUDA autocast's op lists (docs: "Automatic Mixed Precision package", CUDA Op-Specific Behavior), by function name.
-TO_HALF = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear",
-           "matmul", "__matmul__", "mm", "bmm", "addmm", "baddbmm", "addbmm", "addmv", "addr", "mv", "einsum",
-           "prelu", "chain_matmul"}
-TO_FLOAT = {"layer_norm", "group_norm", "softmax", "log_softmax", "softmin", "mse_loss", "l1_loss", "smooth_l1_loss",
-            "cross_entropy", "nll_loss", "kl_div", "exp", "expm1", "log", "log2", "log10", "log1p", "pow", "__pow__",
-            "__rpow__", "rsqrt", "reciprocal", "sum", "prod", "cumsum", "cumprod", "norm", "normalize", "softplus",
-            "cosine_similarity", "binary_cross_entropy_with_logits", "cdist", "dist", "erfinv", "acos", "asin",
-            "cosh", "sinh", "tan", "__rdiv__", "__rtruediv__", "renorm"}
+TO_HALF = {
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+    "linear",
+    "matmul",
+    "__matmul__",
+    "mm",
+    "bmm",
+    "addmm",
+    "baddbmm",
+    "addbmm",
+    "addmv",
+    "addr",
+    "mv",
+    "einsum",
+    "prelu",
+    "chain_matmul",
+}
+TO_FLOAT = {
+    "layer_norm",
+    "group_norm",
+    "softmax",
+    "log_softmax",
+    "softmin",
+    "mse_loss",
+    "l1_loss",
+    "smooth_l1_loss",
+    "cross_entropy",
+    "nll_loss",
+    "kl_div",
+    "exp",
+    "expm1",
+    "log",
+    "log2",
+    "log10",
+    "log1p",
+    "pow",
+    "__pow__",
+    "__rpow__",
+    "rsqrt",
+    "reciprocal",
+    "sum",
+    "prod",
+    "cumsum",
+    "cumprod",
+    "norm",
+    "normalize",
+    "softplus",
+    "cosine_similarity",
+    "binary_cross_entropy_with_logits",
+    "cdist",
+    "dist",
+    "erfinv",
+    "acos",
+    "asin",
+    "cosh",
+    "sinh",
+    "tan",
+    "__rdiv__",
+    "__rtruediv__",
+    "renorm",
+}
 
 
 class CudaAutocast(TorchFunctionMode):
@@ -163,7 +223,8 @@ def efficient_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
         attn_mask = attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     return torch.ops.aten._scaled_dot_product_efficient_attention(
-        q, k, v, attn_mask, grad, dropout_p, is_causal, scale=scale)[0]
+        q, k, v, attn_mask, grad, dropout_p, is_causal, scale=scale
+    )[0]
 
 
 class KeepOnCuda(TorchDispatchMode):
@@ -178,8 +239,13 @@ class KeepOnCuda(TorchDispatchMode):
         device = kwargs.get("device")
         if device is not None and torch.device(device).type == "cpu":
             name = func.overloadpacket.__name__
-            moved = name == "_to_copy" and _is_fake(args[0]) and args[0].fake_device.type == "cuda" or \
-                name in self.FACTORIES and torch._C._current_graph_task_id() != -1
+            moved = (
+                name == "_to_copy"
+                and _is_fake(args[0])
+                and args[0].fake_device.type == "cuda"
+                or name in self.FACTORIES
+                and torch._C._current_graph_task_id() != -1
+            )
             if moved:
                 kwargs = dict(kwargs, device=torch.device("cuda", 0))
         return func(*args, **kwargs)
@@ -195,13 +261,19 @@ def fake_cuda():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     device_op = torch.ops.prim.device.default
-    saved = (amp_common.amp_definitely_not_available, ft._DISPATCH_META_HANDLERS[device_op],
-             F.scaled_dot_product_attention, adam._get_value, torch.cuda.is_bf16_supported,
-             ckpt._checkpoint_without_reentrant_generator_impl)
+    saved = (
+        amp_common.amp_definitely_not_available,
+        ft._DISPATCH_META_HANDLERS[device_op],
+        F.scaled_dot_product_attention,
+        adam._get_value,
+        torch.cuda.is_bf16_supported,
+        ckpt._checkpoint_without_reentrant_generator_impl,
+    )
 
     def checkpoint_impl(fn, args, kwargs, **options):  # the autograd engine does not carry Python modes into backward
         options["context_fn"] = lambda: (contextlib.nullcontext(), CudaAutocast())
         return saved[5](fn, args, kwargs, **options)
+
     ckpt._checkpoint_without_reentrant_generator_impl = checkpoint_impl
     amp_common.amp_definitely_not_available = lambda: False
     ft._DISPATCH_META_HANDLERS[device_op] = lambda args: torch.device("cpu")  # what the autograd engine sees
@@ -213,9 +285,14 @@ def fake_cuda():
         with mode, KeepOnCuda(), CudaAutocast():
             yield mode
     finally:
-        (amp_common.amp_definitely_not_available, ft._DISPATCH_META_HANDLERS[device_op],
-         F.scaled_dot_product_attention, adam._get_value, torch.cuda.is_bf16_supported,
-         ckpt._checkpoint_without_reentrant_generator_impl) = saved
+        (
+            amp_common.amp_definitely_not_available,
+            ft._DISPATCH_META_HANDLERS[device_op],
+            F.scaled_dot_product_attention,
+            adam._get_value,
+            torch.cuda.is_bf16_supported,
+            ckpt._checkpoint_without_reentrant_generator_impl,
+        ) = saved
 
 
 def fake_module(module: torch.nn.Module, mode, device="cuda") -> torch.nn.Module:
@@ -239,6 +316,7 @@ def fake_module(module: torch.nn.Module, mode, device="cuda") -> torch.nn.Module
 def fake_like(mode, shape, dtype=torch.float32, device="cuda"):
     """A fake tensor of this shape and dtype (an input: latents, text states)."""
     from torch._subclasses.fake_tensor import FakeTensor
+
     return FakeTensor(mode, torch.empty(shape, dtype=dtype, device="meta"), torch.device(device))
 
 
@@ -249,8 +327,11 @@ def meta_cuda():
     tensors' device type, like LoRALinear, behaves as on a GPU)."""
     import torch.utils.checkpoint as ckpt
 
-    saved = (torch.is_autocast_enabled, F.scaled_dot_product_attention,
-             ckpt._checkpoint_without_reentrant_generator_impl)
+    saved = (
+        torch.is_autocast_enabled,
+        F.scaled_dot_product_attention,
+        ckpt._checkpoint_without_reentrant_generator_impl,
+    )
     is_enabled = saved[0]
 
     def enabled(device_type=None):
@@ -265,10 +346,12 @@ def meta_cuda():
         def recompute():
             with torch.autocast("cuda", dtype=state[1], enabled=state[0]), CudaAutocast():
                 yield
+
         options["context_fn"] = lambda: (contextlib.nullcontext(), recompute())
         return saved[2](fn, args, kwargs, **options)
 
     import torch.cuda.amp.common as amp_common
+
     not_available = amp_common.amp_definitely_not_available
     amp_common.amp_definitely_not_available = lambda: False
     torch.is_autocast_enabled = enabled
@@ -278,6 +361,7 @@ def meta_cuda():
         with CudaAutocast():
             yield None
     finally:
-        torch.is_autocast_enabled, F.scaled_dot_product_attention, ckpt._checkpoint_without_reentrant_generator_impl \
-            = saved
+        torch.is_autocast_enabled, F.scaled_dot_product_attention, ckpt._checkpoint_without_reentrant_generator_impl = (
+            saved
+        )
         amp_common.amp_definitely_not_available = not_available

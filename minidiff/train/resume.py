@@ -29,8 +29,10 @@ def parse_metadata(meta, file):
         if not isinstance(extra, dict):
             raise ValueError("'extra' is not a JSON object")
     except (KeyError, ValueError, TypeError, AttributeError) as e:
-        raise TrainingError(f"checkpoint {file} is damaged: its metadata does not parse ({type(e).__name__}: {e}); "
-                            "resume from an earlier checkpoint") from None
+        raise TrainingError(
+            f"checkpoint {file} is damaged: its metadata does not parse ({type(e).__name__}: {e}); "
+            "resume from an earlier checkpoint"
+        ) from None
     return step, state, extra
 
 
@@ -39,12 +41,16 @@ def check_module(sd, module, file, name):
     expected = module.state_dict()
     missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     if missing or unexpected:
-        raise TrainingError(f"checkpoint {file} does not match module {name!r}: {len(missing)} keys missing "
-                            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}")
+        raise TrainingError(
+            f"checkpoint {file} does not match module {name!r}: {len(missing)} keys missing "
+            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}"
+        )
     for key, value in expected.items():
         if tuple(sd[key].shape) != tuple(value.shape):
-            raise TrainingError(f"checkpoint {file} does not fit module {name!r}: {key} has shape "
-                                f"{list(sd[key].shape)}, the model's {list(value.shape)} (another model or settings?)")
+            raise TrainingError(
+                f"checkpoint {file} does not fit module {name!r}: {key} has shape "
+                f"{list(sd[key].shape)}, the model's {list(value.shape)} (another model or settings?)"
+            )
 
 
 def check_optimizer(sd, optimizer, file, name):
@@ -58,14 +64,18 @@ def check_optimizer(sd, optimizer, file, name):
         raise TrainingError(f"checkpoint {file}: optimizer state {name!r} is damaged ({e!r})") from None
     groups = [g["params"] for g in optimizer.param_groups]
     if [len(g) for g in ids] != [len(g) for g in groups]:
-        raise TrainingError(f"checkpoint {file}: optimizer {name!r} holds {[len(g) for g in ids]} parameters per "
-                            f"group, this run trains {[len(g) for g in groups]} (other --rank/--targets/--train?)")
+        raise TrainingError(
+            f"checkpoint {file}: optimizer {name!r} holds {[len(g) for g in ids]} parameters per "
+            f"group, this run trains {[len(g) for g in groups]} (other --rank/--targets/--train?)"
+        )
     for saved, params in zip(ids, groups):
         for i, p in zip(saved, params):
             for key, value in (state.get(i) or {}).items():
                 if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != tuple(p.shape):
-                    raise TrainingError(f"checkpoint {file}: optimizer {name!r} state {key} of parameter {i} has "
-                                        f"shape {list(value.shape)}, the parameter {list(p.shape)} (damaged file)")
+                    raise TrainingError(
+                        f"checkpoint {file}: optimizer {name!r} state {key} of parameter {i} has "
+                        f"shape {list(value.shape)}, the parameter {list(p.shape)} (damaged file)"
+                    )
 
 
 def check_rng(state, file):
@@ -74,22 +84,28 @@ def check_rng(state, file):
     try:
         torch_state = state["torch"]
         if torch_state.dtype != torch.uint8 or torch_state.numel() != torch.get_rng_state().numel():
-            raise ValueError(f"torch state has {torch_state.numel()} {torch_state.dtype} values, expected "
-                             f"{torch.get_rng_state().numel()} uint8")
+            raise ValueError(
+                f"torch state has {torch_state.numel()} {torch_state.dtype} values, expected "
+                f"{torch.get_rng_state().numel()} uint8"
+            )
         np.random.RandomState().set_state(state["numpy"])
         random.Random().setstate(state["python"])
         torch.Generator().set_state(torch_state)
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
-        raise TrainingError(f"checkpoint {file}: its random-number state cannot be restored ({e}); resume from an "
-                            "earlier checkpoint") from None
+        raise TrainingError(
+            f"checkpoint {file}: its random-number state cannot be restored ({e}); resume from an earlier checkpoint"
+        ) from None
 
 
 def check_settings(saved, now, keys, file, allowed="--steps and the output, validation and device flags"):
     """TrainingError listing `--flag saved -> now` for each key in `keys` that changed (keys the checkpoint does
     not record, e.g. from an older version, are not compared)."""
     now = json.loads(json.dumps(now, default=str))  # tuples -> lists, paths -> str: as the checkpoint stores them
-    changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {now.get(k)!r}" for k in keys
-               if k in saved and saved[k] != now.get(k)]
+    changed = [
+        f"--{k.replace('_', '-')} {saved[k]!r} -> {now.get(k)!r}" for k in keys if k in saved and saved[k] != now.get(k)
+    ]
     if changed:
-        raise TrainingError(f"checkpoint {file} was trained with other settings: {', '.join(changed)}. Resume with "
-                            f"the same ones (only {allowed} may change), or start a new run in another --out")
+        raise TrainingError(
+            f"checkpoint {file} was trained with other settings: {', '.join(changed)}. Resume with "
+            f"the same ones (only {allowed} may change), or start a new run in another --out"
+        )

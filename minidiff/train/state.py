@@ -191,8 +191,13 @@ def save_checkpoint(out_dir, step, modules, optimizers, schedulers=None, extra=N
         extra_json = json.dumps(extra or {})
     except (TypeError, ValueError) as e:
         raise TrainingError(f"checkpoint 'extra' must be JSON-serializable: {e}") from None
-    metadata = {"format": FORMAT, "step": str(int(step)), "modules": json.dumps(sorted(modules)),
-                "state": json.dumps(state), "extra": extra_json}
+    metadata = {
+        "format": FORMAT,
+        "step": str(int(step)),
+        "modules": json.dumps(sorted(modules)),
+        "state": json.dumps(state),
+        "extra": extra_json,
+    }
     ckpt_dir = Path(out_dir) / "checkpoints"
     path = io.save_safetensors(tensors, ckpt_dir / f"step-{int(step):06d}.safetensors", metadata)
     io.write_text(path.name + "\n", ckpt_dir / "latest.txt")
@@ -246,7 +251,7 @@ def load_checkpoint(path, modules, optimizers=None, schedulers=None, out_dir=Non
     module_sds = {}
     for name, module in modules.items():
         prefix = f"module.{name}."
-        module_sds[name] = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        module_sds[name] = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         if not module_sds[name]:
             raise TrainingError(f"checkpoint {file} has no module {name!r} (it has: {meta.get('modules')})")
         checks.check_module(module_sds[name], module, file, name)

@@ -16,6 +16,7 @@ The cast is a torch parametrization of `weight` (torch.nn.utils.parametrize): th
 fp8 tensor is `parametrizations.weight.original`, and LoRA layers wrap a stored layer keeping its storage
 (`wrap_stored`). Stored weights are frozen (requires_grad False): LoRA trains on top of them.
 """
+
 from __future__ import annotations
 
 import torch
@@ -58,8 +59,14 @@ def quantize(w: torch.Tensor, scaled: bool = True) -> tuple[torch.Tensor, torch.
 def _stored_layers(model: nn.Module):
     for name, m in model.named_modules():
         w = getattr(m, "weight", None)
-        if isinstance(w, nn.Parameter) and w.dim() >= 2 and name.split(".")[-1] not in KEEP and \
-                isinstance(m, (nn.Linear, nn.Conv2d)) or _is_lora(m) and name.split(".")[-1] not in KEEP:
+        if (
+            isinstance(w, nn.Parameter)
+            and w.dim() >= 2
+            and name.split(".")[-1] not in KEEP
+            and isinstance(m, (nn.Linear, nn.Conv2d))
+            or _is_lora(m)
+            and name.split(".")[-1] not in KEEP
+        ):
             yield name, m
 
 
@@ -90,8 +97,12 @@ def store(model: nn.Module, precision: str, compute_dtype: torch.dtype, scaled: 
 def _to_dtype(model, dtype):
     """Floating tensors to dtype, except LoRA adapters (fp32) and tensors already stored in fp8."""
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if t.is_floating_point() and t.dtype not in (FP8, dtype) and ".lora_" not in name and \
-                not name.endswith(".scale"):
+        if (
+            t.is_floating_point()
+            and t.dtype not in (FP8, dtype)
+            and ".lora_" not in name
+            and not name.endswith(".scale")
+        ):
             t.data = t.data.to(dtype)
     return model
 

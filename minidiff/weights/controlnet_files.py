@@ -11,6 +11,7 @@ The original layout names the encoder as the UNet's (layouts.ldm_to_diffusers_un
 
 The single file has no config.json: sizes are read off the shapes (head width 64 and GroupNorm 32, as SD/SDXL).
 """
+
 from __future__ import annotations
 
 import json
@@ -53,23 +54,37 @@ def infer_config(view) -> tuple[UNetConfig, dict]:
     levels = len(_levels(keys, r"input_blocks\.(\d+)\.0\.op\.")) + 1
     L = (len(_levels(keys, r"input_blocks\.(\d+)\.")) - levels) // levels  # 1 + levels * L + (levels - 1) blocks
     widths = [shape(f"input_blocks.{(L + 1) * i + 1}.0.out_layers.3.weight")[0] for i in range(levels)]
-    depth = [len(_levels(keys, rf"input_blocks\.{(L + 1) * i + 1}\.1\.transformer_blocks\.(\d+)\."))
-             for i in range(levels)]
+    depth = [
+        len(_levels(keys, rf"input_blocks\.{(L + 1) * i + 1}\.1\.transformer_blocks\.(\d+)\.")) for i in range(levels)
+    ]
     to_k = [k for k in keys if k.endswith("attn2.to_k.weight")]
     proj_in = [k for k in keys if k.endswith(".proj_in.weight")]
     adm = shape("label_emb.0.0.weight")[1] if "label_emb.0.0.weight" in keys else None
     hint = _levels(keys, r"input_hint_block\.(\d+)\.weight")
     config = UNetConfig(
-        in_channels=shape("input_blocks.0.0.weight")[1], block_out_channels=tuple(widths), layers_per_block=L,
-        transformer_depth=tuple(depth), mid_transformer_depth=len(_levels(keys, r"middle_block\.1\.transformer_blocks"
-                                                                                 r"\.(\d+)\.")),
-        num_heads=tuple(max(w // 64, 1) for w in widths), cross_attention_dim=shape(to_k[0])[1] if to_k else None,
+        in_channels=shape("input_blocks.0.0.weight")[1],
+        block_out_channels=tuple(widths),
+        layers_per_block=L,
+        transformer_depth=tuple(depth),
+        mid_transformer_depth=len(
+            _levels(
+                keys,
+                r"middle_block\.1\.transformer_blocks"
+                r"\.(\d+)\.",
+            )
+        ),
+        num_heads=tuple(max(w // 64, 1) for w in widths),
+        cross_attention_dim=shape(to_k[0])[1] if to_k else None,
         use_linear_projection=bool(proj_in) and len(shape(proj_in[0])) == 2,
-        addition_embed_type="text_time" if adm else None, addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=adm or 2816)
+        addition_embed_type="text_time" if adm else None,
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=adm or 2816,
+    )
     widths_hint = [shape(f"input_hint_block.{i}.weight")[0] for i in hint[:-1] if i % 4 == 0]  # conv_in, strided
-    extras = dict(conditioning_channels=shape("input_hint_block.0.weight")[1],
-                  conditioning_embedding_out_channels=tuple(widths_hint))
+    extras = dict(
+        conditioning_channels=shape("input_hint_block.0.weight")[1],
+        conditioning_embedding_out_channels=tuple(widths_hint),
+    )
     return config, extras
 
 
@@ -80,10 +95,11 @@ def controlnet_from_diffusers(d: dict) -> tuple[UNetConfig, dict]:
     down = d.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])
     up = [t.replace("Down", "Up") for t in down[::-1]]
     config = UNetConfig.from_diffusers({**d, "up_block_types": up})
-    extras = dict(conditioning_channels=d.get("conditioning_channels", 3),
-                  conditioning_embedding_out_channels=tuple(d.get("conditioning_embedding_out_channels")
-                                                            or (16, 32, 96, 256)),
-                  global_pool_conditions=bool(d.get("global_pool_conditions", False)))
+    extras = dict(
+        conditioning_channels=d.get("conditioning_channels", 3),
+        conditioning_embedding_out_channels=tuple(d.get("conditioning_embedding_out_channels") or (16, 32, 96, 256)),
+        global_pool_conditions=bool(d.get("global_pool_conditions", False)),
+    )
     return config, extras
 
 
@@ -105,8 +121,9 @@ def load_controlnet(path, dtype=None, device="cpu") -> ControlNetModel:
             raise CheckpointError(f"no {STEM}.safetensors in {folder}")
         path = files[0]
     elif not path.is_file():
-        raise CheckpointError(f"no such file or folder: {path} (expected a diffusers ControlNet folder or a "
-                              ".safetensors file)")
+        raise CheckpointError(
+            f"no such file or folder: {path} (expected a diffusers ControlNet folder or a .safetensors file)"
+        )
     tensors = Tensors(path)
     keys = tensors.keys()
     if any(k.startswith("controlnet_cond_embedding.") for k in keys):  # diffusers names
@@ -119,8 +136,10 @@ def load_controlnet(path, dtype=None, device="cpu") -> ControlNetModel:
         prefix = CONTROL_PREFIX if any(k.startswith(CONTROL_PREFIX) for k in keys) else ""
         view = View(tensors, prefix)
         if not any(k.startswith("input_hint_block.") for k in view.keys()):
-            raise CheckpointError(f"{path} is not a ControlNet (no controlnet_cond_embedding.* or "
-                                  f"{CONTROL_PREFIX}input_hint_block.* keys)")
+            raise CheckpointError(
+                f"{path} is not a ControlNet (no controlnet_cond_embedding.* or "
+                f"{CONTROL_PREFIX}input_hint_block.* keys)"
+            )
         config, extras = infer_config(view)
         n_hint = len(_levels(view.keys(), r"input_hint_block\.(\d+)\.weight"))
         plan = {}

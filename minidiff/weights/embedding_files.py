@@ -25,8 +25,10 @@ def read_embedding(path) -> tuple[dict, str]:
 
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise MinidiffError(f"{path}: embeddings are read from .safetensors only (a .pt/.bin embedding is a pickle, "
-                            "which minidiff never loads)")
+        raise MinidiffError(
+            f"{path}: embeddings are read from .safetensors only (a .pt/.bin embedding is a pickle, "
+            "which minidiff never loads)"
+        )
     if not path.is_file():
         raise MinidiffError(f"no such embedding file: {path}")
     try:
@@ -43,8 +45,10 @@ def read_embedding(path) -> tuple[dict, str]:
         token, value = next(iter(state.items()))
         vectors = {"emb_params": value}
     else:
-        raise MinidiffError(f"{path}: not a textual-inversion embedding (expected clip_l + clip_g, emb_params, or one "
-                            f"token key; found {sorted(state)[:4]})")
+        raise MinidiffError(
+            f"{path}: not a textual-inversion embedding (expected clip_l + clip_g, emb_params, or one "
+            f"token key; found {sorted(state)[:4]})"
+        )
     vectors = {k: v.reshape(-1, v.shape[-1]).float() for k, v in vectors.items()}
     if len({v.shape[0] for v in vectors.values()}) != 1:
         raise MinidiffError(f"{path}: clip_l and clip_g hold different numbers of vectors")
@@ -57,8 +61,7 @@ def write_embedding(path, vectors: dict, token: str, dtype=torch.float32, metada
     from .. import io
 
     tensors = {k: v.detach().to(dtype).cpu() for k, v in vectors.items()}
-    meta = {"minidiff.token": token, "minidiff.vectors": str(next(iter(tensors.values())).shape[0]),
-            **(metadata or {})}
+    meta = {"minidiff.token": token, "minidiff.vectors": str(next(iter(tensors.values())).shape[0]), **(metadata or {})}
     return io.save_safetensors(tensors, path, {k: str(v) for k, v in meta.items()})
 
 
@@ -70,8 +73,10 @@ def load_embedding(text, path, token: str | None = None) -> str:
     parts = encoders(text)
     if set(vectors) != set(parts):
         kind = "SDXL (clip_l + clip_g)" if "clip_g" in vectors else "SD 1.x / 2.x (one encoder)"
-        raise MinidiffError(f"{path}: an {kind} embedding, but the model has "
-                            + ("two text encoders (SDXL)" if "clip_g" in parts else "one text encoder"))
+        raise MinidiffError(
+            f"{path}: an {kind} embedding, but the model has "
+            + ("two text encoders (SDXL)" if "clip_g" in parts else "one text encoder")
+        )
     for name, (tokenizer, encoder) in parts.items():
         add_token(tokenizer, encoder, token, vectors[name])
     return token

@@ -70,11 +70,23 @@ def detect_layout(keys) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- UNet rules
-RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.0": "norm2",
-          "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
-UNET_TOP = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-            "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2",
-            "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
+RESNET = {
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
+UNET_TOP = {
+    "time_embed.0": "time_embedding.linear_1",
+    "time_embed.2": "time_embedding.linear_2",
+    "label_emb.0.0": "add_embedding.linear_1",
+    "label_emb.0.2": "add_embedding.linear_2",
+    "input_blocks.0.0": "conv_in",
+    "out.0": "conv_norm_out",
+    "out.2": "conv_out",
+}
 
 
 def _swap(key, table, reverse=False):
@@ -82,7 +94,7 @@ def _swap(key, table, reverse=False):
     for a, b in table.items():
         a, b = (b, a) if reverse else (a, b)
         if key == a or key.startswith(a + "."):
-            return b + key[len(a):]
+            return b + key[len(a) :]
     return None
 
 
@@ -101,7 +113,7 @@ def _unet_shape(config):
 def ldm_to_diffusers_unet_key(key: str, config) -> str | None:
     """Original (sgm/ldm) UNet key -> diffusers key, by the rules of the module docstring; None if not a UNet key.
     Works for parameter keys and module paths, with or without the `model.diffusion_model.` prefix."""
-    key = key[len(UNET_PREFIX):] if key.startswith(UNET_PREFIX) else key
+    key = key[len(UNET_PREFIX) :] if key.startswith(UNET_PREFIX) else key
     L, up_attn = _unet_shape(config)
     if (top := _swap(key, UNET_TOP)) is not None:
         return top
@@ -133,8 +145,11 @@ def diffusers_to_ldm_unet_key(key: str, config) -> str | None:
     L, up_attn = _unet_shape(config)
     if (top := _swap(key, UNET_TOP, reverse=True)) is not None:
         return top
-    m = re.fullmatch(r"(down_blocks|mid_block|up_blocks)\.(?:(\d+)\.)?(resnets|attentions|downsamplers|upsamplers)"
-                     r"\.(\d+)(\..+)?", key)
+    m = re.fullmatch(
+        r"(down_blocks|mid_block|up_blocks)\.(?:(\d+)\.)?(resnets|attentions|downsamplers|upsamplers)"
+        r"\.(\d+)(\..+)?",
+        key,
+    )
     if not m:
         return None
     where, i, part, j, rest = m[1], int(m[2] or 0), m[3], int(m[4]), m[5] or ""
@@ -175,8 +190,12 @@ OPEN_CLIP_RULES = [
     (r"^transformer\.resblocks\.(\d+)\.mlp\.c_proj\.", r"text_model.encoder.layers.\1.mlp.fc2.", None),
     (r"^ln_final\.", "text_model.final_layer_norm.", None),
     (r"^text_projection$", "text_projection.weight", "T"),
-    (r"^transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", r"text_model.encoder.layers.\1.self_attn."
-     r"{q,k,v}_proj.\2", "qkv"),
+    (
+        r"^transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$",
+        r"text_model.encoder.layers.\1.self_attn."
+        r"{q,k,v}_proj.\2",
+        "qkv",
+    ),
 ]
 
 
@@ -231,7 +250,7 @@ class View:
         self.tensors, self.prefix = tensors, prefix
 
     def keys(self):
-        return [k[len(self.prefix):] for k in self.tensors.keys() if k.startswith(self.prefix)]
+        return [k[len(self.prefix) :] for k in self.tensors.keys() if k.startswith(self.prefix)]
 
     def shape(self, key, how=None) -> list[int]:
         """The tensor's shape after its reshape rule ('T', '1x1', ('rows', i))."""
@@ -270,12 +289,20 @@ def infer_unet_config(view, pooled_dim=None):
     # SD 1.x (context 768 = CLIP-L alone): 8 heads at every level (its yaml's num_heads: 8); else head width 64
     heads = tuple(8 if context == 768 else max(w // 64, 1) for w in widths)
     return UNetConfig(
-        in_channels=shape("input_blocks.0.0.weight")[1], out_channels=shape("out.2.weight")[0],
-        block_out_channels=tuple(widths), layers_per_block=L, transformer_depth=tuple(depth),
+        in_channels=shape("input_blocks.0.0.weight")[1],
+        out_channels=shape("out.2.weight")[0],
+        block_out_channels=tuple(widths),
+        layers_per_block=L,
+        transformer_depth=tuple(depth),
         mid_transformer_depth=_count(keys, r"middle_block\.1\.transformer_blocks\.(\d+)\."),
-        num_heads=heads, cross_attention_dim=context, use_linear_projection=bool(proj_in) and len(shape(proj_in[0])) == 2,
-        addition_embed_type="text_time" if adm else None, addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=adm or 2816, sample_size=128 if adm else 64)
+        num_heads=heads,
+        cross_attention_dim=context,
+        use_linear_projection=bool(proj_in) and len(shape(proj_in[0])) == 2,
+        addition_embed_type="text_time" if adm else None,
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=adm or 2816,
+        sample_size=128 if adm else 64,
+    )
 
 
 def infer_vae_config(view, sdxl=True):
@@ -283,11 +310,15 @@ def infer_vae_config(view, sdxl=True):
     keys, shape = view.keys(), view.shape
     levels = _count(keys, r"encoder\.down\.(\d+)\.")
     d = (VAEConfig.sdxl() if sdxl else VAEConfig.sd15()).to_diffusers()
-    d.update(in_channels=shape("encoder.conv_in.weight")[1], out_channels=shape("decoder.conv_out.weight")[0],
-             block_out_channels=[shape(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in range(levels)],
-             layers_per_block=_count(keys, r"encoder\.down\.0\.block\.(\d+)\."),
-             latent_channels=shape("post_quant_conv.weight")[0],
-             down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels)
+    d.update(
+        in_channels=shape("encoder.conv_in.weight")[1],
+        out_channels=shape("decoder.conv_out.weight")[0],
+        block_out_channels=[shape(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in range(levels)],
+        layers_per_block=_count(keys, r"encoder\.down\.0\.block\.(\d+)\."),
+        latent_channels=shape("post_quant_conv.weight")[0],
+        down_block_types=["DownEncoderBlock2D"] * levels,
+        up_block_types=["UpDecoderBlock2D"] * levels,
+    )
     return VAEConfig.from_diffusers(d)
 
 
@@ -298,8 +329,16 @@ def infer_clip_config(plan, view, hidden_act: str):
     shape = {k: view.shape(src, how) for k, (src, how) in plan.items()}
     vocab, width = shape["text_model.embeddings.token_embedding.weight"]
     return CLIPTextConfig(
-        vocab_size=vocab, hidden_size=width, intermediate_size=shape["text_model.encoder.layers.0.mlp.fc1.weight"][0],
-        num_hidden_layers=_count(plan, r"text_model\.encoder\.layers\.(\d+)\."), num_attention_heads=width // 64,
-        max_position_embeddings=shape["text_model.embeddings.position_embedding.weight"][0], hidden_act=hidden_act,
-        projection_dim=shape.get("text_projection.weight", [width])[0], bos_token_id=0, pad_token_id=1,
-        eos_token_id=2, layer_norm_eps=1e-5)  # eos 2 = the hub configs' value: pool at argmax(ids) = <|endoftext|>
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=shape["text_model.encoder.layers.0.mlp.fc1.weight"][0],
+        num_hidden_layers=_count(plan, r"text_model\.encoder\.layers\.(\d+)\."),
+        num_attention_heads=width // 64,
+        max_position_embeddings=shape["text_model.embeddings.position_embedding.weight"][0],
+        hidden_act=hidden_act,
+        projection_dim=shape.get("text_projection.weight", [width])[0],
+        bos_token_id=0,
+        pad_token_id=1,
+        eos_token_id=2,
+        layer_norm_eps=1e-5,
+    )  # eos 2 = the hub configs' value: pool at argmax(ids) = <|endoftext|>

@@ -66,5 +66,7 @@ def write_vae(vae, folder) -> list[Path]:
     folder = Path(folder)
     if folder.is_symlink():
         folder.unlink()
-    return [io.save_safetensors(vae.state_dict(), folder / "diffusion_pytorch_model.safetensors"),
-            io.write_json({**vae.config.to_diffusers(), "_class_name": "AutoencoderKL"}, folder / "config.json")]
+    return [
+        io.save_safetensors(vae.state_dict(), folder / "diffusion_pytorch_model.safetensors"),
+        io.write_json({**vae.config.to_diffusers(), "_class_name": "AutoencoderKL"}, folder / "config.json"),
+    ]

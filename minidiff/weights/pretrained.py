@@ -96,10 +96,9 @@ class Tensors:
         """The tensor `key`, or only its rows [a:b] (read from disk without the other rows)."""
         f = self.handles[self.where[key]]
         try:
-            return f.get_tensor(key) if rows is None else f.get_slice(key)[rows[0]:rows[1]]
+            return f.get_tensor(key) if rows is None else f.get_slice(key)[rows[0] : rows[1]]
         except Exception as e:
             raise CheckpointError(f"cannot read tensor {key} from {self.where[key]}: {e}") from None
-
 
 
 # --------------------------------------------------------------------------------------------- building modules
@@ -116,13 +115,17 @@ def fill(module, plan, view: View, dtype=None, device="cpu", what="model", unkno
     missing = [k for k in want if k not in plan]
     unexpected = list(unknown) + [src for k, (src, _) in plan.items() if k not in want]
     if missing or unexpected:
-        raise CheckpointError(f"{what}: the weights do not fit the model: {len(missing)} missing, "
-                              f"{len(unexpected)} unexpected; first missing {missing[:3]}, first unexpected "
-                              f"{unexpected[:3]}")
+        raise CheckpointError(
+            f"{what}: the weights do not fit the model: {len(missing)} missing, "
+            f"{len(unexpected)} unexpected; first missing {missing[:3]}, first unexpected "
+            f"{unexpected[:3]}"
+        )
     for k, (src, how) in plan.items():
         if view.shape(src, how) != list(want[k].shape):
-            raise CheckpointError(f"{what}: {src} has shape {view.shape(src, how)} but the model's {k} is "
-                                  f"{list(want[k].shape)} (weights of another size or architecture)")
+            raise CheckpointError(
+                f"{what}: {src} has shape {view.shape(src, how)} but the model's {k} is "
+                f"{list(want[k].shape)} (weights of another size or architecture)"
+            )
     state = {}
     for k, (src, how) in plan.items():
         t = view.get(src, how)
@@ -156,13 +159,24 @@ def _weights_in(folder: Path, stem: str, dtype) -> Tensors:
             return Tensors(folder / name)
     found = sorted(p.name for p in folder.iterdir())
     pickled = [f for f in found if f.endswith((".bin", ".ckpt", ".pt", ".pth"))]
-    raise CheckpointError(f"no {stem}.safetensors in {folder} (found: {', '.join(found) or 'nothing'})"
-                          + (f"; {pickled[0]} is a pickle, which minidiff never loads" if pickled else ""))
+    raise CheckpointError(
+        f"no {stem}.safetensors in {folder} (found: {', '.join(found) or 'nothing'})"
+        + (f"; {pickled[0]} is a pickle, which minidiff never loads" if pickled else "")
+    )
 
-STEM = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
-        "text_encoder_2": "model"}
-KIND = {"unet": ("diffusers-unet", "UNet2DConditionModel"), "vae": ("diffusers-vae", "AutoencoderKL"),
-        "text_encoder": ("diffusers-clip", "CLIPTextModel"), "text_encoder_2": ("diffusers-clip", "CLIPTextModel")}
+
+STEM = {
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+    "text_encoder_2": "model",
+}
+KIND = {
+    "unet": ("diffusers-unet", "UNet2DConditionModel"),
+    "vae": ("diffusers-vae", "AutoencoderKL"),
+    "text_encoder": ("diffusers-clip", "CLIPTextModel"),
+    "text_encoder_2": ("diffusers-clip", "CLIPTextModel"),
+}
 
 
 def _locate(path, component: str, dtype=None):
@@ -195,7 +209,6 @@ def _locate(path, component: str, dtype=None):
     return view, None, layout
 
 
-
 # ---------------------------------------------------------------------------------------------------- loaders
 def load_unet(path, dtype=None, device="cpu"):
     """The UNet of a diffusers folder (pipeline or unet/), a diffusers unet file, or an original single file."""
@@ -224,6 +237,7 @@ def load_vae(path, dtype=None, device="cpu"):
     else:
         raise CheckpointError(f"{path}: expected VAE weights, found a {layout} layout")
     return fill(_on_meta(lambda: AutoencoderKL(config)), plan, view, dtype, device, f"vae ({path})", unknown)
+
 
 def load_text_encoder(path, component="text_encoder", dtype=None, device="cpu"):
     """CLIP-L (`text_encoder`, transformers CLIPTextModel) or bigG (`text_encoder_2`, CLIPTextModelWithProjection)
@@ -271,8 +285,10 @@ def model_family(path) -> str:
     if kind.startswith("StableDiffusion") and not kind.startswith("StableDiffusion3"):
         return "sd"
     if kind:
-        raise CheckpointError(f"{path} holds a {kind}; minidiff loads StableDiffusionXLPipeline and "
-                              "StableDiffusionPipeline (SD 1.x / 2.x) folders")
+        raise CheckpointError(
+            f"{path} holds a {kind}; minidiff loads StableDiffusionXLPipeline and "
+            "StableDiffusionPipeline (SD 1.x / 2.x) folders"
+        )
     return "sd" if (path / "text_encoder").is_dir() and not (path / "text_encoder_2").is_dir() else "sdxl"
 
 
@@ -286,17 +302,23 @@ def load_text(path, dtype=None, device="cpu", tokenizers=None):
     tok_dir, want = Path(tokenizers) if tokenizers else Path(path), "tokenizer/" + ("" if sd else " and tokenizer_2/")
     if not (tok_dir / "tokenizer").is_dir() or not (sd or (tok_dir / "tokenizer_2").is_dir()):
         if Path(path).is_file() and not tokenizers:
-            raise CheckpointError(f"{path} is a single file, which carries no tokenizer: pass tokenizers=DIR "
-                                  f"(sample.py --tokenizers DIR), a folder holding {want} (as in the diffusers repo "
-                                  + ("runwayml/stable-diffusion-v1-5)" if sd else "stabilityai/stable-diffusion-xl-base-1.0)"))
+            raise CheckpointError(
+                f"{path} is a single file, which carries no tokenizer: pass tokenizers=DIR "
+                f"(sample.py --tokenizers DIR), a folder holding {want} (as in the diffusers repo "
+                + ("runwayml/stable-diffusion-v1-5)" if sd else "stabilityai/stable-diffusion-xl-base-1.0)")
+            )
         raise CheckpointError(f"{tok_dir} has no {want} folder(s)")
     if sd:
         open_clip = Path(path).is_file() and any(k.startswith(SD2_CLIP_PREFIX) for k in Tensors(path).keys())
-        return SDTextConditioner(load_tokenizer(tok_dir / "tokenizer"),
-                                 load_text_encoder(path, "text_encoder", dtype, device), layer=-2 if open_clip else -1)
+        return SDTextConditioner(
+            load_tokenizer(tok_dir / "tokenizer"),
+            load_text_encoder(path, "text_encoder", dtype, device),
+            layer=-2 if open_clip else -1,
+        )
     encoders = [load_text_encoder(path, c, dtype, device) for c in ("text_encoder", "text_encoder_2")]
-    return TextConditioner(load_tokenizer(tok_dir / "tokenizer"), encoders[0], load_tokenizer(tok_dir / "tokenizer_2"),
-                           encoders[1])
+    return TextConditioner(
+        load_tokenizer(tok_dir / "tokenizer"), encoders[0], load_tokenizer(tok_dir / "tokenizer_2"), encoders[1]
+    )
 
 
 def schedule_from_config(config: dict):
@@ -304,16 +326,19 @@ def schedule_from_config(config: dict):
     rescaled to zero terminal SNR when `rescale_betas_zero_snr` is true (Schedule.zero_terminal_snr)."""
     c = {**SDXL_SCHEDULER, **config}
     if c["prediction_type"] not in PREDICTIONS:
-        raise CheckpointError(f"scheduler: prediction_type {c['prediction_type']!r} is not supported "
-                              f"(expected one of {', '.join(PREDICTIONS)})")
+        raise CheckpointError(
+            f"scheduler: prediction_type {c['prediction_type']!r} is not supported "
+            f"(expected one of {', '.join(PREDICTIONS)})"
+        )
     T, kind = c["num_train_timesteps"], c["beta_schedule"]
     if kind in ("scaled_linear", "linear"):
         schedule = getattr(Schedule, kind)(T, c["beta_start"], c["beta_end"])
     elif kind == "squaredcos_cap_v2":
         schedule = Schedule.cosine(T)
     else:
-        raise CheckpointError(f"scheduler: beta_schedule {kind!r} is not one of scaled_linear, linear, "
-                              "squaredcos_cap_v2")
+        raise CheckpointError(
+            f"scheduler: beta_schedule {kind!r} is not one of scaled_linear, linear, squaredcos_cap_v2"
+        )
     return schedule.zero_terminal_snr() if c.get("rescale_betas_zero_snr") else schedule
 
 
@@ -334,9 +359,14 @@ def load_pipeline(path, dtype=None, device="cpu", vae=None, tokenizers=None, une
     scheduler = dict(SDXL_SCHEDULER)
     if (path / "scheduler" / "scheduler_config.json").is_file():
         scheduler.update(_read_json(path / "scheduler" / "scheduler_config.json"))
-    return Pipeline(unet=unet, vae=vae_model, text=load_text(path, dtype, device, tokenizers),
-                    schedule=schedule_from_config(scheduler), name=path.stem if path.is_file() else path.name,
-                    scheduler_config=scheduler)
+    return Pipeline(
+        unet=unet,
+        vae=vae_model,
+        text=load_text(path, dtype, device, tokenizers),
+        schedule=schedule_from_config(scheduler),
+        name=path.stem if path.is_file() else path.name,
+        scheduler_config=scheduler,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ saving
@@ -346,12 +376,21 @@ def save_pipeline(pipe, out_dir) -> Path:
     StableDiffusionXLPipeline.from_pretrained both read (StableDiffusionPipeline for an SD 1.x / 2.x pipeline: no
     text_encoder_2/ tokenizer_2/). A pixel-space pipeline (vae None) writes no vae/."""
     out, sdxl = Path(out_dir), pipe.text.text_encoder_2 is not None
-    index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.30.0",
-             "force_zeros_for_empty_prompt": True, "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
+    index = {
+        "_class_name": "StableDiffusionXLPipeline",
+        "_diffusers_version": "0.30.0",
+        "force_zeros_for_empty_prompt": True,
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    }
     if not sdxl:
-        index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0", "requires_safety_checker":
-                 False, "safety_checker": [None, None], "feature_extractor": [None, None],
-                 "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
+        index = {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": "0.30.0",
+            "requires_safety_checker": False,
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        }
     for name, module in (("unet", pipe.unet), ("vae", pipe.vae)):
         cls = "UNet2DConditionModel" if name == "unet" else "AutoencoderKL"
         index[name] = ["diffusers", cls] if module is not None else [None, None]
@@ -363,8 +402,9 @@ def save_pipeline(pipe, out_dir) -> Path:
         if te is None:
             continue
         state = {text_model_level(k, bare=False): v for k, v in te.state_dict().items()}  # files keep `text_model.`
-        io.write_json({**te.config.to_dict(), "architectures": [type(te).__name__]},
-                      out / f"text_encoder{suffix}" / "config.json")
+        io.write_json(
+            {**te.config.to_dict(), "architectures": [type(te).__name__]}, out / f"text_encoder{suffix}" / "config.json"
+        )
         io.save_safetensors(state, out / f"text_encoder{suffix}" / "model.safetensors")
         with io.atomic(out / f"tokenizer{suffix}") as tmp:
             tok.save_pretrained(str(tmp))
