@@ -208,13 +208,14 @@ def random_pipeline(tok_dir, name="sdxl", dtype=torch.float16, device="cpu", see
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from minidiff.bundled import tiny
+    from minidiff.bundled.tokenizer import build_tokenizer
     from minidiff.weights.pretrained import schedule_from_config
     from minidiff.pipeline import Pipeline
     from minidiff.text import TextConditioner
 
     tok_dir = Path(tok_dir)
-    tok = tiny.build_tokenizer(tok_dir / "tokenizer", "<|endoftext|>")
-    tok2 = tiny.build_tokenizer(tok_dir / "tokenizer_2", "!")
+    tok = build_tokenizer(tok_dir / "tokenizer", tiny.all_words(), "<|endoftext|>")
+    tok2 = build_tokenizer(tok_dir / "tokenizer_2", tiny.all_words(), "!")
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
     if name == "sdxl":
         c1, c2 = CLIPTextConfig(**SDXL_CLIP_L, **ids), CLIPTextConfig(**SDXL_CLIP_G, **ids)

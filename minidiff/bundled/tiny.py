@@ -7,7 +7,7 @@ model of the same family (minidiff/assets/tiny-sdxl, a diffusers folder read by 
               cross-attention on [CLIP-L-like (64) || bigG-like (128)] penultimate states at 16 x 16, 8 x 8 and in
               the middle, at 32 x 32 pixels
     text      CLIPTextModel + CLIPTextModelWithProjection (transformers) with tiny configs, and a CLIP BPE
-              tokenizer whose merges make every caption word ONE token (`build_tokenizer`); "sks" is in the
+              tokenizer whose merges make every caption word ONE token (`tokenizer.build_tokenizer`); "sks" is in the
               vocabulary but in no pretraining caption (a rare identifier for DreamBooth). Pads as SDXL:
               tokenizer with <|endoftext|>, tokenizer_2 with "!".
     schedule  DDPM's linear betas 1e-4 .. 0.02 rescaled to zero terminal SNR, v-prediction, trailing timesteps
@@ -48,6 +48,7 @@ from ..cli import ArgumentParser, exit_code
 from ..train import loop
 from ..train.state import EMA, LossLog, check_finite
 from . import assets_dir, world
+from .tokenizer import build_tokenizer
 
 TINY_DIR = assets_dir() / "tiny-sdxl"
 SIZE = 32
@@ -115,72 +116,6 @@ def all_words() -> set:
     return world.vocabulary() | {IDENTIFIER}
 
 
-# ---------------------------------------------------------------------------------------------------- tokenizer
-def _bytes_to_unicode() -> dict:
-    """CLIP's (GPT-2's) reversible byte -> printable unicode character table: the 256 base symbols of the BPE."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def _bpe(word: str, ranks: dict) -> list[str]:
-    """CLIP's BPE of one word: start from characters (the last one marked '</w>'), then repeatedly merge the
-    adjacent pair of lowest rank until none of the pairs is a merge."""
-    parts = list(word[:-1]) + [word[-1] + "</w>"]
-    while len(parts) > 1:
-        pairs = [(ranks.get((a, b), 1e9), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
-        rank, i = min(pairs)
-        if rank == 1e9:
-            break
-        parts[i : i + 2] = [parts[i] + parts[i + 1]]
-    return parts
-
-
-def bpe_tables(words) -> tuple[dict, list]:
-    """(vocab, merges) of a CLIP BPE in which every word of `words` is one token.
-
-    Vocab = the 256 byte symbols, the same with '</w>' (CLIP's layout), then one token per merge result, then
-    <|startoftext|>, <|endoftext|>. Merges are found greedily: while some word still splits into several parts,
-    append the merge of its first adjacent pair (appended merges have the lowest priority, so they cannot undo
-    a word already made whole; the loop ends because each new merge shortens some word).
-    """
-    base = list(_bytes_to_unicode().values())
-    merges, ranks = [], {}
-    while True:
-        split = [p for p in (_bpe(w, ranks) for w in sorted(words)) if len(p) > 1]
-        if not split:
-            break
-        pair = (split[0][0], split[0][1])
-        ranks[pair] = len(merges)
-        merges.append(pair)
-    tokens = base + [b + "</w>" for b in base]
-    for a, b in merges:
-        if a + b not in tokens:
-            tokens.append(a + b)
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(tokens)}, merges
-
-
-def build_tokenizer(folder, pad_token="<|endoftext|>", words=None):
-    """Write vocab.json + merges.txt for every word of `all_words()` (the world's and "sks") and return the CLIPTokenizerFast
-    read back from them. SDXL pads tokenizer/ with <|endoftext|> and tokenizer_2/ with "!" (id 0)."""
-    from transformers import CLIPTokenizerFast
-
-    if words is None:
-        words = all_words()
-    vocab, merges = bpe_tables(words)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    return CLIPTokenizerFast(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=77)
-
-
 # ---------------------------------------------------------------------------------------------------- the model
 def text_configs(vocab_size: int):
     """Tiny CLIPs of SDXL's structure: encoder 1 (CLIP-L's role) width 64, encoder 2 (bigG's) width 128 with a
@@ -238,8 +173,8 @@ def build_pipeline(tok_dir, seed=0):
     from ..weights.pretrained import schedule_from_config
 
     torch.manual_seed(seed)
-    tok = build_tokenizer(Path(tok_dir) / "tokenizer", "<|endoftext|>")
-    tok2 = build_tokenizer(Path(tok_dir) / "tokenizer_2", "!")
+    tok = build_tokenizer(Path(tok_dir) / "tokenizer", all_words(), "<|endoftext|>")
+    tok2 = build_tokenizer(Path(tok_dir) / "tokenizer_2", all_words(), "!")
     c1, c2 = text_configs(len(tok))
     text = TextConditioner(tok, CLIPTextModel(c1), tok2, CLIPTextModelWithProjection(c2))
     return Pipeline(
