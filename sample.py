@@ -31,13 +31,14 @@ from minidiff import cli, run_folder
 from minidiff.bundled import tiny
 from minidiff.cli import ArgumentParser as Parser
 from minidiff.cli import exit_code
-from minidiff.comic import read_page, render_page
+from minidiff.comic import render_page
 from minidiff.control_images import KINDS, read_control
 from minidiff.control_images import parse_control as split_control
 from minidiff.controlnet import Control
 from minidiff.errors import MinidiffError
 from minidiff.images import make_grid, save_png
 from minidiff.lora import load_lora
+from minidiff.page_file import read_page
 from minidiff.pipeline import default_guidance_rescale, generate, model_sampler
 from minidiff.train import memory_plan
 from minidiff.train.hardware import PeakMemory, check_fits, check_gpu, resolve_device
@@ -79,7 +80,7 @@ def build_parser():
     a("--negative", default="", help="negative prompt (empty: SDXL's all-zero unconditional embedding)")
     a("--prompt-2", default=None, help="prompt for the second text encoder (OpenCLIP bigG; default: the prompt)")
     a("--negative-2", default=None, help="negative prompt for the second text encoder (default: --negative)")
-    a("--page", default=None, help="a comic page file (JSON, see minidiff/comic.py and examples/page.json)")
+    a("--page", default=None, help="a comic page file (JSON, see minidiff/page_file.py and examples/page.json)")
     a(
         "--panel",
         type=int,

@@ -1,4 +1,4 @@
-"""One comic panel from its settings (comic.Panel): text to image, img2img of an image or an earlier panel, or
+"""One comic panel from its settings (page_file.Panel): text to image, img2img of an image or an earlier panel, or
 inpainting with a mask file; the panel's LoRAs switched on at their scales and every other LoRA off.
 
     text to image   generate(prompt)
@@ -104,7 +104,7 @@ def generate_panel(
         "height": height,
         "loras": loras,
     }
-    if controls:  # text to image or img2img (comic.read_page refuses control on inpainting / outpainting panels)
+    if controls:  # text to image or img2img (page_file.read_page refuses control on inpainting / outpainting panels)
         kw["controls"], meta["controls"] = controls, control_meta
     if panel.init is None:
         x = generate(pipe, [panel.prompt], width=width, height=height, **kw)[0]

@@ -1,4 +1,4 @@
-"""comic.py / panels.py / lettering.py: the page file's one-line errors, the layout arithmetic, lettering that fits
+"""page_file.py / comic.py / panels.py / lettering.py: the page file's one-line errors, the layout arithmetic, lettering that fits
 its box, and sample.py --page end to end on the bundled miniature (few steps): page, strip and panel PNGs with their
 settings, panels that edit earlier panels, and --panel N leaving every other panel file byte-identical."""
 
@@ -9,7 +9,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 import sample
-from minidiff.comic import layout, read_page
+from minidiff.comic import layout
+from minidiff.page_file import read_page
 from minidiff.errors import MinidiffError
 from minidiff.images import read_png_metadata
 from minidiff.lettering import fit
