@@ -38,23 +38,13 @@ def build_parser():
     )
     g = p.add_argument_group("model and data")
     g.add_argument(
-        "--model",
-        default=str(DEFAULT_MODEL),
-        help="diffusers SDXL folder or single .safetensors file "
-        "(default: the bundled miniature, minidiff/assets/tiny-sdxl)",
+        "--model", default=str(DEFAULT_MODEL), help="SDXL folder or .safetensors file (default: the miniature)"
     )
     g.add_argument("--vae", default=None, help="VAE to use instead of the model's (e.g. the SDXL fp16-fix VAE)")
-    g.add_argument(
-        "--instance-dir",
-        default=None,
-        help="instance images; sidecar .txt/.caption captions and kohya "
-        "'N_trigger class' folders are read (default: the six bundled Kenney drawings)",
-    )
+    g.add_argument("--instance-dir", help="images, their .txt captions, kohya 'N_word' folders (default: 6 drawings)")
     g.add_argument("--instance-prompt", default="a picture of sks girl", help="caption of images that have none")
     g.add_argument("--class-prompt", default="a picture of a girl")
-    g.add_argument(
-        "--class-dir", default=None, help="class images; missing ones are generated here (default: OUT/class-images)"
-    )
+    g.add_argument("--class-dir", help="class images; missing ones are made here (default: OUT/class-images)")
     g.add_argument("--num-class-images", type=int, default=100)
     g.add_argument("--class-steps", type=int, default=30, help="sampler steps per generated class image")
     g.add_argument("--class-batch-size", type=int, default=4)
@@ -64,24 +54,13 @@ def build_parser():
     g.add_argument("--resolution", type=int, default=None, help="training size (default: the model's native size)")
     g.add_argument("--fit", choices=("pad", "crop"), default="pad", help="square images by padding or center crop")
     g.add_argument(
-        "--buckets",
-        action="store_true",
-        help="aspect-ratio bucketing: each image at the bucket of about "
-        "resolution^2 pixels nearest its shape, batches from one bucket (kohya enable_bucket)",
+        "--buckets", action="store_true", help="aspect-ratio buckets of ~resolution^2 px (kohya enable_bucket)"
     )
     g.add_argument(
-        "--bucket-step",
-        type=int,
-        default=None,
-        help="bucket sides are multiples of this (default: 64 from 512 px up, else 8)",
+        "--bucket-step", type=int, help="bucket sides are multiples of this (default: 64 from 512 px, else 8)"
     )
     g = p.add_argument_group("what trains")
-    g.add_argument(
-        "--train",
-        choices=("lora", "full", "ti"),
-        default="lora",
-        help="full = classic DreamBooth UNet fine-tune; ti = textual inversion (a new token's vectors only)",
-    )
+    g.add_argument("--train", choices=("lora", "full", "ti"), default="lora", help="full: the UNet; ti: a token only")
     g.add_argument("--rank", type=int, default=4)
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: = rank, scale 1)")
     g.add_argument("--targets", choices=("attn", "attn-ff", "all-linear"), default="attn")
@@ -89,48 +68,27 @@ def build_parser():
     g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input (kohya network_dropout)")
     g.add_argument("--rank-dropout", type=float, default=0.0, help="drop each rank of A x per sample (kohya)")
     g.add_argument("--module-dropout", type=float, default=0.0, help="skip each adapter per forward (kohya)")
+    g.add_argument("--train-ti", action="store_true", help="with --train lora: learn --ti-token too (pivotal tuning)")
     g.add_argument(
-        "--train-ti", action="store_true", help="with --train lora: also learn --ti-token's vectors (pivotal tuning)"
-    )
-    g.add_argument(
-        "--ti-token",
-        default="sks",
-        help="the new token textual inversion learns; it must appear in the "
-        "captions (default 'sks', as in the default --instance-prompt)",
+        "--ti-token", default="sks", help="the new token textual inversion learns (it must be in the captions)"
     )
     g.add_argument("--ti-vectors", type=int, default=1, help="vectors per text encoder for the new token")
-    g.add_argument(
-        "--ti-init",
-        default=None,
-        help="word whose embedding starts the vectors (default: the last word of --class-prompt)",
-    )
+    g.add_argument("--ti-init", help="word whose embedding starts the vectors (default: --class-prompt's last word)")
     g.add_argument("--ti-lr", type=float, default=5e-3, help="learning rate of the token vectors")
     g = p.add_argument_group("optimization")
     g.add_argument("--steps", type=int, default=1000)
     g.add_argument(
-        "--epochs",
-        type=int,
-        default=None,
-        help="train this many passes over the instance images "
-        "(each counted as often as its kohya 'N_' folder repeats it) instead of --steps",
+        "--epochs", type=int, help="passes over the instance images (kohya repeats counted) instead of --steps"
     )
+    g.add_argument("--lr", type=float, help="default: LoRA 1e-4, full 5e-6 (SDXL); 1e-3 and 1e-4 on the miniature")
     g.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help="default 1e-4 for LoRA, 5e-6 for --train full (SDXL); 1e-3 and 1e-4 for the bundled miniature",
-    )
-    g.add_argument(
-        "--text-encoder-lr",
-        type=float,
-        default=None,
-        help="learning rate of text-encoder LoRA (default: --lr; kohya's text_encoder_lr)",
+        "--text-encoder-lr", type=float, help="text-encoder LoRA's rate (default: --lr; kohya's text_encoder_lr)"
     )
     g.add_argument(
         "--optimizer",
         choices=("adamw", "adafactor", "sgd"),
         default="adamw",
-        help="torch's own optimizers (8-bit AdamW would need bitsandbytes, which minidiff does not depend on)",
+        help="torch's own (8-bit AdamW would need bitsandbytes, which minidiff does not depend on)",
     )
     g.add_argument("--batch-size", type=int, default=1, help="instance images per step (as many class images again)")
     g.add_argument("--grad-accum", type=int, default=1)
@@ -156,12 +114,7 @@ def build_parser():
         "detected card: checkpointing, then fp8 base weights (docs/memory-budget.md)",
     )
     g = p.add_argument_group("validation, saving, resuming")
-    g.add_argument(
-        "--validation-prompt",
-        action="append",
-        default=None,
-        help="repeatable (default: the instance prompt); a grid is written at the end",
-    )
+    g.add_argument("--validation-prompt", action="append", help="repeatable (default: the instance prompt's actions)")
     g.add_argument("--validate-every", type=int, default=0, help="also write a grid every N steps")
     g.add_argument("--validation-images", type=int, default=4, help="images per validation prompt (0: none)")
     g.add_argument("--validation-steps", type=int, default=30)
@@ -169,42 +122,21 @@ def build_parser():
     g.add_argument("--resume", default=None, help="a checkpoint file, an output folder, or 'latest' (in --out)")
     g.add_argument("--out", default="runs/finetune")
     g.add_argument("--format", choices=("kohya", "diffusers", "both"), default="kohya")
-    g.add_argument(
-        "--save-precision",
-        choices=("fp32", "fp16", "bf16"),
-        default="fp32",
-        help="dtype of the saved LoRA and embedding files",
-    )
+    g.add_argument("--save-precision", choices=("fp32", "fp16", "bf16"), default="fp32", help="dtype of saved files")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     return p
 
 
 def check_args(args):
     """User errors we can see before loading anything: one line each."""
-    positive = {
-        "--steps": args.steps,
-        "--batch-size": args.batch_size,
-        "--grad-accum": args.grad_accum,
-        "--class-steps": args.class_steps,
-        "--class-batch-size": args.class_batch_size,
-        "--validation-steps": args.validation_steps,
-    }
-    if args.train == "lora":
-        positive["--rank"] = args.rank
-    for flag, v in positive.items():
-        if v <= 0:
-            raise MinidiffError(f"{flag} must be a positive integer, got {v}")
-    for flag, v in {
-        "--num-class-images": args.num_class_images,
-        "--warmup": args.warmup,
-        "--save-every": args.save_every,
-        "--validate-every": args.validate_every,
-        "--validation-images": args.validation_images,
-        "--prior-weight": args.prior_weight,
-        "--noise-offset": args.noise_offset,
-    }.items():
-        if v < 0:
-            raise MinidiffError(f"{flag} must be >= 0, got {v}")
+    positive = ["steps", "batch_size", "grad_accum", "class_steps", "class_batch_size", "validation_steps"]
+    at_least_0 = ["num_class_images", "warmup", "save_every", "validate_every", "validation_images"]
+    for name in positive + ["rank"] * (args.train == "lora"):
+        if getattr(args, name) <= 0:
+            raise MinidiffError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    for name in at_least_0 + ["prior_weight", "noise_offset"]:
+        if getattr(args, name) < 0:
+            raise MinidiffError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.alpha is not None and args.alpha <= 0:
         raise MinidiffError(f"--alpha must be positive, got {args.alpha}")
     if args.lr is not None and not args.lr > 0:
@@ -234,10 +166,8 @@ def check_args(args):
     if not args.no_prior and args.num_class_images == 0:
         raise MinidiffError("prior preservation needs --num-class-images > 0 (or pass --no-prior)")
     if not Path(args.model).exists():
-        hint = (
-            " (the bundled miniature is not built yet: pass --model with an SDXL folder or file)"
-            if Path(args.model) == DEFAULT_MODEL
-            else ""
+        hint = " (the bundled miniature is missing: pass --model with an SDXL folder or file)" * (
+            Path(args.model) == DEFAULT_MODEL
         )
         raise MinidiffError(f"model not found: {args.model}{hint}")
 
