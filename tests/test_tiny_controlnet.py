@@ -7,20 +7,16 @@ import pytest
 import torch
 
 from minidiff.bundled import tiny
-from minidiff.bundled.tiny_controlnet import (
-    CONTROLNET_DIR,
+from minidiff.bundled.pose_control import (
     PROMPT,
-    TRAIN_COMMAND,
-    WorldSampler,
     conflicting_action,
     control_images,
     figure,
     held_out_controls,
     shares,
-    target,
     target_controls,
-    train,
 )
+from minidiff.bundled.tiny_controlnet import CONTROLNET_DIR, TRAIN_COMMAND, WorldSampler, target, train
 from minidiff.controlnet import check_fits
 from minidiff.weights.controlnet_files import load_controlnet
 from minidiff.weights.pretrained import load_pipeline
