@@ -56,6 +56,9 @@ DEFAULT_PROMPTS = (
     "a picture of a boy climbing",
 )
 SAMPLERS = ("euler", "euler_a", "ddim", "ddpm", "dpmpp_2m")
+# flags passed to pipeline.generate as they are (and, but for seed and batch size, recorded in every PNG)
+GENERATE_FLAGS = ("negative", "prompt_2", "negative_2", "steps", "cfg", "sampler", "seed", "guidance_rescale")
+GENERATE_FLAGS += ("batch_size", "spacing", "karras")
 
 
 def build_parser():
@@ -307,13 +310,9 @@ def run(args):
     )
     runs = [p for p in prompts for _ in range(args.num)]
     rows = min(args.batch_size, len(runs)) * (2 if args.cfg > 1 else 1)  # (batches of 1 for euler_a and ddpm)
+    first_level = 3 * rows * pipe.unet.config.block_out_channels[0] * (width // pipe.scale) * (height // pipe.scale)
     check_fits(
-        3
-        * rows
-        * pipe.unet.config.block_out_channels[0]
-        * (width // pipe.scale)
-        * (height // pipe.scale)
-        * next(pipe.unet.parameters()).element_size(),
+        first_level * next(pipe.unet.parameters()).element_size(),
         pipe.device,
         "the first UNet level's activations",
         f"{width}x{height} is too large; the model's native size is {native}x{native}",
@@ -324,24 +323,8 @@ def run(args):
     ]
     peaks.end("load")
     t0 = time.perf_counter()
-    images = generate(
-        pipe,
-        runs,
-        negative=args.negative,
-        steps=args.steps,
-        cfg=args.cfg,
-        sampler=args.sampler,
-        seed=args.seed,
-        width=width,
-        height=height,
-        guidance_rescale=args.guidance_rescale,
-        batch_size=args.batch_size,
-        spacing=args.spacing,
-        karras=args.karras,
-        prompt_2=args.prompt_2,
-        negative_2=args.negative_2,
-        controls=controls,
-    )
+    gen = {k: getattr(args, k) for k in GENERATE_FLAGS}
+    images = generate(pipe, runs, width=width, height=height, controls=controls, **gen)
     seconds = time.perf_counter() - t0
     peaks.end("generate")
     print(
@@ -350,36 +333,16 @@ def run(args):
     )
 
     out = Path(args.out)
-    settings = {
-        "negative": args.negative,
-        "prompt_2": args.prompt_2,
-        "negative_2": args.negative_2,
-        "steps": args.steps,
-        "cfg": args.cfg,
-        "sampler": args.sampler,
-        "spacing": args.spacing or pipe.scheduler_config.get("timestep_spacing", "leading"),
-        "karras": args.karras,
-        "guidance_rescale": args.guidance_rescale,
-        "width": width,
-        "height": height,
-        "model": str(args.model),
-        "unet": args.unet,
-        "vae": args.vae,
-        "loras": loras,
-        "embeddings": embeddings,
-        "dtype": dtype_name,
-        "base_precision": memory["base_precision"],
-        "vae_tile": memory["vae_tile"],
-        "controls": [
-            {
-                "image": Path(p).name,
-                "type": k,
-                "scale": sc,
-                "controlnet": args.controlnet[min(i, len(args.controlnet) - 1)],
-            }
-            for i, (p, k, sc) in enumerate(args.control)
-        ],
-        "guess_mode": args.guess_mode,
+    spacing = args.spacing or pipe.scheduler_config.get("timestep_spacing", "leading")
+    controls_meta = [
+        {"image": Path(p).name, "type": k, "scale": sc, "controlnet": args.controlnet[min(i, len(args.controlnet) - 1)]}
+        for i, (p, k, sc) in enumerate(args.control)
+    ]
+    settings = {k: v for k, v in gen.items() if k not in ("seed", "batch_size")} | {
+        **{k: getattr(args, k) for k in ("unet", "vae", "guess_mode")},
+        **{"spacing": spacing, "width": width, "height": height, "model": str(args.model), "dtype": dtype_name},
+        **{"loras": loras, "embeddings": embeddings, "controls": controls_meta},
+        **{k: memory[k] for k in ("base_precision", "vae_tile")},
     }
     for i, (prompt, img) in enumerate(zip(runs, images)):
         path = save_png(
