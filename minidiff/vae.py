@@ -23,7 +23,7 @@ from einops import rearrange
 from torch import nn
 
 from .errors import CheckpointError, MinidiffError
-from .unet import Downsample2D, ResnetBlock2D, Upsample2D
+from .unet_blocks import Downsample2D, ResnetBlock2D, Upsample2D
 
 
 class DiagonalGaussian:

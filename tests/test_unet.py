@@ -12,7 +12,8 @@ from diffusers import UNet2DConditionModel as DiffusersUNet
 from diffusers.models.attention import BasicTransformerBlock as DiffusersBlock
 
 from minidiff.errors import CheckpointError, MinidiffError
-from minidiff.unet import BasicTransformerBlock, ResnetBlock2D, UNet, UNetConfig
+from minidiff.unet import UNet, UNetConfig
+from minidiff.unet_blocks import BasicTransformerBlock, ResnetBlock2D
 
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (written out here, independent of to_diffusers()).
 SDXL_HUB = {
