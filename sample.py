@@ -42,7 +42,7 @@ from minidiff.page_file import read_page
 from minidiff.pipeline import default_guidance_rescale, generate, model_sampler
 from minidiff.train import memory_plan
 from minidiff.train.hardware import PeakMemory, check_fits, check_gpu, resolve_device
-from minidiff.weights.controlnet_files import load_controlnet
+from minidiff.controlnet import load_controlnet
 from minidiff.weights.embedding_files import load_embedding
 from minidiff.weights.pretrained import file_hash, load_pipeline
 

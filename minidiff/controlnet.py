@@ -28,6 +28,8 @@ from torch import nn
 
 from .errors import MinidiffError
 from .embeddings import embed_time
+from .weights.controlnet_files import read_controlnet
+from .weights.tensors import fill
 from .unet import UNetConfig, add_stem, check_inputs, down_path, encode, mid_path, skip_channels
 
 
@@ -141,6 +143,16 @@ class ControlNetModel(nn.Module):
 
 
 ControlNet = ControlNetModel
+
+
+def load_controlnet(path, dtype=None, device="cpu") -> ControlNetModel:
+    """A ControlNet from a diffusers folder (`controlnet/` or a pipeline folder holding one), its safetensors file
+    (config.json beside it), or an original single file (`control_model.*` keys or none; weights/controlnet_files.py
+    reads the file and maps its keys). Every key and shape is checked (strict); a float dtype casts the weights."""
+    config, extras, plan, view, what = read_controlnet(path)
+    with torch.device("meta"):
+        net = ControlNetModel(config, **extras)
+    return fill(net, plan, view, dtype, device, what)
 
 
 def guess_mode_scales(n: int, scale: float = 1.0) -> list[float]:

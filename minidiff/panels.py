@@ -51,7 +51,7 @@ def panel_controls(pipe, panel, width, height, nets: dict) -> tuple[list, list]:
     """([(ControlNet, control image [1, 3, height, width], scale)], their PNG metadata) of a panel's controls; `nets`
     caches the ControlNets loaded so far by path (a page loads each once)."""
     from .control_images import read_control
-    from .weights.controlnet_files import load_controlnet
+    from .controlnet import load_controlnet
 
     if panel.controls and not panel.controlnets:
         raise MinidiffError(f"panel {panel.number}: 'control' needs a 'controlnet' (a ControlNet made for this model)")

@@ -221,7 +221,7 @@ def test_panel_control_steers_like_sample_py_control(tmp_path):
     from minidiff.control_images import canny
     from minidiff.images import to_pil
     from minidiff.pipeline import generate
-    from minidiff.weights.controlnet_files import load_controlnet
+    from minidiff.controlnet import load_controlnet
     from minidiff.weights.pretrained import load_pipeline
 
     drawing = data.load_image(data.kenney_path(data.TARGET_CHARACTER, "jump")).resize((32, 32))

@@ -15,7 +15,8 @@ from minidiff.controlnet import Control, ControlNetModel
 from minidiff.errors import CheckpointError, MinidiffError
 from minidiff.pipeline import generate
 from minidiff.unet import UNet, UNetConfig
-from minidiff.weights.controlnet_files import load_controlnet, save_controlnet
+from minidiff.controlnet import load_controlnet
+from minidiff.weights.controlnet_files import save_controlnet
 from minidiff.weights.pretrained import load_pipeline
 
 HINT = (16, 32, 32, 64)  # a smaller condition encoder than SDXL's (16, 32, 96, 256), same 8x downsampling

@@ -17,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from minidiff.weights.pretrained import Tensors, file_hash, load_pipeline, load_text, load_unet, load_vae, save_pipeline
+from minidiff.weights.pretrained import file_hash, load_pipeline, load_text, load_unet, load_vae, save_pipeline
+from minidiff.weights.tensors import Tensors
 from minidiff.weights.layouts import (
     View,
     detect_layout,

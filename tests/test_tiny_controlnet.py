@@ -18,7 +18,7 @@ from minidiff.bundled.pose_control import (
 )
 from minidiff.bundled.tiny_controlnet import CONTROLNET_DIR, TRAIN_COMMAND, WorldSampler, target, train
 from minidiff.controlnet import check_fits
-from minidiff.weights.controlnet_files import load_controlnet
+from minidiff.controlnet import load_controlnet
 from minidiff.weights.pretrained import load_pipeline
 
 

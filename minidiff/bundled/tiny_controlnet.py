@@ -237,7 +237,7 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
 
     def run():
-        from ..weights.controlnet_files import load_controlnet
+        from ..controlnet import load_controlnet
         from ..weights.pretrained import load_pipeline
 
         pipe = load_pipeline(a.model)

@@ -18,14 +18,12 @@ import json
 import re
 from pathlib import Path
 
-import torch
 
 from .. import io
-from ..controlnet import ControlNetModel
 from ..errors import CheckpointError
 from ..unet_config import UNetConfig
 from .layouts import View, ldm_to_diffusers_unet_key
-from .pretrained import Tensors, fill
+from .tensors import Tensors
 
 CONTROL_PREFIX = "control_model."
 STEM = "diffusion_pytorch_model"
@@ -103,10 +101,10 @@ def controlnet_from_diffusers(d: dict) -> tuple[UNetConfig, dict]:
     return config, extras
 
 
-def load_controlnet(path, dtype=None, device="cpu") -> ControlNetModel:
-    """A ControlNet from a diffusers folder (`controlnet/` or a pipeline folder holding one), its safetensors file
-    (config.json beside it), or an original single file (`control_model.*` keys or none). Every key and shape is
-    checked (strict); a float dtype casts the weights."""
+def read_controlnet(path) -> tuple[UNetConfig, dict, dict, View, str]:
+    """(config, ControlNetModel extras, plan {model key: (file key, reshape)}, view, name) of a ControlNet in a
+    diffusers folder (`controlnet/` or a pipeline folder holding one), its safetensors file (config.json beside it),
+    or an original single file (`control_model.*` keys or none): what controlnet.load_controlnet builds and fills."""
     path = Path(path)
     if path.is_dir():
         folder = path / "controlnet" if (path / "controlnet").is_dir() else path
@@ -146,12 +144,10 @@ def load_controlnet(path, dtype=None, device="cpu") -> ControlNetModel:
         for k in view.keys():
             new = ldm_to_diffusers_controlnet_key(k, config, n_hint)
             plan[new or f"<unknown {k}>"] = (k, None)
-    with torch.device("meta"):
-        net = ControlNetModel(config, **extras)
-    return fill(net, plan, view, dtype, device, f"controlnet ({path})")
+    return config, extras, plan, view, f"controlnet ({path})"
 
 
-def save_controlnet(net: ControlNetModel, folder) -> Path:
+def save_controlnet(net, folder) -> Path:
     """Write `net` as a diffusers ControlNet folder (config.json + diffusion_pytorch_model.safetensors, atomic) that
     load_controlnet and diffusers' ControlNetModel.from_pretrained both read."""
     folder = Path(folder)

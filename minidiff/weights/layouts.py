@@ -243,7 +243,7 @@ def text_model_level(key, bare):
 
 # ------------------------------------------------------------------------------------ reading through the rules
 class View:
-    """One component of a file (`tensors`: pretrained.Tensors, or anything with keys / shape / get) seen without the
+    """One component of a file (`tensors`: tensors.Tensors, or anything with keys / shape / get) seen without the
     component's key prefix, and read through the reshape tags of `convert_keys` (None, 'T', '1x1', ('rows', i))."""
 
     def __init__(self, tensors, prefix=""):

@@ -25,7 +25,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .. import io
 from ..errors import CheckpointError
@@ -34,6 +33,7 @@ from ..schedule import PREDICTIONS, Schedule
 from ..text import TextConditioner
 from ..unet import UNet, UNetConfig
 from ..vae import AutoencoderKL, VAEConfig
+from .tensors import Tensors, fill, on_meta
 from .layouts import (
     CLIP_G_PREFIX,
     PREFIX,
@@ -57,87 +57,6 @@ def file_hash(path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-# --------------------------------------------------------------------------------------------------------- files
-class Tensors:
-    """The tensors of one safetensors file, or of a sharded set (`*.safetensors.index.json`), read lazily."""
-
-    def __init__(self, path):
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"no such file: {path}")
-        files = [path]
-        if path.name.endswith(".index.json"):
-            try:
-                weight_map = json.loads(path.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
-                raise CheckpointError(f"{path}: not a safetensors index (expected a 'weight_map'): {e}") from None
-            files = [path.parent / f for f in dict.fromkeys(weight_map.values())]
-        elif path.suffix != ".safetensors":
-            raise CheckpointError(f"{path}: only .safetensors files are read (no pickled .ckpt/.bin/.pt)")
-        self.path, self.handles, self.where = path, {}, {}
-        for f in files:
-            try:
-                self.handles[f] = safe_open(str(f), framework="pt", device="cpu")
-            except FileNotFoundError:
-                raise CheckpointError(f"missing shard {f} (listed in {path})") from None
-            except Exception as e:  # SafetensorError: truncated download, not a safetensors file, ...
-                raise CheckpointError(f"cannot read {f}: truncated or not a safetensors file ({e})") from None
-            self.where.update({k: f for k in self.handles[f].keys()})
-
-    def keys(self) -> list[str]:
-        return list(self.where)
-
-    def shape(self, key) -> list[int]:
-        return self.handles[self.where[key]].get_slice(key).get_shape()
-
-    def get(self, key, rows=None) -> torch.Tensor:
-        """The tensor `key`, or only its rows [a:b] (read from disk without the other rows)."""
-        f = self.handles[self.where[key]]
-        try:
-            return f.get_tensor(key) if rows is None else f.get_slice(key)[rows[0] : rows[1]]
-        except Exception as e:
-            raise CheckpointError(f"cannot read tensor {key} from {self.where[key]}: {e}") from None
-
-
-# --------------------------------------------------------------------------------------------- building modules
-def _on_meta(make):
-    """Build a module without allocating or initialising its weights (`fill` assigns them)."""
-    with torch.device("meta"):
-        return make()
-
-
-def fill(module, plan, view: View, dtype=None, device="cpu", what="model", unknown=()):
-    """Fill `module` (built on the meta device) from plan {module key: (file key, reshape)}. Every key and shape
-    is checked first; then each tensor is read, cast to `dtype` (None: as stored), moved to `device`, assigned."""
-    want = module.state_dict()
-    missing = [k for k in want if k not in plan]
-    unexpected = list(unknown) + [src for k, (src, _) in plan.items() if k not in want]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{what}: the weights do not fit the model: {len(missing)} missing, "
-            f"{len(unexpected)} unexpected; first missing {missing[:3]}, first unexpected "
-            f"{unexpected[:3]}"
-        )
-    for k, (src, how) in plan.items():
-        if view.shape(src, how) != list(want[k].shape):
-            raise CheckpointError(
-                f"{what}: {src} has shape {view.shape(src, how)} but the model's {k} is "
-                f"{list(want[k].shape)} (weights of another size or architecture)"
-            )
-    state = {}
-    for k, (src, how) in plan.items():
-        t = view.get(src, how)
-        state[k] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
-    module.load_state_dict(state, assign=True)
-    for name, buf in list(module.named_buffers()):  # buffers no file stores (CLIP's position_ids)
-        if buf.is_meta:
-            owner, _, leaf = name.rpartition(".")
-            if leaf != "position_ids":
-                raise CheckpointError(f"{what}: buffer {name} is not in the file")
-            module.get_submodule(owner)._buffers[leaf] = torch.arange(buf.shape[-1], device=device).expand(buf.shape)
-    return module.eval()
 
 
 # ------------------------------------------------------------------------------------------- finding the weights
@@ -222,7 +141,7 @@ def load_unet(path, dtype=None, device="cpu"):
         plan, unknown = convert_keys(view.keys(), "ldm-unet", config)
     else:
         raise CheckpointError(f"{path}: expected UNet weights, found a {layout} layout")
-    return fill(_on_meta(lambda: UNet(config)), plan, view, dtype, device, f"unet ({path})", unknown)
+    return fill(on_meta(lambda: UNet(config)), plan, view, dtype, device, f"unet ({path})", unknown)
 
 
 def load_vae(path, dtype=None, device="cpu"):
@@ -236,7 +155,7 @@ def load_vae(path, dtype=None, device="cpu"):
         plan, unknown = convert_keys(view.keys(), "ldm-vae", n_levels=len(config.block_out_channels))
     else:
         raise CheckpointError(f"{path}: expected VAE weights, found a {layout} layout")
-    return fill(_on_meta(lambda: AutoencoderKL(config)), plan, view, dtype, device, f"vae ({path})", unknown)
+    return fill(on_meta(lambda: AutoencoderKL(config)), plan, view, dtype, device, f"vae ({path})", unknown)
 
 
 def load_text_encoder(path, component="text_encoder", dtype=None, device="cpu"):
@@ -255,7 +174,7 @@ def load_text_encoder(path, component="text_encoder", dtype=None, device="cpu"):
         if cls is CLIPTextModel:
             plan.pop("text_projection.weight", None)  # SD 2.x's OpenCLIP projection: unused by its context
         config = infer_clip_config(plan, view, "gelu" if open_clip else "quick_gelu")
-    model = _on_meta(lambda: cls(config))
+    model = on_meta(lambda: cls(config))
     plan = {text_model_level(k, bare=not hasattr(model, "text_model")): v for k, v in plan.items()}
     return fill(model, plan, view, dtype, device, f"{component} ({path})", unknown)
 
