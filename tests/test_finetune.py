@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors import safe_open
 
 import finetune
-from minidiff.weights.pretrained import load_pipeline, load_unet, save_pipeline
+from minidiff.weights.pretrained import load_pipeline, save_pipeline
 from minidiff.lora import find_targets, load_lora
 from conftest import tiny_pipeline
 
@@ -42,30 +42,14 @@ def model(tmp_path_factory):
     return save_pipeline(tiny_pipeline(root / "parts"), root / "tiny")
 
 
+RUN_FLAGS = "--save-every 2 --validate-every 2 --format both --min-snr-gamma 5".split()
+
+
 @pytest.fixture(scope="module")
 def run(model, tmp_path_factory):
     """One 4-step LoRA run with prior preservation, checkpoints every 2 steps and a validation grid at step 2."""
     out = tmp_path_factory.mktemp("run")
-    assert (
-        finetune.main(
-            [
-                "--model",
-                model,
-                "--out",
-                out,
-                "--save-every",
-                "2",
-                "--validate-every",
-                "2",
-                "--format",
-                "both",
-                "--min-snr-gamma",
-                "5",
-                *FAST,
-            ]
-        )
-        == 0
-    )
+    assert finetune.main(["--model", model, "--out", out, *RUN_FLAGS, *FAST]) == 0
     return out
 
 
@@ -127,27 +111,8 @@ def test_a_run_writes_lora_loss_plot_grids_and_manifest(run, model):
 
 def test_resumed_run_ends_with_the_same_lora_bit_for_bit(run, model, tmp_path):
     out = tmp_path / "resumed"
-    rc = finetune.main(
-        [
-            "--model",
-            model,
-            "--out",
-            out,
-            "--class-dir",
-            run / "class-images",
-            "--save-every",
-            "2",
-            "--validate-every",
-            "2",
-            "--format",
-            "both",
-            "--min-snr-gamma",
-            "5",
-            "--resume",
-            run / "checkpoints" / "step-000002.safetensors",
-            *FAST,
-        ]
-    )
+    resume = ["--resume", run / "checkpoints" / "step-000002.safetensors", "--class-dir", run / "class-images"]
+    rc = finetune.main(["--model", model, "--out", out, *RUN_FLAGS, *resume, *FAST])
     assert rc == 0
     for name in ("lora.safetensors", "pytorch_lora_weights.safetensors"):
         a, _ = _tensors(run / name)
@@ -161,63 +126,12 @@ def test_resumed_run_ends_with_the_same_lora_bit_for_bit(run, model, tmp_path):
     assert manifest["resumed_from_step"] == 2
 
 
-def test_full_finetune_saves_a_diffusers_unet(model, tmp_path):
-    out = tmp_path / "full"
-    assert (
-        finetune.main(
-            [
-                "--model",
-                model,
-                "--out",
-                out,
-                "--train",
-                "full",
-                "--no-prior",
-                "--steps",
-                "2",
-                "--lr",
-                "1e-3",
-                "--validation-images",
-                "0",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
-    trained, base = load_unet(out / "unet"), load_unet(model)
-    changed = [k for k, v in base.state_dict().items() if not torch.equal(v, trained.state_dict()[k])]
-    assert changed and not (out / "lora.safetensors").exists()
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["trainable"][-1]["params"] == sum(p.numel() for p in base.parameters())
-
-
 def test_latent_model_run_with_class_images(tmp_path):
     model = save_pipeline(tiny_pipeline(tmp_path / "parts", latent=True), tmp_path / "latent")
     out = tmp_path / "out"
+    flags = "--num-class-images 2 --class-steps 2 --steps 2 --validation-steps 2 --validation-images 1"
     assert (
-        finetune.main(
-            [
-                "--model",
-                model,
-                "--out",
-                out,
-                "--num-class-images",
-                "2",
-                "--class-steps",
-                "2",
-                "--steps",
-                "2",
-                "--validation-steps",
-                "2",
-                "--validation-images",
-                "1",
-                "--noise-offset",
-                "0.05",
-                "--device",
-                "cpu",
-            ]
-        )
+        finetune.main(["--model", model, "--out", out, *flags.split(), "--noise-offset", "0.05", "--device", "cpu"])
         == 0
     )
     manifest = json.loads((out / "manifest.json").read_text())
@@ -235,30 +149,9 @@ def test_captioned_folder_trains_each_image_on_its_caption(model, tmp_path):
     (data / "0.txt").write_text("a red square, pixel style")
     (data / "1.caption").write_text("a green square, pixel style")
     out = tmp_path / "out"
-    assert (
-        finetune.main(
-            [
-                "--model",
-                model,
-                "--out",
-                out,
-                "--instance-dir",
-                data.parent,
-                "--no-prior",
-                "--caption-dropout",
-                "0.3",
-                "--steps",
-                "2",
-                "--validation-images",
-                "0",
-                "--train-text-encoder",
-                "--gradient-checkpointing",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    flags = "--no-prior --caption-dropout 0.3 --steps 2 --validation-images 0 --train-text-encoder"
+    argv = ["--model", model, "--out", out, "--instance-dir", data.parent, *flags.split()]
+    assert finetune.main([*argv, "--gradient-checkpointing", "--device", "cpu"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["data"]["captions"] == ["a red square, pixel style", "a green square, pixel style", "pixel style"]
     assert [r["group"] for r in manifest["trainable"]][-3:] == ["text_encoder", "text_encoder_2", "total"]

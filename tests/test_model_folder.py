@@ -1,6 +1,8 @@
 """A full fine-tune's output folder is a model (sample.py --model OUT, diffusers' from_pretrained), and
 sample.py --unet DIR swaps a UNet into any model (minidiff/model_folder.py)."""
 
+import json
+
 import pytest
 import torch
 from conftest import tiny_pipeline
@@ -15,29 +17,18 @@ def full_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("full")
     model = save_pipeline(tiny_pipeline(root / "parts", latent=True), root / "base")
     out = root / "out"
-    assert (
-        finetune.main(
-            [
-                "--model",
-                model,
-                "--out",
-                out,
-                "--train",
-                "full",
-                "--no-prior",
-                "--steps",
-                "2",
-                "--lr",
-                "1e-3",
-                "--validation-images",
-                "0",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    flags = "--train full --no-prior --steps 2 --lr 1e-3 --validation-images 0 --device cpu".split()
+    assert finetune.main(["--model", model, "--out", out, *flags]) == 0
     return model, out
+
+
+def test_full_finetune_saves_a_diffusers_unet(full_run):
+    base, out = full_run
+    trained, frozen = load_unet(out / "unet"), load_unet(base)
+    changed = [k for k, v in frozen.state_dict().items() if not torch.equal(v, trained.state_dict()[k])]
+    assert changed and not (out / "lora.safetensors").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["trainable"][-1]["params"] == sum(p.numel() for p in frozen.parameters())
 
 
 def test_full_finetune_folder_is_a_model(full_run, tmp_path):
